@@ -1,0 +1,184 @@
+"""`LocalBlock`: one block, its local rule, its own optimiser, schedule and random generator.
+
+A block's update at step t depends only on its own state and the input it receives for batch
+t; nothing flows backward out of it. This is what lets the single-process engine and every
+pipeline stage run the very same ``train_step`` and get bit-identical results.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipelocal.config import OptimConfig, RuleConfig, ScheduleConfig
+from pipelocal.models import BlockSpec
+from pipelocal.rules import LocalRule, build_rule
+
+__all__ = ["LocalBlock", "block_seed", "lr_factor"]
+
+
+def block_seed(run_seed: int, index: int) -> int:
+    """Seed of block ``index``'s initialisation and dropout, independent of every other block."""
+    return (run_seed * 1_000_003 + 7919 * (index + 1)) % (2**63)
+
+
+def lr_factor(cfg: ScheduleConfig, epoch: int, epochs: int) -> float:
+    """Learning-rate multiplier for ``epoch`` (0-based) of ``epochs``.
+
+    step: x gamma at each milestone fraction of training (the paper: x0.25 at 50/75/89/94%);
+    cosine: half a cosine from 1 to 0 over training; constant: 1.
+    """
+    if cfg.name == "step":
+        passed = sum(epoch >= round(m * epochs) for m in cfg.milestones)
+        return cfg.gamma**passed
+    if cfg.name == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    return 1.0
+
+
+def _optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class LocalBlock(nn.Module):
+    """Block ``index`` of a model, trained by its own local loss (the output block: cross-entropy).
+
+    ``train_step(x, y)`` runs forward, local loss, backward and an optimiser step, and returns
+    the detached output to pass on; ``eval_step(x)`` returns ``(output, class_scores)``.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        spec: BlockSpec,
+        *,
+        num_classes: int,
+        rule: RuleConfig,
+        optim: OptimConfig,
+        schedule: ScheduleConfig,
+        epochs: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.index, self.spec = index, spec
+        self.schedule, self.epochs, self.base_lr = schedule, epochs, optim.lr
+        seed_i = block_seed(seed, index)
+        # Initialise from this block's own seed, never from the global RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_i)
+            self.body = spec.make()
+            self.rule: LocalRule | None = (
+                None if spec.kind == "output" else build_rule(spec.out_shape, num_classes, rule)
+            )
+        self.device = torch.device(device)
+        self.to(self.device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed_i + 1)  # dropout masks
+        self.optimizer = _optimizer([p for p in self.parameters() if p.requires_grad], optim)
+        self.epoch = -1
+        self._reset_stats()
+
+    # ------------------------------------------------------------------ training
+
+    @property
+    def is_output(self) -> bool:
+        return self.spec.kind == "output"
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the learning rate of ``epoch`` (the schedule is a pure function of the epoch)."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            lr = self.base_lr * lr_factor(self.schedule, epoch, self.epochs)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+
+    def local_loss(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """This block's loss on its output ``h`` and the class scores it predicts (if any)."""
+        if self.rule is None:
+            return F.cross_entropy(h, y), h.detach()
+        return self.rule.loss(h, y)
+
+    def pass_on(self, h: Tensor) -> Tensor:
+        """What the next block receives: dropout (training only), then the block's max-pool."""
+        p = self.spec.dropout
+        if self.training and p > 0:
+            keep = torch.empty_like(h).bernoulli_(1.0 - p, generator=self.generator)
+            h = h * keep / (1.0 - p)
+        if self.spec.pool > 1:
+            h = F.max_pool2d(h, self.spec.pool)
+        return h
+
+    def train_step(self, x: Tensor, y: Tensor) -> Tensor:
+        self.train(True)
+        h = self.body(x)
+        loss, scores = self.local_loss(h, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.record(loss, scores, y)
+        return self.pass_on(h.detach())
+
+    @torch.no_grad()
+    def eval_step(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        self.train(False)
+        h = self.body(x)
+        scores = h if self.rule is None else self.rule.logits(h)
+        return self.pass_on(h), scores
+
+    # ------------------------------------------------------------------ statistics
+
+    def _reset_stats(self) -> None:
+        # Sums stay on the device: reading them is a sync point, done once per epoch.
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._count = 0
+        self._scored = 0
+
+    def record(self, loss: Tensor, scores: Tensor | None, y: Tensor) -> None:
+        self._loss_sum += loss.detach() * y.numel()
+        if scores is not None:
+            self._correct += (scores.argmax(1) == y).sum()
+            self._scored += y.numel()
+        self._count += y.numel()
+
+    def pop_stats(self) -> dict[str, float | None]:
+        """Mean loss and accuracy since the last call (accuracy None without a classifier)."""
+        out = {
+            "loss": float(self._loss_sum) / max(self._count, 1),
+            "acc": float(self._correct) / self._scored if self._scored else None,
+        }
+        self._reset_stats()
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "name": self.spec.name,
+            "module": self.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+        }
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        if state["index"] != self.index or state["name"] != self.spec.name:
+            raise ValueError(
+                f"checkpoint holds block {state['index']} ({state['name']}) but it is being "
+                f"loaded into block {self.index} ({self.spec.name}); the model config differs"
+            )
+        self.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.set_epoch(state["epoch"])

@@ -1,0 +1,203 @@
+"""``pipelocal``: train | eval | plan | models | rules | datasets.
+
+    pipelocal train                                   # embedded digits set, pipelined if S > 1
+    pipelocal train --config my.toml --set optim.lr=3e-4 --stages 4
+    pipelocal train --resume runs/NAME                # continue from the latest checkpoint
+    pipelocal eval runs/NAME                          # test accuracy of a checkpoint
+    pipelocal plan --config my.toml --stages 4        # profile blocks, propose a partition
+    torchrun --nproc-per-node 4 -m pipelocal train --config my.toml   # one rank per stage
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from pipelocal.config import Config, ConfigError, apply_overrides, config_to_dict, from_dict
+
+__all__ = ["main"]
+
+
+def _config(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
+    from pipelocal.config import load_config
+
+    overrides = list(args.set or []) + (extra or [])
+    return load_config(args.config, overrides)
+
+
+def _default_stages(args: argparse.Namespace, cfg_has_stages: bool) -> list[str]:
+    """``--stages`` wins; otherwise the default run is a pipeline: 2 stages on CPU, 1 per GPU."""
+    if args.stages is not None:
+        return [f"pipeline.stages={args.stages}"]
+    if cfg_has_stages:
+        return []
+    import torch
+
+    from pipelocal.pipeline.launch import under_torchrun
+
+    if under_torchrun():
+        return []
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 2
+    return [f"pipeline.stages={max(n, 2)}"]
+
+
+def _stages_given(args: argparse.Namespace) -> bool:
+    if any(s.strip().startswith("pipeline.stages") for s in args.set or []):
+        return True
+    if args.config:
+        from pipelocal.config import tomllib
+
+        with open(args.config, "rb") as f:
+            return "stages" in tomllib.load(f).get("pipeline", {})
+    return False
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipelocal.checkpoint import read_manifest
+    from pipelocal.run import train
+    from pipelocal.trainer import install_sigint_handler
+
+    install_sigint_handler()  # first Ctrl-C: checkpoint at the current step, then stop
+    if args.resume and not args.config:
+        # Resume with the checkpoint's own config, then apply this command's overrides.
+        saved = read_manifest(args.resume)["config"]
+        cfg = from_dict(apply_overrides(saved, list(args.set or [])
+                                        + ([f"pipeline.stages={args.stages}"]
+                                           if args.stages else [])))
+    else:
+        cfg = _config(args, _default_stages(args, _stages_given(args)))
+    result = train(cfg, resume=args.resume)
+    if result is None:  # a torchrun rank other than 0
+        return 0
+    _print_result(result)
+    return 0
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    if result.get("stopped"):
+        print(f"stopped ({result['stopped']}) at step {result['step']}; "
+              f"checkpoint: {result['checkpoint']}")
+    if result.get("test/acc") is not None:
+        print(f"final test accuracy: {100 * result['test/acc']:.2f}%")
+    print(f"run directory: {result['run_dir']}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipelocal.checkpoint import read_manifest, resolve_checkpoint
+    from pipelocal.data import load_dataset, make_loaders
+    from pipelocal.engine import Engine, LocalPipe, build_blocks
+    from pipelocal.metrics import Metrics
+    from pipelocal.models import build_model
+    from pipelocal.run import resolve_device
+    from pipelocal.trainer import Trainer
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    saved = read_manifest(ckpt)["config"]
+    cfg = from_dict(apply_overrides(saved, list(args.set or [])))
+    dataset = load_dataset(cfg.data)
+    specs = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
+    engine = Engine(build_blocks(cfg, specs, dataset.num_classes, range(len(specs)),
+                                 resolve_device(cfg)))
+    engine.load(ckpt)
+    train_loader, test_loader = make_loaders(dataset, cfg.data, cfg.run.seed)
+    trainer = Trainer(cfg, LocalPipe(engine), specs, train_loader, test_loader, ckpt,
+                      metrics=Metrics(None, progress=False))
+    result = trainer.evaluate()
+    print(json.dumps(result, indent=1))
+    print(f"test accuracy: {100 * result['test/acc']:.2f}%")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pipelocal.data import load_dataset
+    from pipelocal.models import build_model
+    from pipelocal.pipeline.launch import stage_threads
+    from pipelocal.pipeline.plan import make_plan
+    from pipelocal.run import resolve_device
+
+    cfg = _config(args, [f"pipeline.stages={args.stages}"] if args.stages else [])
+    dataset = load_dataset(cfg.data)
+    specs = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
+    import torch
+
+    torch.set_num_threads(stage_threads(cfg))
+    device = resolve_device(cfg)
+    plan = make_plan(cfg, specs, dataset.num_classes, device)
+    print(f"{cfg.model.name} on {dataset.name}, batch {cfg.data.batch_size}, {device}, "
+          f"{torch.get_num_threads()} thread(s) per stage")
+    print(plan.table())
+    print(f"\nuse it: --set 'pipeline.partition={plan.partition}'")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.command == "models":
+        from pipelocal.models import available_models as names
+    elif args.command == "rules":
+        from pipelocal.rules import available_rules as names
+    else:
+        from pipelocal.data import available_datasets as names
+    print("\n".join(names()))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from pipelocal.config import to_toml
+
+    cfg = _config(args)
+    print(to_toml(cfg) if not args.json else json.dumps(config_to_dict(cfg), indent=1))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipelocal", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="TOML config file (CLI --set wins over it)")
+        sp.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                        help="override one config value; repeatable")
+
+    t = sub.add_parser("train", help="train a model (pipelined when pipeline.stages > 1)")
+    with_config(t)
+    t.add_argument("--stages", type=int, help="pipeline stages (= pipeline.stages)")
+    t.add_argument("--resume", help="run directory or checkpoint to continue from")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="test accuracy of a checkpoint (single process)")
+    e.add_argument("checkpoint", help="run directory or checkpoint folder")
+    e.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    e.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plan", help="profile blocks and propose a balanced partition")
+    with_config(pl)
+    pl.add_argument("--stages", type=int, help="number of stages to plan for")
+    pl.set_defaults(func=cmd_plan)
+
+    c = sub.add_parser("config", help="print the resolved config")
+    with_config(c)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_config)
+
+    for name in ("models", "rules", "datasets"):
+        sub.add_parser(name, help=f"list the registered {name}").set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"pipelocal: config error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:  # missing dataset files, checkpoints
+        print(f"pipelocal: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

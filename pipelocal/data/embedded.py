@@ -1,0 +1,97 @@
+"""Datasets that need no download: ``digits`` (bundled with scikit-learn) and ``mnist-10k``.
+
+Both ship a single pool of images, so they are split here with a fixed permutation
+(``torch.Generator().manual_seed(0)``) that does not depend on the run seed: every run of every
+experiment sees the same train and test images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipelocal.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
+from pipelocal.data.registry import Dataset, DatasetError, Split, register_dataset
+
+if TYPE_CHECKING:
+    from pipelocal.config import DataConfig
+
+__all__ = ["DIGITS_TRAIN", "MNIST_10K_FILES", "MNIST_10K_TRAIN", "fixed_split"]
+
+DIGITS_TRAIN = 1437
+"""digits: the first 1437 of the 1797 permuted images train, the last 360 test."""
+MNIST_10K_TRAIN = 8000
+"""mnist-10k: the first 8000 of the 10000 permuted images train, the last 2000 test (4/5 of a
+file of another size)."""
+MNIST_10K_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_MNIST_MEAN, _MNIST_STD = (0.1307,), (0.3081,)
+
+
+def fixed_split(x: torch.Tensor, y: torch.Tensor, n_train: int) -> tuple[Split, Split]:
+    """Permute with a generator seeded 0 and cut after ``n_train`` samples."""
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    return Split(x[:n_train], y[:n_train]), Split(x[n_train:], y[n_train:])
+
+
+@register_dataset("digits")
+def _digits(cfg: DataConfig) -> Dataset:
+    from sklearn.datasets import load_digits  # bundled file, no network
+
+    bunch = load_digits()
+    x = torch.as_tensor(bunch.images, dtype=torch.float32).div_(16.0).unsqueeze(1)  # [N,1,8,8]
+    y = torch.as_tensor(bunch.target, dtype=torch.int64)
+    train, test = fixed_split(x, y, DIGITS_TRAIN)
+    return Dataset(
+        name="digits",
+        train=train,
+        test=test,
+        num_classes=10,
+        in_shape=(1, 8, 8),
+        mean=(train.x.mean().item(),),
+        std=(train.x.std().item(),),
+    )
+
+
+def _find_idx(folders: list[Path], stem: str) -> Path | None:
+    for folder in folders:
+        for name in (stem + ".gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+@register_dataset("mnist-10k")
+def _mnist_10k(cfg: DataConfig) -> Dataset:
+    root = Path(cfg.data_dir).expanduser().resolve()
+    folders = [root, root / "mnist-10k"]  # data_dir may be the folder itself or its parent
+    found = [_find_idx(folders, stem) for stem in MNIST_10K_FILES]
+    missing = [stem + ".gz" for stem, path in zip(MNIST_10K_FILES, found) if path is None]
+    if missing:
+        raise DatasetError(
+            f"dataset 'mnist-10k': missing {', '.join(missing)} (gzip or plain) in "
+            f"{' or '.join(str(f) for f in folders)}; copy the MNIST test split (t10k IDX files) "
+            f"there or point data.data_dir at the folder that holds them "
+            "(pipelocal train --set data.data_dir=../shared/data/mnist-10k)"
+        )
+    images_path, labels_path = found
+    assert images_path is not None and labels_path is not None
+    x = read_idx(images_path, IMAGES_MAGIC).unsqueeze(1)  # [N,1,28,28] uint8
+    y = read_idx(labels_path, LABELS_MAGIC).long()
+    if len(x) != len(y):
+        raise DatasetError(
+            f"dataset 'mnist-10k': {images_path} holds {len(x)} images but {labels_path} "
+            f"holds {len(y)} labels; replace the files with a matching pair"
+        )
+    train, test = fixed_split(x, y, MNIST_10K_TRAIN if len(y) == 10_000 else len(y) * 4 // 5)
+    return Dataset(
+        name="mnist-10k",
+        train=train,
+        test=test,
+        num_classes=10,
+        in_shape=(1, 28, 28),
+        mean=_MNIST_MEAN,
+        std=_MNIST_STD,
+    )

@@ -1,0 +1,55 @@
+"""A model is an ordered list of :class:`BlockSpec`: the unit that becomes a pipeline stage."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from pipelocal.config import ModelConfig
+from pipelocal.registry import Registry
+
+__all__ = ["MODELS", "BlockSpec", "ModelBuilder", "register_model"]
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One locally trained block, described before it is built.
+
+    ``make()`` builds the body (layers up to and including the nonlinearity); the block's local
+    rule sees the body's output, of per-sample shape ``out_shape``. What the block passes on is
+    ``maxpool(dropout(output.detach()))``, of shape ``wire_shape``. The output block's body
+    ends in the class scores and is trained with cross-entropy.
+    """
+
+    name: str
+    kind: Literal["conv", "fc", "output"]
+    make: Callable[[], nn.Module]
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    pool: int = 1
+    """Max-pool kernel (and stride) applied to the output before it is passed on; 1 = none."""
+    dropout: float = 0.0
+
+    @property
+    def wire_shape(self) -> tuple[int, ...]:
+        if self.pool == 1:
+            return self.out_shape
+        c, h, w = self.out_shape
+        return (c, h // self.pool, w // self.pool)
+
+
+ModelBuilder = Callable[[ModelConfig, tuple[int, ...], int], list[BlockSpec]]
+MODELS: Registry[ModelBuilder] = Registry("model")
+register_model = MODELS.register
+
+
+def nonlinearity(name: str) -> nn.Module:
+    return nn.LeakyReLU(0.01) if name == "leaky_relu" else nn.ReLU()
+
+
+def flat_size(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)

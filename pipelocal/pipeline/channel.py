@@ -1,0 +1,177 @@
+"""Channels between neighbouring stages: one interface, torch.distributed point-to-point below.
+
+A message is ``(kind, step, epoch, rows)`` plus an activation and the labels. On the wire every
+message has the same shapes: a header int64 [8], the activation [batch_size, *wire_shape] in
+the wire dtype and the labels int64 [batch_size]. A smaller (last or evaluation) batch is padded
+and ``rows`` says how many rows are real. Fixed shapes let the receiver post the receives for the
+next messages before it computes on the current one, so transfers overlap compute.
+
+Both ends are bounded by ``depth``: at most ``depth`` sends in flight (the sender waits for the
+oldest), and ``depth`` receives posted ahead. Every wait has a timeout; a failed or timed-out
+transfer raises :class:`PeerError`, naming the stage, the peer and the batch.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["Kind", "Message", "P2PChannel", "PeerError"]
+
+_HEADER = 8
+_TAG_HEADER, _TAG_X, _TAG_Y = 0, 1, 2
+
+
+class Kind(enum.IntEnum):
+    TRAIN = 0
+    EVAL = 1
+    END_EPOCH = 2
+    END_EVAL = 3
+    CHECKPOINT = 4
+    STOP = 5
+
+
+class PeerError(RuntimeError):
+    """A transfer to or from a neighbouring stage failed: most often that stage died first."""
+
+
+@dataclass
+class Message:
+    kind: Kind
+    step: int = -1
+    epoch: int = -1
+    x: Tensor | None = None
+    y: Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.y is None else int(self.y.shape[0])
+
+
+@dataclass
+class _Slot:
+    header: Tensor
+    x: Tensor
+    y: Tensor
+    works: list[dist.Work] | None = None
+
+
+class P2PChannel:
+    """Sends to stage ``dst`` and/or receives from stage ``src`` over the default process group."""
+
+    def __init__(
+        self,
+        *,
+        stage: int,
+        batch_size: int,
+        wire_shape_in: tuple[int, ...] | None,
+        wire_shape_out: tuple[int, ...] | None,
+        wire_dtype: torch.dtype,
+        depth: int,
+        timeout_s: float,
+        device: torch.device,
+    ) -> None:
+        self.stage, self.batch_size, self.depth = stage, batch_size, depth
+        self.wire_dtype, self.device = wire_dtype, device
+        self.timeout = timedelta(seconds=timeout_s)
+        self.wire_shape_out = wire_shape_out
+        self.recv_wait_s = 0.0
+        self.send_wait_s = 0.0
+        self._sends: deque[tuple[list[dist.Work], tuple[Tensor, ...], int]] = deque()
+        self._slots: list[_Slot] = []
+        self._next = 0
+        self._pending_repost: int | None = None
+        if wire_shape_in is not None:
+            for _ in range(depth):
+                slot = _Slot(
+                    torch.empty(_HEADER, dtype=torch.int64, device=device),
+                    torch.empty((batch_size, *wire_shape_in), dtype=wire_dtype, device=device),
+                    torch.empty(batch_size, dtype=torch.int64, device=device),
+                )
+                self._post(slot)
+                self._slots.append(slot)
+
+    # ------------------------------------------------------------------ receiving
+
+    def _post(self, slot: _Slot) -> None:
+        src = self.stage - 1
+        slot.works = [
+            dist.irecv(slot.header, src, tag=_TAG_HEADER),
+            dist.irecv(slot.x, src, tag=_TAG_X),
+            dist.irecv(slot.y, src, tag=_TAG_Y),
+        ]
+
+    def _wait(self, works: list[dist.Work], what: str, step: int | str) -> None:
+        try:
+            for work in works:
+                work.wait(self.timeout)
+        except Exception as exc:
+            raise PeerError(
+                f"stage {self.stage}: {what} failed at batch {step} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); the neighbouring stage has "
+                f"most likely failed or been stopped first, or exceeded pipeline.timeout_s = "
+                f"{self.timeout.total_seconds():g}"
+            ) from exc
+
+    def recv(self) -> Message:
+        """The next message from stage ``stage - 1`` (its tensors stay valid until the next call)."""
+        if self._pending_repost is not None:  # the previous message is consumed: reuse its slot
+            self._post(self._slots[self._pending_repost])
+        index = self._next
+        slot = self._slots[index]
+        t0 = time.perf_counter()
+        self._wait(slot.works or [], f"receive from stage {self.stage - 1}", "next")
+        self.recv_wait_s += time.perf_counter() - t0
+        kind, step, epoch, rows = (int(v) for v in slot.header[:4].tolist())  # sync point on GPU
+        self._pending_repost, self._next = index, (index + 1) % self.depth
+        x, y = slot.x[:rows], slot.y[:rows]
+        if x.dtype != torch.float32:
+            x = x.float()
+        return Message(Kind(kind), step, epoch, x, y)
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, msg: Message) -> None:
+        """Queue ``msg`` for stage ``stage + 1``; blocks while ``depth`` sends are in flight."""
+        assert self.wire_shape_out is not None
+        rows, b = msg.rows, self.batch_size
+        header = torch.zeros(_HEADER, dtype=torch.int64)
+        header[:4] = torch.tensor([int(msg.kind), msg.step, msg.epoch, rows])
+        header = header.to(self.device)
+        if rows == b and msg.x is not None and msg.x.dtype == self.wire_dtype:
+            x = msg.x.contiguous()  # a fresh output tensor: sent as it is, no copy
+        else:
+            x = torch.zeros((b, *self.wire_shape_out), dtype=self.wire_dtype, device=self.device)
+            if rows:
+                x[:rows] = msg.x
+        # Always a copy: the labels may be a view of a receive buffer that is about to be reused.
+        y = torch.zeros(b, dtype=torch.int64, device=self.device)
+        if rows:
+            y[:rows] = msg.y
+        while len(self._sends) >= self.depth:
+            self._drain_one()
+        dst = self.stage + 1
+        works = [
+            dist.isend(header, dst, tag=_TAG_HEADER),
+            dist.isend(x, dst, tag=_TAG_X),
+            dist.isend(y, dst, tag=_TAG_Y),
+        ]
+        self._sends.append((works, (header, x, y), msg.step))  # keep tensors alive until sent
+
+    def _drain_one(self) -> None:
+        works, _, step = self._sends.popleft()
+        t0 = time.perf_counter()
+        self._wait(works, f"send to stage {self.stage + 1}", step)
+        self.send_wait_s += time.perf_counter() - t0
+
+    def flush(self) -> None:
+        """Wait until every queued send has been delivered."""
+        while self._sends:
+            self._drain_one()

@@ -1,0 +1,145 @@
+"""``pipelocal plan``: profile every block, propose the partition, predict the throughput.
+
+Each block is built on the target device and timed over a few training steps on a random batch
+of the configured size (forward + local loss + backward + step: everything a stage does per
+block). Memory per block counts parameters, gradients and optimiser state, the activations kept
+for the backward pass and the receive buffers of the channel feeding it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pipelocal.config import Config
+from pipelocal.engine import build_blocks
+from pipelocal.models import BlockSpec
+from pipelocal.pipeline.partition import balanced_partition, stage_ranges
+
+__all__ = ["BlockProfile", "Plan", "make_plan", "profile_blocks"]
+
+_GIB = 2**30
+
+
+@dataclass(frozen=True)
+class BlockProfile:
+    name: str
+    time_s: float
+    """Seconds per training step of this block on one batch (median of the timed steps)."""
+    activation_bytes: int
+    """What the block passes on per batch (float32)."""
+    state_bytes: int
+    """Parameters + gradients + optimiser state."""
+    work_bytes: int
+    """Activations held for the backward pass (body output, float32), an estimate."""
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.state_bytes + self.work_bytes
+
+
+def profile_blocks(
+    cfg: Config,
+    specs: Sequence[BlockSpec],
+    num_classes: int,
+    device: torch.device,
+    *,
+    reps: int = 3,
+) -> list[BlockProfile]:
+    b = cfg.data.batch_size
+    blocks = build_blocks(cfg, specs, num_classes, range(len(specs)), device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((b, *specs[0].in_shape), generator=gen).to(device)
+    y = torch.randint(num_classes, (b,), generator=gen).to(device)
+    out: list[BlockProfile] = []
+    for block, spec in zip(blocks, specs):
+        block.set_epoch(0)
+        nxt = block.train_step(x, y)  # warm-up (allocations, optimiser state)
+        times = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # CPU-GPU sync point: time whole steps
+            t0 = time.perf_counter()
+            block.train_step(x, y)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        n_param = sum(p.numel() for p in block.parameters())
+        opt_slots = 2 if cfg.optim.name == "adam" else 1
+        out.append(
+            BlockProfile(
+                name=spec.name,
+                time_s=sorted(times)[len(times) // 2],
+                activation_bytes=4 * b * math.prod(spec.wire_shape),
+                state_bytes=4 * n_param * (2 + opt_slots),
+                work_bytes=4 * b * math.prod(spec.out_shape) * 3,
+            )
+        )
+        x = nxt
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    partition: list[int]
+    profiles: list[BlockProfile]
+    batch_size: int
+    channel_depth: int
+
+    def stage_time(self, s: int) -> float:
+        return sum(self.profiles[i].time_s for i in stage_ranges(self.partition)[s])
+
+    def stage_memory(self, s: int) -> int:
+        r = stage_ranges(self.partition)[s]
+        mem = sum(self.profiles[i].memory_bytes for i in r)
+        if r.start > 0:  # receive buffers of the channel from the previous stage
+            mem += self.channel_depth * self.profiles[r.start - 1].activation_bytes
+        return mem
+
+    @property
+    def throughput(self) -> float:
+        """Predicted samples/s: one batch per slowest-stage time."""
+        slowest = max(self.stage_time(s) for s in range(len(self.partition)))
+        return self.batch_size / slowest
+
+    def table(self) -> str:
+        lines = [f"{'block':<8} {'ms/batch':>9} {'state MiB':>10} {'act MiB':>8}"]
+        for p in self.profiles:
+            lines.append(
+                f"{p.name:<8} {1e3 * p.time_s:>9.2f} {p.state_bytes / 2**20:>10.2f} "
+                f"{p.activation_bytes / 2**20:>8.2f}"
+            )
+        lines.append("")
+        lines.append(f"{'stage':<6} {'blocks':<24} {'ms/batch':>9} {'mem GiB':>8} {'load':>6}")
+        slowest = max(self.stage_time(s) for s in range(len(self.partition)))
+        for s, r in enumerate(stage_ranges(self.partition)):
+            names = ",".join(self.profiles[i].name for i in r)
+            t = self.stage_time(s)
+            lines.append(
+                f"{s:<6} {names:<24} {1e3 * t:>9.2f} {self.stage_memory(s) / _GIB:>8.3f} "
+                f"{100 * t / slowest:>5.0f}%"
+            )
+        single = sum(p.time_s for p in self.profiles)
+        lines.append("")
+        lines.append(
+            f"partition {self.partition}: predicted {self.throughput:,.0f} samples/s "
+            f"({single / slowest:.2f}x one process at {self.batch_size / single:,.0f} samples/s)"
+        )
+        return "\n".join(lines)
+
+
+def make_plan(
+    cfg: Config, specs: Sequence[BlockSpec], num_classes: int, device: torch.device
+) -> Plan:
+    profiles = profile_blocks(cfg, specs, num_classes, device)
+    partition = balanced_partition(
+        [p.time_s for p in profiles],
+        cfg.pipeline.stages,
+        memory=[p.memory_bytes for p in profiles],
+        memory_cap=cfg.pipeline.memory_cap_gib * _GIB,
+    )
+    return Plan(partition, profiles, cfg.data.batch_size, cfg.pipeline.channel_depth)

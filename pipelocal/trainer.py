@@ -1,0 +1,189 @@
+"""The coordinator's training loop: epochs, data feeding, evaluation, metrics and checkpoints.
+
+It drives a *pipe*: the whole model in this process (:class:`~pipelocal.engine.LocalPipe`) or
+stage 0 of a pipeline whose other stages live in other processes
+(:class:`~pipelocal.pipeline.coordinator.DistPipe`). The loop is the same for both, which is
+why a pipelined run reproduces the single-process one exactly.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from pipelocal.checkpoint import checkpoint_dir, commit_checkpoint
+from pipelocal.config import Config, config_to_dict
+from pipelocal.data import BatchLoader
+from pipelocal.metrics import Metrics
+from pipelocal.models import BlockSpec
+
+__all__ = ["Pipe", "Position", "Trainer", "install_sigint_handler", "request_stop"]
+
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask the training loop to checkpoint and stop after the current step."""
+    _STOP.set()
+
+
+def install_sigint_handler() -> None:
+    """First Ctrl-C: checkpoint and stop after the current step. Second: stop at once."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if _STOP.is_set():
+            raise KeyboardInterrupt
+        print("\ninterrupted: writing a checkpoint, then stopping (Ctrl-C again to abort)",
+              flush=True)
+        _STOP.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+
+
+class Pipe(Protocol):
+    num_stages: int
+
+    def train(self, step: int, epoch: int, x: Tensor, y: Tensor) -> None: ...
+    def evaluate(self, x: Tensor, y: Tensor) -> None: ...
+    def end_epoch(self, epoch: int) -> list[dict[str, Any]]: ...
+    def end_eval(self) -> dict[int, dict[str, int]]: ...
+    def checkpoint(self, ckpt: Path, step: int) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training resumes: batch ``batch`` of epoch ``epoch``; ``step`` batches done so far."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        pipe: Pipe,
+        specs: Sequence[BlockSpec],
+        train_loader: BatchLoader,
+        test_loader: BatchLoader,
+        run_dir: Path,
+        *,
+        metrics: Metrics,
+        start: Position = Position(),
+    ) -> None:
+        self.cfg, self.pipe, self.specs = cfg, pipe, list(specs)
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.run_dir, self.metrics, self.pos = Path(run_dir), metrics, start
+        self.last_checkpoint: Path | None = None
+        _STOP.clear()  # a stop request belongs to one run
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        epochs, max_steps = cfg.run.epochs, cfg.run.max_steps
+        result: dict[str, Any] = {"run_dir": str(self.run_dir), "stopped": None}
+        epoch, batch, step = self.pos.epoch, self.pos.batch, self.pos.step
+        while epoch < epochs:
+            n = self.train_loader.num_batches(epoch)
+            self.metrics.start_epoch(epoch, epochs, n, initial=batch)
+            t0, samples = time.perf_counter(), 0
+            for i in range(batch, n):
+                if _STOP.is_set() or (max_steps and step >= max_steps):
+                    break
+                x, y = self.train_loader.batch(epoch, i)
+                self.pipe.train(step, epoch, x, y)
+                step, samples = step + 1, samples + y.numel()
+                self.metrics.advance(samples / (time.perf_counter() - t0))
+            else:
+                i = n
+            if i < n:  # stopped inside the epoch: checkpoint exactly here and leave
+                self.metrics.close_bar()
+                result["stopped"] = "interrupted" if _STOP.is_set() else "max_steps"
+                self._checkpoint(Position(epoch, i, step))
+                break
+            stage_stats = self.pipe.end_epoch(epoch)  # every stage has finished the epoch
+            elapsed = time.perf_counter() - t0
+            self.metrics.close_bar()
+            record = self._epoch_record(epoch, step, samples, elapsed, stage_stats)
+            record.update(self.evaluate())
+            self.metrics.log(record)
+            self.metrics.echo(_epoch_line(record, epochs))
+            result.update(record)
+            epoch, batch = epoch + 1, 0
+            if epoch % cfg.run.checkpoint_every == 0 or epoch == epochs:
+                self._checkpoint(Position(epoch, 0, step))
+        result["step"] = step
+        result["checkpoint"] = str(self.last_checkpoint) if self.last_checkpoint else None
+        return result
+
+    def evaluate(self) -> dict[str, Any]:
+        """Test accuracy of the output and of every block's local classifier."""
+        for i in range(self.test_loader.num_batches(0)):
+            self.pipe.evaluate(*self.test_loader.batch(0, i))
+        stats = self.pipe.end_eval()
+        out_index = len(self.specs) - 1
+        acc = {i: s["correct"] / max(s["count"], 1) for i, s in sorted(stats.items())}
+        return {
+            "test/acc": acc.get(out_index),
+            "test/acc_local": {self.specs[i].name: a for i, a in acc.items() if i != out_index},
+        }
+
+    def _epoch_record(
+        self, epoch: int, step: int, samples: int, elapsed: float, stages: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        blocks: dict[int, dict[str, Any]] = {}
+        for stage in stages:
+            blocks.update({int(k): v for k, v in stage["blocks"].items()})
+        out = blocks[len(self.specs) - 1]
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": step,
+            "time/epoch(s)": round(elapsed, 3),
+            "throughput(samples/s)": round(samples / max(elapsed, 1e-9), 1),
+            "train/loss": out["loss"],
+            "train/acc": out["acc"],
+            "train/loss_local": {
+                self.specs[i].name: s["loss"] for i, s in sorted(blocks.items())
+                if i != len(self.specs) - 1
+            },
+        }
+        for stage in stages:
+            for key, value in stage.items():
+                if key not in ("stage", "blocks"):
+                    record[f"stage{stage['stage']}/{key}"] = value
+        return record
+
+    def _checkpoint(self, pos: Position) -> None:
+        ckpt = checkpoint_dir(self.run_dir, pos.step)
+        self.pipe.checkpoint(ckpt, pos.step)  # every stage writes its own blocks
+        commit_checkpoint(
+            ckpt,
+            {
+                "epoch": pos.epoch,
+                "batch": pos.batch,
+                "step": pos.step,
+                "num_blocks": len(self.specs),
+                "blocks": [s.name for s in self.specs],
+                "stages": self.pipe.num_stages,
+                "config": config_to_dict(self.cfg),
+                "time": time.time(),
+            },
+        )
+        self.last_checkpoint = ckpt
+
+
+def _epoch_line(r: dict[str, Any], epochs: int) -> str:
+    train_acc = "-" if r["train/acc"] is None else f"{100 * r['train/acc']:.2f}%"
+    return (
+        f"epoch {r['epoch']}/{epochs}  train loss {r['train/loss']:.4f} acc {train_acc}  "
+        f"test acc {100 * r['test/acc']:.2f}%  {r['throughput(samples/s)']:,.0f} samples/s"
+    )
