@@ -188,9 +188,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelocal.pipeline.launch import PipelineError
+
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
+    except PipelineError as exc:
+        print(f"pipelocal: pipeline failed: {exc}", file=sys.stderr)
+        return 1
     except ConfigError as exc:
         print(f"pipelocal: config error: {exc}", file=sys.stderr)
         return 2

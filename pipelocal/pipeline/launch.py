@@ -285,8 +285,13 @@ def _describe_failure(procs: list[Any], reports: list[dict[str, Any]]) -> str:
         )
     if killed:
         rank, p = killed[0]
-        steps = [r["step"] for r in reports if r["step"] >= 0]
-        near = f" near batch {max(steps)}" if steps else ""
+        # Downstream stages had finished batches before the lost one, upstream ones had sent it.
+        down = [r["step"] + 1 for r in reports if r["rank"] > rank and r["step"] >= 0]
+        up = [r["step"] for r in reports if r["rank"] < rank and r["step"] >= 0]
+        near = ""
+        if down or up:
+            lo, hi = (max(down) if down else 0), (max(up) if up else max(down))
+            near = f" at batch {lo}" if lo >= hi else f" between batches {lo} and {hi}"
         name = signal.Signals(-p.exitcode).name
         return (
             f"stage {rank} (rank {rank}, pid {p.pid}) died, killed by signal {name}{near}; "

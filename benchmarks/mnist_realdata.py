@@ -1,0 +1,190 @@
+"""Real-data check: VGG8B trained by local learning (predsim) vs end-to-end backprop (glob).
+
+On the real MNIST test split (``../shared/data/mnist-10k`` from the repository root; pipelocal
+cuts it into 8000 training / 2000 test images with a fixed permutation), a reduced-width VGG8B
+is trained with rule ``predsim`` and with rule ``glob``, same seeds, single process on CPU. For
+every run it records the final test error of the output, each hidden block's local test error
+(its predsim classifier), the training time and the training throughput; then it checks that
+predsim's mean test error is within ``--tolerance`` percentage points of glob's.
+
+Final run (the recommended settings; about 3-5 min per run on a 2-core CPU, so ~20-30 min):
+
+    python benchmarks/mnist_realdata.py --epochs 3 --repeats 2
+
+Quick smoke test (about a minute; writes to /tmp, not to benchmarks/results):
+
+    python benchmarks/mnist_realdata.py --epochs 1 --repeats 1 --width 0.125 \
+        --set data.train_limit=1000 --out /tmp/mnist_realdata.json
+
+Result: ``benchmarks/results/mnist_realdata.json`` (``--out`` to change), then a table on
+stdout. Exit status 1 if predsim is not within the tolerance of glob (the JSON is still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import (
+    REPO_ROOT,
+    Provenance,
+    add_common_args,
+    fmt_stat,
+    markdown_table,
+    read_metrics,
+    run_root,
+    summarize,
+    write_result,
+)
+
+from pipelocal.config import Config, config_to_dict, load_config
+from pipelocal.run import train
+
+NAME = "mnist_realdata"
+DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist-10k"
+DATA_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--width", type=float, default=0.25,
+                   help="model.width: VGG8B channel multiplier (default 0.25)")
+    p.add_argument("--dropout", type=float, default=0.1, help="model.dropout (default 0.1)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (default 5e-4)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="run.threads: torch threads (default 0 = torch's default)")
+    p.add_argument("--rules", nargs="+", default=["predsim", "glob"],
+                   help="rules to train (the tolerance check needs predsim and glob)")
+    p.add_argument("--tolerance", type=float, default=3.0,
+                   help="max. percentage points by which predsim's mean test error may exceed "
+                        "glob's (default 3.0)")
+    p.add_argument("--data-dir", default=str(DATA_DIR),
+                   help=f"folder holding the MNIST test-split IDX files (default {DATA_DIR})")
+    add_common_args(p, repeats=1)
+    return p.parse_args(argv)
+
+
+def check_data(data_dir: Path) -> None:
+    missing = [f for f in DATA_FILES
+               if not any((data_dir / (f + ext)).is_file() for ext in (".gz", ""))]
+    if missing:
+        sys.exit(
+            f"mnist_realdata: the MNIST test split is not at {data_dir} (missing "
+            f"{', '.join(missing)}[.gz]); this benchmark needs the real data: put the two IDX "
+            "files there or pass --data-dir FOLDER"
+        )
+
+
+def make_config(args: argparse.Namespace, rule: str, seed: int, out_dir: Path) -> Config:
+    return load_config(None, [
+        "model.name=vgg8b", f"model.width={args.width}", f"model.dropout={args.dropout}",
+        "data.name=mnist-10k", f"data.data_dir={args.data_dir!r}",
+        f"data.batch_size={args.batch_size}",
+        f"rule.name={rule!r}", "optim.name=adam", f"optim.lr={args.lr}",
+        f"run.epochs={args.epochs}", f"run.seed={seed}", "run.device=cpu",
+        f"run.threads={args.threads}", "run.progress=false", f"run.out_dir={str(out_dir)!r}",
+        f"run.name={rule.replace('+', '_')}-seed{seed}",
+        f"run.checkpoint_every={args.epochs}",  # one checkpoint, at the end
+        "pipeline.stages=1",
+        *args.overrides,
+    ])
+
+
+def error_pct(acc: float | None) -> float | None:
+    return None if acc is None else 100.0 * (1.0 - acc)
+
+
+def one_run(cfg: Config) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    summary = train(cfg)
+    wall = time.perf_counter() - t0
+    records = read_metrics(summary["run_dir"])
+    last = records[-1]
+    train_s = sum(r["time/epoch(s)"] for r in records)
+    # samples of each epoch = its throughput x its time (the record keeps both, not the count)
+    samples = sum(r["throughput(samples/s)"] * r["time/epoch(s)"] for r in records)
+    return {
+        "rule": cfg.rule.name,
+        "seed": cfg.run.seed,
+        "test_err(%)": error_pct(last["test/acc"]),
+        "local_test_err(%)": {k: error_pct(v) for k, v in last["test/acc_local"].items()},
+        "train_time(s)": round(train_s, 2),
+        "wall_incl_eval(s)": round(wall, 2),
+        "throughput(samples/s)": round(samples / max(train_s, 1e-9), 1),
+        "epochs": records,
+        "config": config_to_dict(cfg),
+    }
+
+
+def local_cell(errs: dict[str, float | None]) -> str:
+    return " ".join(f"{k}:{v:.1f}" for k, v in errs.items() if v is not None) or "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_data(Path(args.data_dir))
+    prov = Provenance(NAME)
+    runs: list[dict[str, Any]] = []
+    with run_root(args.runs_dir) as root:
+        for seed in range(args.repeats):
+            for rule in args.rules:
+                cfg = make_config(args, rule, seed, root)
+                print(f"== {rule}, seed {seed}", flush=True)
+                runs.append(one_run(cfg))
+    import torch
+
+    per_rule = {
+        rule: {
+            "test_err(%)": summarize([r["test_err(%)"] for r in runs if r["rule"] == rule]),
+            "train_time(s)": summarize([r["train_time(s)"] for r in runs if r["rule"] == rule]),
+            "throughput(samples/s)": summarize(
+                [r["throughput(samples/s)"] for r in runs if r["rule"] == rule]),
+        }
+        for rule in args.rules
+    }
+    check: dict[str, Any] = {"tolerance(pp)": args.tolerance, "within_tolerance": None}
+    if "predsim" in per_rule and "glob" in per_rule:
+        gap = per_rule["predsim"]["test_err(%)"]["mean"] - per_rule["glob"]["test_err(%)"]["mean"]
+        check.update({"gap_predsim_minus_glob(pp)": gap, "within_tolerance": gap <= args.tolerance})
+    payload = {
+        "settings": {
+            "model": "vgg8b", "width": args.width, "dropout": args.dropout,
+            "dataset": "mnist-10k (8000 train / 2000 test of the MNIST test split)",
+            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+            "rules": args.rules, "repeats": args.repeats, "seeds": list(range(args.repeats)),
+            "torch_threads": torch.get_num_threads(), "overrides": args.overrides,
+        },
+        "summary": per_rule,
+        "check": check,
+        "runs": runs,
+    }
+    path = write_result(prov, payload, args.out)
+
+    print()
+    print(markdown_table(
+        ["rule", "seed", "test err %", "local test err % per block", "train s", "samples/s"],
+        [[r["rule"], r["seed"], f"{r['test_err(%)']:.2f}", local_cell(r["local_test_err(%)"]),
+          f"{r['train_time(s)']:.1f}", f"{r['throughput(samples/s)']:.0f}"] for r in runs],
+    ))
+    print()
+    print(markdown_table(
+        ["rule", "test err % (mean ± std (min-max, n))", "samples/s"],
+        [[rule, fmt_stat(s["test_err(%)"]), fmt_stat(s["throughput(samples/s)"], 0)]
+         for rule, s in per_rule.items()],
+    ))
+    if check["within_tolerance"] is not None:
+        verdict = "PASS" if check["within_tolerance"] else "FAIL"
+        print(f"\n{verdict}: predsim - glob = {check['gap_predsim_minus_glob(pp)']:+.2f} pp "
+              f"(tolerance {args.tolerance} pp)")
+    print(f"result: {path}")
+    return 0 if check["within_tolerance"] is not False else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

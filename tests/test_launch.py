@@ -1,0 +1,131 @@
+"""Failure behaviour: validated before any worker starts; any worker failure ends the run fast,
+with one error naming the stage, the batch and the original traceback, and no process left."""
+
+from __future__ import annotations
+
+import multiprocessing.context
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelocal.checkpoint import resolve_checkpoint
+from pipelocal.config import ConfigError
+from pipelocal.pipeline.launch import PipelineError
+from pipelocal.pipeline.stage import FAULT_ENV
+from pipelocal.run import train
+from tests.conftest import tiny_config
+
+
+def _workers() -> set[int]:
+    """PIDs of this process's children, except multiprocessing's shared resource tracker."""
+    me, out = os.getpid(), set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == me and b"resource_tracker" not in cmd:
+            out.add(int(entry.name))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        ("2:5:raise", ["stage 2", "batch 5", "injected fault in stage 2 at step 5",
+                       "original traceback", "Traceback"]),
+        ("1:5:kill", ["stage 1", "SIGKILL", "checkpoint is still usable"]),
+    ],
+)
+def test_worker_failure_stops_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, expected: list[str]
+) -> None:
+    before = _workers()
+    monkeypatch.setenv(FAULT_ENV, fault)
+    cfg = tiny_config(tmp_path, "pipeline.stages=3", "run.epochs=3")
+    t0 = time.monotonic()
+    with pytest.raises(PipelineError) as info:
+        train(cfg)
+    elapsed = time.monotonic() - t0
+    message = str(info.value)
+    for text in expected:
+        assert text in message, message
+    assert elapsed < 45, f"failure took {elapsed:.1f} s to surface"  # includes 3 worker start-ups
+    assert _workers() - before == set(), "a worker process was left behind"
+
+
+@pytest.mark.slow
+def test_failure_after_checkpoint_leaves_it_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Epoch 1 ends with a checkpoint at step 5; a crash at step 7 must not damage it."""
+    monkeypatch.setenv(FAULT_ENV, "1:7:kill")
+    cfg = tiny_config(tmp_path, "pipeline.stages=2", "run.name=crash")
+    with pytest.raises(PipelineError):
+        train(cfg)
+    ckpt = resolve_checkpoint(tmp_path / "crash")
+    assert ckpt.name == "step_00000005"
+    monkeypatch.delenv(FAULT_ENV)
+    resumed = train(tiny_config(tmp_path, "pipeline.stages=2"), resume=tmp_path / "crash")
+    assert resumed["step"] == 10
+
+
+@pytest.fixture
+def no_spawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: object) -> None:
+        raise AssertionError("a worker process was started before validation failed")
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refuse)
+
+
+@pytest.mark.usefixtures("no_spawn")
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["pipeline.stages=2", "pipeline.partition=[1,1]"],
+         "pipeline.partition = [1, 1] assigns 2 blocks but the model has 4 (conv1, conv2, fc1, "
+         "out); give 2 counts >= 1 that sum to 4"),
+        (["pipeline.stages=5"], "pipeline.stages = 5 but model cnn has only 4 blocks"),
+        (["pipeline.stages=2", "rule.name=glob"],
+         "rule.name = 'glob' backpropagates through the whole model, so it cannot run as a "
+         "pipeline"),
+        (["pipeline.stages=2", "pipeline.partition=[2,2]", "model.input_shape=[1,16,16]"],
+         "stage 0 expects input [2, 1, 16, 16] but the data loader sends [2, 1, 8, 8]"),
+    ],
+)
+def test_bad_pipeline_configs_fail_before_any_worker(
+    tmp_path: Path, overrides: list[str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        train(tiny_config(tmp_path, *overrides))
+    assert expected in str(info.value)
+    assert not any(tmp_path.iterdir()), "no run directory is created for an invalid run"
+
+
+def test_stage_shape_mismatch_between_stages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose blocks do not chain is caught by the dry run, naming both stages."""
+    import dataclasses
+
+    import pipelocal.run as run_mod
+
+    real = run_mod.build_model
+
+    def broken(cfg, in_shape, num_classes):  # block 2 declares a wrong input shape
+        specs = real(cfg, in_shape, num_classes)
+        specs[2] = dataclasses.replace(specs[2], in_shape=(17,))
+        return specs
+
+    monkeypatch.setattr(run_mod, "build_model", broken)
+    setup, _ = run_mod.prepare(tiny_config(tmp_path, "pipeline.stages=2"))
+    with pytest.raises(ConfigError) as info:
+        run_mod.dry_run(setup, [2, 2])
+    assert "stage 1 expects input [2, 17] but stage 0 sends [2, 16, 2, 2]" in str(info.value)
