@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shlex
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ __all__ = [
     "RESULTS_DIR",
     "Provenance",
     "add_common_args",
+    "cpu_meter",
     "fmt_stat",
     "git_revision",
     "hardware",
@@ -106,7 +108,6 @@ def versions() -> dict[str, str | None]:
         "torch": torch.__version__,
         "torchvision": tv,
         "pipelocal": pipelocal.__version__,
-        "torch_num_threads_default": str(torch.get_num_threads()),
     }
 
 
@@ -116,14 +117,21 @@ def git_revision(root: Path = REPO_ROOT) -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
+        ).stdout
 
     try:
-        commit = git("rev-parse", "HEAD")
+        commit = git("rev-parse", "HEAD").strip()
+        # "XY path" lines; not stripped, X may be a space.
         changed = [line[3:] for line in git("status", "--porcelain").splitlines() if line]
     except (OSError, subprocess.CalledProcessError) as exc:
         return {"commit": None, "dirty": None, "error": str(exc)}
     return {"commit": commit, "dirty": bool(changed), "changed_paths": changed}
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _load() -> list[float] | None:
@@ -141,6 +149,7 @@ class Provenance:
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.t0 = time.perf_counter()
         self.load_before = _load()
+        self.threads = _torch_threads()  # before any run changes it (run.threads does)
         # Captured at the start: the code that runs is the code at this revision.
         self.git = git_revision()
 
@@ -156,6 +165,7 @@ class Provenance:
             "load_avg_1_5_15": {"before": self.load_before, "after": _load()},
             "hardware": hardware(),
             "versions": versions(),
+            "torch_threads_at_start": self.threads,
             "git": self.git,
         }
 
@@ -198,6 +208,30 @@ def run_root(runs_dir: str | None) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def cpu_meter() -> Iterator[dict[str, float]]:
+    """Wall and CPU seconds (user + system) of this process and its finished children.
+
+    Spawned pipeline stages count once they have been joined. ``cores_used`` = CPU / wall: on an
+    otherwise idle machine a 2-stage pipeline keeps it near 2; far less while stages compute
+    means other work took the cores (stage busy times, being wall times, cannot show that).
+    """
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    self0, kids0 = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    yield out
+    wall = time.perf_counter() - t0
+    self1, kids1 = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    cpu_self = self1.ru_utime + self1.ru_stime - self0.ru_utime - self0.ru_stime
+    cpu_kids = kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime
+    out.update({
+        "wall(s)": round(wall, 3),
+        "cpu_self(s)": round(cpu_self, 3),
+        "cpu_children(s)": round(cpu_kids, 3),
+        "cores_used": round((cpu_self + cpu_kids) / max(wall, 1e-9), 3),
+    })
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

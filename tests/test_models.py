@@ -23,9 +23,9 @@ CASES: dict[str, tuple[dict, list[tuple[int, int, int]]]] = {
 _DEFAULT_CASE = ({"width": 0.0625, "fc_width": 32}, [(1, 28, 28)])
 
 
-def _cases() -> list[tuple[str, tuple[int, int, int]]]:
-    return [(name, shape) for name in available_models()
-            for shape in CASES.get(name, _DEFAULT_CASE)[1]]
+def _cases() -> list:
+    return [pytest.param(name, shape, id=f"{name}-{'x'.join(map(str, shape))}")
+            for name in available_models() for shape in CASES.get(name, _DEFAULT_CASE)[1]]
 
 
 def _model_cfg(name: str) -> ModelConfig:

@@ -1,0 +1,265 @@
+"""Tests for pipelocal.block: seeding, dropout generator, schedule, statistics, checkpoints."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from pipelocal.block import LocalBlock, block_seed, lr_factor
+from pipelocal.config import ModelConfig, OptimConfig, RuleConfig, ScheduleConfig
+from pipelocal.models import BlockSpec, build_model
+
+NUM_CLASSES = 10
+
+
+def _specs(dropout: float = 0.0) -> list[BlockSpec]:
+    cfg = ModelConfig(name="mlp", hidden=16, depth=2, dropout=dropout)
+    return build_model(cfg, (1, 8, 8), NUM_CLASSES)  # fc1, fc2, out
+
+
+def _block(
+    index: int = 0,
+    spec: BlockSpec | None = None,
+    *,
+    seed: int = 0,
+    rule: str = "predsim",
+    schedule: ScheduleConfig | None = None,
+    epochs: int = 4,
+    dropout: float = 0.0,
+) -> LocalBlock:
+    return LocalBlock(
+        index, spec or _specs(dropout)[index], num_classes=NUM_CLASSES,
+        rule=RuleConfig(name=rule, target_proj_size=16),
+        optim=OptimConfig(lr=1e-2), schedule=schedule or ScheduleConfig(), epochs=epochs,
+        seed=seed,
+    )
+
+
+def _batch(shape: tuple[int, ...] = (1, 8, 8), seed: int = 0, n: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g)
+
+
+def _state(block: LocalBlock) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in block.state_dict().items()}
+
+
+def _linear_weight(block: LocalBlock) -> torch.Tensor:
+    return next(m for m in block.body.modules() if isinstance(m, torch.nn.Linear)).weight
+
+
+def _assert_same_state(a: LocalBlock, b: LocalBlock) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+# --------------------------------------------------------------------------- seeding
+
+
+def test_block_seed_is_deterministic_and_distinct() -> None:
+    assert block_seed(0, 3) == block_seed(0, 3)
+    seeds = {block_seed(s, i) for s in range(4) for i in range(8)}
+    assert len(seeds) == 32
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_same_seed_and_index_give_identical_init_whatever_the_global_rng() -> None:
+    torch.manual_seed(1)
+    a = _block(1, rule="predsim-bpf")
+    torch.manual_seed(2)
+    torch.rand(100)
+    b = _block(1, rule="predsim-bpf")
+    _assert_same_state(a, b)  # body, heads and the fixed random matrices
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+
+
+def test_different_index_or_seed_gives_different_init() -> None:
+    spec = _specs()[1]  # fc2, [16] -> [16]: the same layers at any index
+    a, b, c = _block(1, spec), _block(2, spec), _block(1, spec, seed=1)
+    for other in (b, c):
+        assert not torch.equal(_linear_weight(a), _linear_weight(other))
+        assert not torch.equal(a.rule.decoder.weight, other.rule.decoder.weight)
+
+
+def test_building_a_block_leaves_the_global_rng_alone() -> None:
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    _block(0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def test_dropout_masks_come_from_the_block_generator() -> None:
+    x, y = _batch()
+    outs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        block = _block(0, dropout=0.5)
+        outs.append((block.train_step(x, y), block.train_step(x, y)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    # The generator advances: a second step draws a new mask.
+    assert not torch.equal(outs[0][0] == 0, outs[0][1] == 0)
+
+
+def test_dropout_zeroes_and_rescales_what_is_passed_on() -> None:
+    x, y = _batch()
+    dropped = _block(0, dropout=0.5).train_step(x, y)
+    plain = _block(0, dropout=0.0).train_step(x, y)  # same body, same step
+    kept = dropped != 0
+    assert torch.equal(dropped[kept], 2.0 * plain[kept])  # x 1 / (1 - p)
+    assert ((plain != 0) & ~kept).any()  # some live units were dropped
+    assert ((plain != 0) & kept).any()
+
+
+def test_no_dropout_in_eval() -> None:
+    block = _block(0, dropout=0.5)
+    x, _ = _batch()
+    out, scores = block.eval_step(x)
+    block.eval()
+    with torch.no_grad():
+        assert torch.equal(out, block.body(x))
+    assert scores.shape == (16, NUM_CLASSES)
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def test_step_schedule_quarters_at_50_75_89_94_percent() -> None:
+    cfg = ScheduleConfig(name="step")
+    got = [lr_factor(cfg, e, 100) for e in range(100)]
+    expected = [0.25 ** sum(e >= m for m in (50, 75, 89, 94)) for e in range(100)]
+    assert got == expected
+    assert (got[49], got[50], got[74], got[75], got[89], got[94], got[99]) == (
+        1.0, 0.25, 0.25, 0.0625, 0.25**3, 0.25**4, 0.25**4)
+
+
+def test_cosine_schedule_goes_from_one_to_near_zero() -> None:
+    cfg = ScheduleConfig(name="cosine")
+    got = [lr_factor(cfg, e, 100) for e in range(100)]
+    assert got[0] == 1.0 and got[50] == pytest.approx(0.5)
+    assert all(a > b for a, b in zip(got, got[1:]))
+    assert 0 <= got[-1] < 1e-3
+    assert lr_factor(cfg, 100, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_constant_schedule() -> None:
+    cfg = ScheduleConfig(name="constant")
+    assert {lr_factor(cfg, e, 10) for e in range(10)} == {1.0}
+
+
+def test_set_epoch_sets_the_optimizer_lr() -> None:
+    block = _block(0, schedule=ScheduleConfig(name="step", milestones=(0.5,), gamma=0.1),
+                   epochs=10)
+    lrs = []
+    for epoch in (0, 4, 5, 9, 0):
+        block.set_epoch(epoch)
+        lrs.append([g["lr"] for g in block.optimizer.param_groups])
+    assert lrs == [[1e-2], [1e-2], [pytest.approx(1e-3)], [pytest.approx(1e-3)], [1e-2]]
+    assert block.epoch == 0
+
+
+# --------------------------------------------------------------------------- train / stats
+
+
+def test_train_step_updates_and_returns_a_detached_output() -> None:
+    block = _block(0)
+    before = _state(block)
+    x, y = _batch()
+    out = block.train_step(x, y)
+    assert out.shape == (16, 16) and not out.requires_grad
+    assert not torch.equal(block.state_dict()["body.1.weight"], before["body.1.weight"])
+    assert block.training
+
+
+def test_conv_block_pools_what_it_passes_on() -> None:
+    spec = build_model(ModelConfig(name="cnn", width=0.25, fc_width=16), (1, 8, 8),
+                       NUM_CLASSES)[0]
+    block = _block(0, spec)
+    x, y = _batch()
+    out = block.train_step(x, y)
+    assert tuple(out.shape[1:]) == spec.wire_shape == (8, 4, 4)
+
+
+def test_pop_stats_means_and_resets() -> None:
+    block = _block(2)  # output block: cross-entropy and accuracy
+    x, y = _batch((16,))
+    losses = []
+    for n in (16, 4):
+        with torch.no_grad():
+            block.eval()
+            losses.append(float(torch.nn.functional.cross_entropy(block.body(x[:n]), y[:n])))
+        block.train_step(x[:n], y[:n])
+    stats = block.pop_stats()
+    # The output block is a plain Linear, so eval and train forward agree exactly.
+    assert stats["loss"] == pytest.approx((16 * losses[0] + 4 * losses[1]) / 20, rel=1e-5)
+    assert 0.0 <= stats["acc"] <= 1.0
+    assert block.pop_stats() == {"loss": 0.0, "acc": None}
+
+
+def test_stats_without_a_classifier_have_no_accuracy() -> None:
+    block = _block(0, rule="sim")
+    block.train_step(*_batch())
+    stats = block.pop_stats()
+    assert stats["acc"] is None and math.isfinite(stats["loss"]) and stats["loss"] > 0
+
+
+def test_pop_stats_loss_is_the_sample_weighted_mean() -> None:
+    block = _block(0)
+    y = torch.zeros(3, dtype=torch.int64)
+    block.record(torch.tensor(2.0), None, y)
+    block.record(torch.tensor(5.0), None, y[:1])
+    assert block.pop_stats() == {"loss": pytest.approx((3 * 2.0 + 5.0) / 4), "acc": None}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _through_disk(state: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def test_checkpoint_round_trip_continues_identically() -> None:
+    a = _block(0, dropout=0.3, rule="predsim-bpf")
+    for s in range(3):
+        a.set_epoch(s)
+        a.train_step(*_batch(seed=s))
+    b = _block(0, dropout=0.3, rule="predsim-bpf")
+    b.load_checkpoint_state(_through_disk(a.checkpoint_state()))
+    assert b.epoch == a.epoch == 2
+    assert b.optimizer.param_groups[0]["lr"] == a.optimizer.param_groups[0]["lr"]
+    fresh = _block(0, dropout=0.3, rule="predsim-bpf")
+    for s in range(3, 6):
+        outs = [blk.train_step(*_batch(seed=s)) for blk in (a, b, fresh)]
+        assert torch.equal(outs[0], outs[1])
+    _assert_same_state(a, b)
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    assert not torch.equal(_linear_weight(a), _linear_weight(fresh))
+
+
+def test_checkpoint_state_contents() -> None:
+    block = _block(1)
+    state = block.checkpoint_state()
+    assert state["index"] == 1 and state["name"] == "fc2" and state["epoch"] == -1
+    assert set(state) == {"index", "name", "module", "optimizer", "generator", "epoch"}
+
+
+def test_loading_into_another_block_fails_clearly() -> None:
+    spec = _specs()[1]
+    state = _block(1, spec).checkpoint_state()
+    with pytest.raises(ValueError) as err:
+        _block(2, spec).load_checkpoint_state(state)
+    msg = str(err.value)
+    assert "block 1 (fc2)" in msg and "block 2 (fc2)" in msg and "config differs" in msg
+    with pytest.raises(ValueError, match=r"block 0 \(fc1\)"):
+        _block(1).load_checkpoint_state(_block(0).checkpoint_state())

@@ -1,0 +1,96 @@
+"""P2P channel on a real 2-process gloo group: padding, dtypes, ordering, bounded waits."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import traceback
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pipelocal.pipeline.channel import Kind, Message, P2PChannel, PeerError
+
+SHAPE = (3, 2)
+
+
+def _channel(rank: int, dtype: torch.dtype, timeout_s: float = 20.0) -> P2PChannel:
+    return P2PChannel(
+        stage=rank, batch_size=4, wire_shape_in=SHAPE if rank == 1 else None,
+        wire_shape_out=SHAPE if rank == 0 else None, wire_dtype=dtype, depth=2,
+        timeout_s=timeout_s, device=torch.device("cpu"),
+    )
+
+
+def _run(rank: int, port: int, dtype_name: str, scenario: str, out: Any) -> None:
+    try:
+        store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=timedelta(seconds=30))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=2,
+                                timeout=timedelta(seconds=30))
+        dtype = getattr(torch, dtype_name)
+        ch = _channel(rank, dtype, timeout_s=1.0 if scenario == "timeout" else 20.0)
+        if rank == 0:
+            if scenario == "timeout":
+                store.wait(["done"], timedelta(seconds=30))  # send nothing; wait for the peer
+            else:
+                for step in range(5):
+                    rows = 4 if step < 4 else 3
+                    x = torch.arange(rows * 6, dtype=torch.float32).reshape(rows, *SHAPE) + step
+                    ch.send(Message(Kind.TRAIN, step, 7, x, torch.full((rows,), step)))
+                ch.send(Message(Kind.END_EPOCH, -1, 7))
+                ch.flush()
+            out.put((rank, "ok"))
+        else:
+            got = []
+            try:
+                for _ in range(6):
+                    m = ch.recv()
+                    # Plain lists: tensors would cross the queue as shared memory owned by this process.
+                    got.append((int(m.kind), m.step, m.epoch, m.rows, m.x.tolist(), m.y.tolist()))
+                out.put((rank, got))
+            except PeerError as exc:
+                out.put((rank, f"PeerError: {exc}"))
+            store.set("done", "1")
+    except BaseException:
+        out.put((rank, traceback.format_exc()))
+
+
+def _spawn(dtype_name: str, scenario: str) -> dict[int, Any]:
+    probe = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
+    port = probe.port
+    del probe  # frees the port for the workers' own store
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_run, args=(r, port, dtype_name, scenario, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    return results
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_messages_arrive_in_order_with_padding_removed(dtype_name: str) -> None:
+    results = _spawn(dtype_name, "normal")
+    assert results[0] == "ok"
+    got = results[1]
+    assert isinstance(got, list), got
+    for step, (kind, s, epoch, rows, x, y) in enumerate(got[:5]):
+        want_rows = 4 if step < 4 else 3
+        want = torch.arange(want_rows * 6, dtype=torch.float32).reshape(want_rows, *SHAPE) + step
+        assert (kind, s, epoch, rows) == (int(Kind.TRAIN), step, 7, want_rows)
+        exact = want.to(getattr(torch, dtype_name)).float()  # what survives the wire dtype
+        assert torch.equal(torch.tensor(x), exact)
+        assert y == [step] * want_rows
+    assert got[5][:4] == (int(Kind.END_EPOCH), -1, 7, 0)
+
+
+def test_receive_times_out_with_a_clear_error() -> None:
+    results = _spawn("float32", "timeout")
+    assert isinstance(results[1], str) and results[1].startswith("PeerError"), results[1]
+    assert "stage 1: receive from stage 0 failed" in results[1]
+    assert "pipeline.timeout_s = 1" in results[1]
