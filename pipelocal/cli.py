@@ -27,33 +27,6 @@ def _config(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
     return load_config(args.config, overrides)
 
 
-def _default_stages(args: argparse.Namespace, cfg_has_stages: bool) -> list[str]:
-    """``--stages`` wins; otherwise the default run is a pipeline: 2 stages on CPU, 1 per GPU."""
-    if args.stages is not None:
-        return [f"pipeline.stages={args.stages}"]
-    if cfg_has_stages:
-        return []
-    import torch
-
-    from pipelocal.pipeline.launch import under_torchrun
-
-    if under_torchrun():
-        return []
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 2
-    return [f"pipeline.stages={max(n, 2)}"]
-
-
-def _stages_given(args: argparse.Namespace) -> bool:
-    if any(s.strip().startswith("pipeline.stages") for s in args.set or []):
-        return True
-    if args.config:
-        from pipelocal.config import tomllib
-
-        with open(args.config, "rb") as f:
-            return "stages" in tomllib.load(f).get("pipeline", {})
-    return False
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from pipelocal.checkpoint import read_manifest
     from pipelocal.run import train
@@ -67,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                         + ([f"pipeline.stages={args.stages}"]
                                            if args.stages else [])))
     else:
-        cfg = _config(args, _default_stages(args, _stages_given(args)))
+        cfg = _config(args, [f"pipeline.stages={args.stages}"] if args.stages else [])
     result = train(cfg, resume=args.resume)
     if result is None:  # a torchrun rank other than 0
         return 0
@@ -115,11 +88,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipelocal.models import build_model
     from pipelocal.pipeline.launch import stage_threads
     from pipelocal.pipeline.plan import make_plan
-    from pipelocal.run import resolve_device
+    from pipelocal.run import resolve_device, resolve_stages
 
     cfg = _config(args, [f"pipeline.stages={args.stages}"] if args.stages else [])
     dataset = load_dataset(cfg.data)
     specs = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
+    cfg = resolve_stages(cfg, len(specs))
     import torch
 
     torch.set_num_threads(stage_threads(cfg))

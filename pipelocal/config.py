@@ -207,8 +207,9 @@ class ScheduleConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PipelineConfig:
-    stages: int = 1
-    """Worker processes, one per contiguous group of blocks; 1 = the single-process engine."""
+    stages: int = 0
+    """Worker processes, one per contiguous group of blocks; 1 = the single-process engine;
+    0 = automatic: one per GPU, or 2 on CPU (at most one per block; len(partition) if given)."""
     partition: tuple[int, ...] = ()
     """Blocks per stage, e.g. [3, 2, 3]; empty = balanced by profiling (``pipelocal plan``)."""
     channel_depth: int = 2
@@ -223,7 +224,7 @@ class PipelineConfig:
     """plan / automatic partition: per-stage memory cap in GiB (0 = none)."""
 
     def __post_init__(self) -> None:
-        _check(self.stages >= 1, "pipeline.stages", self.stages, "an integer >= 1")
+        _check(self.stages >= 0, "pipeline.stages", self.stages, "an integer >= 0 (0 = auto)")
         _check(
             all(n >= 1 for n in self.partition),
             "pipeline.partition",
@@ -231,7 +232,7 @@ class PipelineConfig:
             "a list of block counts >= 1, one per stage",
         )
         _check(
-            not self.partition or len(self.partition) == self.stages,
+            not self.partition or self.stages in (0, len(self.partition)),
             "pipeline.partition",
             self.partition,
             f"one block count per stage ({self.stages} entries for pipeline.stages = "

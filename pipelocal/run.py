@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "open_run_dir",
     "prepare",
     "resolve_device",
+    "resolve_stages",
     "train",
     "validate",
 ]
@@ -49,7 +50,7 @@ class Setup:
     num_classes: int
     run_dir: Path
     resume: Path | None = None
-    start: Position = Position()
+    start: Position = field(default_factory=Position)
 
     @property
     def specs(self) -> list[BlockSpec]:
@@ -66,7 +67,7 @@ def resolve_device(cfg: Config, local_rank: int = 0) -> torch.device:
 
 
 def check_resume(cfg: Config, manifest: dict[str, Any]) -> None:
-    """A resumed run must train the same model the same way; only pipeline/run plumbing may change."""
+    """A resumed run trains the same model the same way; only pipeline/run plumbing may change."""
     saved, now = manifest["config"], config_to_dict(cfg)
     diffs = [
         f"{section}.{key}: checkpoint {saved[section].get(key)!r}, now {value!r}"
@@ -113,6 +114,20 @@ def open_run_dir(setup: Setup) -> None:
     if setup.resume is None:
         setup.run_dir = make_run_dir(setup.cfg)
     (setup.run_dir / "config.toml").write_text(to_toml(setup.cfg))
+
+
+def resolve_stages(cfg: Config, num_blocks: int) -> Config:
+    """``pipeline.stages = 0``: len(partition) if given, else one per GPU or 2 on CPU."""
+    if cfg.pipeline.stages:
+        return cfg
+    if cfg.pipeline.partition:
+        stages = len(cfg.pipeline.partition)
+    elif RULES.get(cfg.rule.name).is_global:
+        stages = 1  # backprop baselines cannot be pipelined
+    else:
+        gpus = torch.cuda.device_count() if cfg.run.device != "cpu" else 0
+        stages = min(max(gpus, 2), num_blocks)
+    return cfg.replace(pipeline={"stages": stages})
 
 
 def validate(setup: Setup) -> list[int]:
@@ -170,6 +185,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     if launch.under_torchrun():
         return launch.torchrun_worker(cfg, resume)
     setup, dataset = prepare(cfg, resume)
+    setup.cfg = cfg = resolve_stages(cfg, len(setup.specs))
     partition = validate(setup)
     if cfg.pipeline.stages == 1:
         dry_run(setup, partition)

@@ -183,7 +183,12 @@ class Trainer:
 
 def _epoch_line(r: dict[str, Any], epochs: int) -> str:
     train_acc = "-" if r["train/acc"] is None else f"{100 * r['train/acc']:.2f}%"
-    return (
+    line = (
         f"epoch {r['epoch']}/{epochs}  train loss {r['train/loss']:.4f} acc {train_acc}  "
         f"test acc {100 * r['test/acc']:.2f}%  {r['throughput(samples/s)']:,.0f} samples/s"
     )
+    busy = [(k.split("/")[0], r[k] / max(r[k.replace("busy", "wall")], 1e-9))
+            for k in sorted(r) if k.endswith("/busy(s)")]
+    if busy:  # pipelined: how much of the epoch each stage spent computing
+        line += "  busy " + " ".join(f"{name}:{100 * u:.0f}%" for name, u in busy)
+    return line

@@ -47,7 +47,7 @@ def _run(rank: int, port: int, dtype_name: str, scenario: str, out: Any) -> None
             try:
                 for _ in range(6):
                     m = ch.recv()
-                    # Plain lists: tensors would cross the queue as shared memory owned by this process.
+                    # Plain lists: tensors would cross the queue as this process's shared memory.
                     got.append((int(m.kind), m.step, m.epoch, m.rows, m.x.tolist(), m.y.tolist()))
                 out.put((rank, got))
             except PeerError as exc:

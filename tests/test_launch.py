@@ -129,3 +129,31 @@ def test_stage_shape_mismatch_between_stages(
     with pytest.raises(ConfigError) as info:
         run_mod.dry_run(setup, [2, 2])
     assert "stage 1 expects input [2, 17] but stage 0 sends [2, 16, 2, 2]" in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stages", [1, 2])
+def test_ctrl_c_checkpoints_and_stops(tmp_path: Path, stages: int) -> None:
+    """SIGINT to `pipelocal train`: checkpoint at the current step, exit 0, resumable."""
+    import signal
+    import subprocess
+    import sys
+
+    from pipelocal.checkpoint import read_manifest
+
+    cmd = [sys.executable, "-m", "pipelocal", "train", "--stages", str(stages),
+           "--set", f"run.out_dir={tmp_path}", "--set", "run.name=int",
+           "--set", "run.progress=false", "--set", "run.epochs=500"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    latest = tmp_path / "int" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 120
+    while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert latest.exists(), "no checkpoint was written"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "stopped (interrupted)" in out, out
+    manifest = read_manifest(tmp_path / "int")
+    assert f"at step {manifest['step']};" in out
+    assert 0 < manifest["step"] < 500 * 12

@@ -121,7 +121,7 @@ class P2PChannel:
             ) from exc
 
     def recv(self) -> Message:
-        """The next message from stage ``stage - 1`` (its tensors stay valid until the next call)."""
+        """The next message from stage ``stage - 1``; its tensors stay valid until the next call."""
         if self._pending_repost is not None:  # the previous message is consumed: reuse its slot
             self._post(self._slots[self._pending_repost])
         index = self._next

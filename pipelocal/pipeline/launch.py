@@ -220,29 +220,34 @@ def spawn(setup: Setup, partition: list[int]) -> dict[str, Any]:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, on_sigint)
     try:
-        reports, result = _supervise(procs, errors, results, interrupted)
+        reports, result, first_dead = _supervise(procs, errors, results, interrupted)
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)
         _kill_all(procs)
     failed = [p for p in procs if p.exitcode != 0]
     if reports or failed or result is None:
-        raise PipelineError(_describe_failure(procs, reports))
+        raise PipelineError(_describe_failure(procs, reports, first_dead))
     return result
 
 
 def _supervise(
     procs: list[Any], errors: Any, results: Any, interrupted: list[int]
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, int | None]:
+    """Wait for the workers; after the first failure give the others _GRACE_S to report."""
     reports: list[dict[str, Any]] = []
     result: dict[str, Any] | None = None
     deadline: float | None = None
+    first_dead: int | None = None  # rank of the first worker seen dead by a signal
     while any(p.is_alive() for p in procs):
         mp_wait([p.sentinel for p in procs] + [errors._reader, results._reader], timeout=0.5)
         while not errors.empty():
             reports.append(errors.get())
         while not results.empty():
             result = results.get()
+        for rank, p in enumerate(procs):
+            if first_dead is None and p.exitcode is not None and p.exitcode < 0:
+                first_dead = rank
         failing = reports or any(p.exitcode not in (None, 0) for p in procs)
         if (failing or interrupted[0] > 1) and deadline is None:
             deadline = time.monotonic() + (_GRACE_S if failing else 0.0)
@@ -260,7 +265,7 @@ def _supervise(
                 result = item
             else:
                 sink.append(item)
-    return reports, result
+    return reports, result, first_dead
 
 
 def _kill_all(procs: list[Any]) -> None:
@@ -271,11 +276,10 @@ def _kill_all(procs: list[Any]) -> None:
         p.join(timeout=10)
 
 
-def _describe_failure(procs: list[Any], reports: list[dict[str, Any]]) -> str:
+def _describe_failure(
+    procs: list[Any], reports: list[dict[str, Any]], first_dead: int | None
+) -> str:
     primary = [r for r in reports if not r["secondary"]]
-    killed = [(rank, p) for rank, p in enumerate(procs) if p.exitcode is not None
-              and p.exitcode < 0 and p.exitcode != -signal.SIGKILL or
-              (p.exitcode == -signal.SIGKILL and not any(r["rank"] == rank for r in reports))]
     if primary:
         r = primary[0]
         where = f"epoch {r['epoch']}, batch {r['step']}" if r["step"] >= 0 else "start-up"
@@ -283,8 +287,8 @@ def _describe_failure(procs: list[Any], reports: list[dict[str, Any]]) -> str:
             f"stage {r['rank']} (rank {r['rank']}, pid {r['pid']}) failed at {where}: "
             f"{r['error']}\n--- original traceback of stage {r['rank']} ---\n{r['traceback']}"
         )
-    if killed:
-        rank, p = killed[0]
+    if first_dead is not None:
+        rank, p = first_dead, procs[first_dead]
         # Downstream stages had finished batches before the lost one, upstream ones had sent it.
         down = [r["step"] + 1 for r in reports if r["rank"] > rank and r["step"] >= 0]
         up = [r["step"] for r in reports if r["rank"] < rank and r["step"] >= 0]
@@ -312,7 +316,7 @@ def torchrun_worker(cfg: Config, resume: str | Path | None) -> dict[str, Any] | 
     """This process is one rank of ``torchrun --nproc-per-node S -m pipelocal train ...``."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if cfg.pipeline.stages not in (1, world):
+    if cfg.pipeline.stages not in (0, 1, world):
         raise ConfigError(
             f"pipeline.stages = {cfg.pipeline.stages} but torchrun started {world} processes; "
             f"one process runs one stage: set pipeline.stages = {world} or start "

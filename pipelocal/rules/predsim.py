@@ -16,7 +16,6 @@ One class computes ``(1 - beta) * pred + beta * sim`` and each registered rule f
 
 from __future__ import annotations
 
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
