@@ -33,7 +33,7 @@ def lr_factor(cfg: ScheduleConfig, epoch: int, epochs: int) -> float:
     cosine: half a cosine from 1 to 0 over training; constant: 1.
     """
     if cfg.name == "step":
-        passed = sum(epoch >= round(m * epochs) for m in cfg.milestones)
+        passed = sum(epoch >= max(1, round(m * epochs)) for m in cfg.milestones)  # never epoch 0
         return cfg.gamma**passed
     if cfg.name == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))

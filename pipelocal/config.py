@@ -341,7 +341,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     """Build a validated :class:`Config` from a nested dict; unknown keys are errors."""
     sections = {f.name: f for f in dataclasses.fields(Config)}
     for name in data:
-        _check(name in sections, name, "[section]", "sections " + ", ".join(sections))
+        _check(name in sections, name, data[name], "sections " + ", ".join(sections))
     built = {}
     for name, sec_field in sections.items():
         cls = sec_field.default_factory  # type: ignore[misc]

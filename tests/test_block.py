@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,6 +15,15 @@ from pipelocal.config import ModelConfig, OptimConfig, RuleConfig, ScheduleConfi
 from pipelocal.models import BlockSpec, build_model
 
 NUM_CLASSES = 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a busy 2-core machine more threads mostly spin-wait (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _specs(dropout: float = 0.0) -> list[BlockSpec]:
@@ -31,9 +42,13 @@ def _block(
     dropout: float = 0.0,
 ) -> LocalBlock:
     return LocalBlock(
-        index, spec or _specs(dropout)[index], num_classes=NUM_CLASSES,
+        index,
+        spec or _specs(dropout)[index],
+        num_classes=NUM_CLASSES,
         rule=RuleConfig(name=rule, target_proj_size=16),
-        optim=OptimConfig(lr=1e-2), schedule=schedule or ScheduleConfig(), epochs=epochs,
+        optim=OptimConfig(lr=1e-2),
+        schedule=schedule or ScheduleConfig(),
+        epochs=epochs,
         seed=seed,
     )
 
@@ -138,14 +153,28 @@ def test_step_schedule_quarters_at_50_75_89_94_percent() -> None:
     expected = [0.25 ** sum(e >= m for m in (50, 75, 89, 94)) for e in range(100)]
     assert got == expected
     assert (got[49], got[50], got[74], got[75], got[89], got[94], got[99]) == (
-        1.0, 0.25, 0.25, 0.0625, 0.25**3, 0.25**4, 0.25**4)
+        1.0,
+        0.25,
+        0.25,
+        0.0625,
+        0.25**3,
+        0.25**4,
+        0.25**4,
+    )
+
+
+def test_step_schedule_first_epoch_runs_at_the_base_lr() -> None:
+    """Milestones are fractions in (0, 1) of training: none has passed when training starts."""
+    cfg = ScheduleConfig(name="step")
+    decayed = {e: lr_factor(cfg, 0, e) for e in range(1, 21) if lr_factor(cfg, 0, e) != 1.0}
+    assert decayed == {}, f"epochs -> factor of epoch 0: {decayed}"
 
 
 def test_cosine_schedule_goes_from_one_to_near_zero() -> None:
     cfg = ScheduleConfig(name="cosine")
     got = [lr_factor(cfg, e, 100) for e in range(100)]
     assert got[0] == 1.0 and got[50] == pytest.approx(0.5)
-    assert all(a > b for a, b in zip(got, got[1:]))
+    assert all(a > b for a, b in itertools.pairwise(got))
     assert 0 <= got[-1] < 1e-3
     assert lr_factor(cfg, 100, 100) == pytest.approx(0.0, abs=1e-12)
 
@@ -156,8 +185,7 @@ def test_constant_schedule() -> None:
 
 
 def test_set_epoch_sets_the_optimizer_lr() -> None:
-    block = _block(0, schedule=ScheduleConfig(name="step", milestones=(0.5,), gamma=0.1),
-                   epochs=10)
+    block = _block(0, schedule=ScheduleConfig(name="step", milestones=(0.5,), gamma=0.1), epochs=10)
     lrs = []
     for epoch in (0, 4, 5, 9, 0):
         block.set_epoch(epoch)
@@ -180,8 +208,7 @@ def test_train_step_updates_and_returns_a_detached_output() -> None:
 
 
 def test_conv_block_pools_what_it_passes_on() -> None:
-    spec = build_model(ModelConfig(name="cnn", width=0.25, fc_width=16), (1, 8, 8),
-                       NUM_CLASSES)[0]
+    spec = build_model(ModelConfig(name="cnn", width=0.25, fc_width=16), (1, 8, 8), NUM_CLASSES)[0]
     block = _block(0, spec)
     x, y = _batch()
     out = block.train_step(x, y)

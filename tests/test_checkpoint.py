@@ -89,8 +89,7 @@ def test_latest_points_at_the_newest_and_only_the_last_two_are_kept(tmp_path: Pa
         assert (root / "latest").read_text() == ckpt.name
         assert resolve_checkpoint(tmp_path) == ckpt
         assert read_manifest(tmp_path)["step"] == step
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003",
-                                                       "step_00000004"]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003", "step_00000004"]
     assert not any(p.name.endswith(".tmp") for p in root.rglob("*"))
 
 

@@ -9,12 +9,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipelocal.cli import main
 from pipelocal.config import load_config
 from pipelocal.data import available_datasets
 from pipelocal.models import available_models
 from pipelocal.rules import available_rules
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a busy 2-core machine more threads mostly spin-wait (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -67,13 +77,70 @@ def test_missing_dataset_exits_2_naming_the_file_and_folder(
 ) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    code = main(["train", "--stages", "1", "--set", "data.name=cifar10",
-                 "--set", f"data.data_dir={empty}", "--set", f"run.out_dir={tmp_path / 'runs'}"])
+    code = main(
+        [
+            "train",
+            "--stages",
+            "1",
+            "--set",
+            "data.name=cifar10",
+            "--set",
+            f"data.data_dir={empty}",
+            "--set",
+            f"run.out_dir={tmp_path / 'runs'}",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "data_batch_1" in err and str(empty / "cifar-10-batches-py") in err
     assert "data.download" in err
     assert not (tmp_path / "runs").exists()  # failed before a run directory was made
+
+
+def test_invalid_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim\nlr = ")
+    assert main(["config", "--config", str(bad)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    # train reads the file once more to see whether it sets pipeline.stages.
+    assert main(["train", "--config", str(bad), "--stages", "1"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "not valid TOML" in err
+
+
+def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing.toml"
+    assert main(["train", "--config", str(missing), "--stages", "1"]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_input_shape_mismatch_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "train",
+            "--stages",
+            "1",
+            "--set",
+            "model.input_shape=[1, 28, 28]",
+            "--set",
+            f"run.out_dir={tmp_path}",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "[2, 1, 28, 28]" in err and "[2, 1, 8, 8]" in err and "model.input_shape" in err
+
+
+def test_model_too_big_for_the_input_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """vgg8b cannot pool the 8x8 digits five times: a config mistake, not a crash."""
+    code = main(
+        ["train", "--stages", "1", "--set", "model.name=vgg8b", "--set", f"run.out_dir={tmp_path}"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "too small" in err and "8x8" in err
 
 
 def test_eval_of_a_missing_checkpoint_exits_2(
@@ -84,9 +151,21 @@ def test_eval_of_a_missing_checkpoint_exits_2(
 
 
 def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["train", "--stages", "1", "--set", "run.epochs=1",
-                 "--set", f"run.out_dir={tmp_path}", "--set", "run.progress=false",
-                 "--set", "data.train_limit=200"])
+    code = main(
+        [
+            "train",
+            "--stages",
+            "1",
+            "--set",
+            "run.epochs=1",
+            "--set",
+            f"run.out_dir={tmp_path}",
+            "--set",
+            "run.progress=false",
+            "--set",
+            "data.train_limit=200",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     run_dir = Path(re.search(r"run directory: (.+)$", out, re.MULTILINE).group(1))
@@ -102,7 +181,12 @@ def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     ckpt = run_dir / "checkpoints" / "step_00000002"
     assert (run_dir / "checkpoints" / "latest").read_text() == ckpt.name
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "block_000.pt", "block_001.pt", "block_002.pt", "block_003.pt", "manifest.json"]
+        "block_000.pt",
+        "block_001.pt",
+        "block_002.pt",
+        "block_003.pt",
+        "manifest.json",
+    ]
 
     assert main(["eval", str(run_dir)]) == 0
     out = capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,29 @@ NUM_CLASSES = 10
 SHAPE = (1, 8, 8)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a busy 2-core machine more threads mostly spin-wait (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _cfg(rule: str = "predsim", *extra: str) -> Config:
-    return load_config(None, [
-        "model.name=cnn", "model.width=0.25", "model.fc_width=16", "model.dropout=0.1",
-        f"rule.name={rule}", "rule.target_proj_size=16", "optim.lr=1e-2", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            "model.name=cnn",
+            "model.width=0.25",
+            "model.fc_width=16",
+            "model.dropout=0.1",
+            f"rule.name={rule}",
+            "rule.target_proj_size=16",
+            "optim.lr=1e-2",
+            *extra,
+        ],
+    )
 
 
 def _specs(cfg: Config) -> list[BlockSpec]:
@@ -35,8 +54,13 @@ def _blocks(cfg: Config, indices: list[int] | None = None) -> list[LocalBlock]:
 
 def _batches(n: int, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(size, *SHAPE, generator=g),
-             torch.randint(0, NUM_CLASSES, (size,), generator=g)) for _ in range(n)]
+    return [
+        (
+            torch.randn(size, *SHAPE, generator=g),
+            torch.randint(0, NUM_CLASSES, (size,), generator=g),
+        )
+        for _ in range(n)
+    ]
 
 
 def _assert_same_block(a: LocalBlock, b: LocalBlock) -> None:
@@ -68,8 +92,9 @@ def test_block_0_is_the_same_with_or_without_later_blocks(rule: str) -> None:
     _assert_same_block(alone.blocks[0], full.blocks[0])
 
 
-@pytest.mark.parametrize(("rule", "local"), [("predsim", True), ("pred-bpf", True),
-                                             ("glob", False), ("glob+sim", False)])
+@pytest.mark.parametrize(
+    ("rule", "local"), [("predsim", True), ("pred-bpf", True), ("glob", False), ("glob+sim", False)]
+)
 def test_later_blocks_influence_block_0_only_under_a_global_rule(rule: str, local: bool) -> None:
     cfg = _cfg(rule)
     a, b = Engine(_blocks(cfg)), Engine(_blocks(cfg))
@@ -80,8 +105,9 @@ def test_later_blocks_influence_block_0_only_under_a_global_rule(rule: str, loca
     for x, y in _batches(3):
         a.train(x, y, epoch=0)
         b.train(x, y, epoch=0)
-    same = all(torch.equal(p, q) for p, q in zip(a.blocks[0].parameters(),
-                                                 b.blocks[0].parameters()))
+    same = all(
+        torch.equal(p, q) for p, q in zip(a.blocks[0].parameters(), b.blocks[0].parameters())
+    )
     assert same == local
 
 

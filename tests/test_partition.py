@@ -61,7 +61,7 @@ def test_balanced_partition_hand_examples(
 
 
 def _slowest(times: list[float], sizes: list[int]) -> float:
-    return max(sum(times[r.start:r.stop]) for r in stage_ranges(sizes))
+    return max(sum(times[r.start : r.stop]) for r in stage_ranges(sizes))
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
@@ -69,8 +69,11 @@ def test_balanced_partition_is_optimal(stages: int) -> None:
     times = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0]
     sizes = balanced_partition(times, stages)
     assert len(sizes) == stages and sum(sizes) == len(times) and min(sizes) >= 1
-    every = [list(c) for c in itertools.product(range(1, len(times) + 1), repeat=stages)
-             if sum(c) == len(times)]
+    every = [
+        list(c)
+        for c in itertools.product(range(1, len(times) + 1), repeat=stages)
+        if sum(c) == len(times)
+    ]
     assert _slowest(times, sizes) == min(_slowest(times, c) for c in every)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,6 +18,15 @@ from pipelocal.rules.base import Pooling
 from pipelocal.rules.functional import LinearFA, label_onehot, pooled_size, similarity_matrix
 
 NUM_CLASSES = 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a busy 2-core machine more threads mostly spin-wait (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- similarity
@@ -106,8 +116,14 @@ def test_pooled_size_hand_examples(
 
 @pytest.mark.parametrize(
     ("shape", "dim"),
-    [((128, 32, 32), 2048), ((256, 16, 16), 2048), ((3, 7, 5), 10), ((512, 4, 4), 512),
-     ((32, 9, 13), 100), ((2, 1, 40), 8)],
+    [
+        ((128, 32, 32), 2048),
+        ((256, 16, 16), 2048),
+        ((3, 7, 5), 10),
+        ((512, 4, 4), 512),
+        ((32, 9, 13), 100),
+        ((2, 1, 40), 8),
+    ],
 )
 def test_pooled_size_reaches_dim_and_pooling_outputs_that_many(
     shape: tuple[int, ...], dim: int
@@ -165,9 +181,7 @@ def test_linear_fa_feedback_is_a_buffer() -> None:
     assert "feedback" in fa.state_dict()
 
 
-@pytest.mark.parametrize(
-    ("shape", "dim"), [((16,), 2048), ((4, 2, 2), 2048), ((8, 4, 4), 32)]
-)
+@pytest.mark.parametrize(("shape", "dim"), [((16,), 2048), ((4, 2, 2), 2048), ((8, 4, 4), 32)])
 def test_pred_bpf_gradient_reaching_the_block_uses_feedback(
     shape: tuple[int, ...], dim: int
 ) -> None:
@@ -216,8 +230,14 @@ def _conv_spec() -> BlockSpec:
 
 def _block(spec: BlockSpec, rule: str, index: int = 0, **rule_kw: float) -> LocalBlock:
     return LocalBlock(
-        index, spec, num_classes=NUM_CLASSES, rule=RuleConfig(name=rule, **rule_kw),
-        optim=OptimConfig(lr=1e-2), schedule=ScheduleConfig(), epochs=2, seed=0,
+        index,
+        spec,
+        num_classes=NUM_CLASSES,
+        rule=RuleConfig(name=rule, **rule_kw),
+        optim=OptimConfig(lr=1e-2),
+        schedule=ScheduleConfig(),
+        epochs=2,
+        seed=0,
     )
 
 
@@ -229,8 +249,11 @@ def _batch(shape: tuple[int, ...], n: int = 16, seed: int = 0) -> tuple[torch.Te
 @pytest.mark.parametrize("rule", ["pred-bpf", "sim-bpf", "predsim-bpf"])
 def test_fixed_random_matrices_do_not_change_with_training(rule: str) -> None:
     block = _block(_conv_spec(), rule, target_proj_size=16)
-    fixed = {k: v.clone() for k, v in block.rule.named_buffers()
-             if k.endswith(("feedback", "label_proj"))}
+    fixed = {
+        k: v.clone()
+        for k, v in block.rule.named_buffers()
+        if k.endswith(("feedback", "label_proj"))
+    }
     assert "label_proj" in fixed
     assert ("decoder.feedback" in fixed) == (rule != "sim-bpf")
     in_optimizer = {id(p) for g in block.optimizer.param_groups for p in g["params"]}
@@ -264,8 +287,9 @@ def test_predsim_is_the_beta_weighted_sum_of_pred_and_sim() -> None:
     assert scores_sim is None and torch.equal(scores, scores_pred)
     assert scores.shape == (16, NUM_CLASSES) and not scores.requires_grad
     # sim alone: the MSE between the head's and the labels' similarity matrices.
-    expected = F.mse_loss(similarity_matrix(sim.sim_head(h)),
-                          similarity_matrix(label_onehot(y, NUM_CLASSES)))
+    expected = F.mse_loss(
+        similarity_matrix(sim.sim_head(h)), similarity_matrix(label_onehot(y, NUM_CLASSES))
+    )
     torch.testing.assert_close(loss_sim, expected)
 
 
@@ -302,14 +326,14 @@ def test_unknown_rule_lists_the_available_ones() -> None:
 def test_every_rule_trains_a_block(rule: str, kind: str) -> None:
     """A local rule trains its block alone; a global one through the engine (it has no own loss)."""
     if RULES.get(rule).is_global:
-        mc = (ModelConfig(name="mlp", hidden=16, depth=2) if kind == "fc"
-              else ModelConfig(name="cnn", width=0.25, fc_width=16))
+        mc = (
+            ModelConfig(name="mlp", hidden=16, depth=2)
+            if kind == "fc"
+            else ModelConfig(name="cnn", width=0.25, fc_width=16)
+        )
         specs = build_model(mc, (1, 8, 8), NUM_CLASSES)
-        blocks = [LocalBlock(i, s, num_classes=NUM_CLASSES, rule=RuleConfig(name=rule),
-                             optim=OptimConfig(lr=1e-2), schedule=ScheduleConfig(), epochs=2,
-                             seed=0) for i, s in enumerate(specs)]
-        block = blocks[0]
-        step = Engine(blocks).train
+        engine = Engine([_block(spec, rule, i) for i, spec in enumerate(specs)])
+        block, step = engine.blocks[0], engine.train
     else:
         block = _block(_fc_spec() if kind == "fc" else _conv_spec(), rule)
         step = None

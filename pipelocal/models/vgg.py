@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pipelocal.config import ModelConfig
+from pipelocal.config import ConfigError, ModelConfig
 from pipelocal.models.base import BlockSpec, flat_size, nonlinearity, register_model
 
 __all__ = ["VGG_LAYOUTS", "build_vgg"]
@@ -48,7 +48,7 @@ def build_vgg(
     layout: list[int | str], cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int
 ) -> list[BlockSpec]:
     if len(in_shape) != 3:
-        raise ValueError(f"VGG models need image inputs [C, H, W]; got input shape {in_shape}")
+        raise ConfigError(f"VGG models need image inputs [C, H, W]; got input shape {in_shape}")
     specs: list[BlockSpec] = []
     c, h, w = in_shape
     first = True
@@ -61,7 +61,7 @@ def build_vgg(
         pool = 2 if i + 1 < len(layout) and layout[i + 1] == "M" else 1
         h_out, w_out = (h + stride - 1) // stride, (w + stride - 1) // stride
         if pool > 1 and min(h_out, w_out) < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"input {in_shape[1]}x{in_shape[2]} is too small for this VGG: block "
                 f"conv{len(specs) + 1} would max-pool a {h_out}x{w_out} map; use inputs of at "
                 "least 16x16 (e.g. data.name = mnist-10k) or the mlp model"
