@@ -81,6 +81,10 @@ def resolve_partition(setup: Setup, partition: list[int]) -> list[int]:
 def _finalise(setup: Setup, partition: list[int]) -> None:
     partition = resolve_partition(setup, partition)
     dry_run(setup, partition)
+    stages, gpus = len(partition), torch.cuda.device_count()
+    if resolve_device(setup.cfg).type == "cuda" and stages > gpus:
+        warnings.warn(f"{stages} stages share {gpus} GPU(s) round-robin (stage k on GPU k % "
+                      f"{gpus}); expect less than a {stages}x speed-up", stacklevel=2)
     setup.cfg = setup.cfg.replace(pipeline={"partition": partition})
     open_run_dir(setup)
 
@@ -329,10 +333,6 @@ def torchrun_worker(cfg: Config, resume: str | Path | None) -> dict[str, Any] | 
         setup, _ = prepare(cfg, resume)
         partition = validate(setup)
         _finalise(setup, partition)
-        if torch.cuda.is_available() and world > torch.cuda.device_count():
-            warnings.warn(
-                f"{world} stages share {torch.cuda.device_count()} GPUs round-robin", stacklevel=1
-            )
     result = _worker(setup, rank=rank, world=world, local_rank=local_rank, store=None, cfg=cfg,
                      stage_box=[])
     dist.destroy_process_group()

@@ -76,10 +76,14 @@ class Stage:
         if msg.kind == Kind.END_EPOCH:
             return self._gather(self._epoch_stats())
         if msg.kind == Kind.END_EVAL:
-            return self._gather(self.engine.pop_eval_stats())
+            gathered = self._gather(self.engine.pop_eval_stats())
+            self._reset_timers()  # epoch statistics cover training only, not evaluation
+            return gathered
         if msg.kind == Kind.CHECKPOINT:
             self.engine.save(checkpoint_dir(self.run_dir, msg.step))
-            return self._gather(self.engine.indices)
+            gathered = self._gather(self.engine.indices)
+            self._reset_timers()  # nor checkpoint writes
+            return gathered
         if self.outbox is not None:  # STOP: deliver it before leaving
             self.outbox.flush()
         return False
