@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "MNIST_10K_DIR",
     "REPO_ROOT",
     "RESULTS_DIR",
     "Provenance",
@@ -37,6 +38,7 @@ __all__ = [
     "markdown_table",
     "read_metrics",
     "read_run_config",
+    "require_mnist_10k",
     "run_root",
     "summarize",
     "versions",
@@ -82,7 +84,8 @@ def hardware() -> dict[str, Any]:
     return {
         "cpu_model": _cpu_model(),
         "cpu_cores_logical": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        "cpu_cores_usable": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
         "ram_gib": _ram_gib(),
         "gpus": gpus,
@@ -181,18 +184,50 @@ def write_result(prov: Provenance, payload: dict[str, Any], out: str | Path | No
 
 # --------------------------------------------------------------------------- runs
 
+MNIST_10K_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist-10k"
+_MNIST_10K_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def require_mnist_10k(data_dir: str | Path, who: str) -> None:
+    """Exit with a message naming the folder and the files when mnist-10k is not there."""
+    folder = Path(data_dir)
+    missing = [
+        f"{stem}[.gz]"
+        for stem in _MNIST_10K_FILES
+        if not any((folder / (stem + ext)).is_file() for ext in (".gz", ""))
+    ]
+    if missing:
+        sys.exit(
+            f"{who}: the MNIST test split (mnist-10k) is not at {folder}: missing "
+            f"{', '.join(missing)}. Put the two IDX files there or pass --data-dir FOLDER "
+            f"(the project keeps them in {MNIST_10K_DIR})."
+        )
+
 
 def add_common_args(parser: argparse.ArgumentParser, *, repeats: int) -> None:
-    parser.add_argument("--repeats", type=int, default=repeats,
-                        help=f"independent runs (seeds 0..n-1) per setting (default {repeats})")
-    parser.add_argument("--out", default=None,
-                        help="result JSON path (default benchmarks/results/<name>.json)")
-    parser.add_argument("--runs-dir", default=None,
-                        help="keep the pipelocal run directories here (default: a temporary "
-                             "folder, deleted at the end)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE",
-                        help="extra config override, applied last (repeatable)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=repeats,
+        help=f"independent runs (seeds 0..n-1) per setting (default {repeats})",
+    )
+    parser.add_argument(
+        "--out", default=None, help="result JSON path (default benchmarks/results/<name>.json)"
+    )
+    parser.add_argument(
+        "--runs-dir",
+        default=None,
+        help="keep the pipelocal run directories here (default: a temporary "
+        "folder, deleted at the end)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="extra config override, applied last (repeatable)",
+    )
 
 
 @contextmanager
@@ -226,12 +261,14 @@ def cpu_meter() -> Iterator[dict[str, float]]:
     self1, kids1 = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     cpu_self = self1.ru_utime + self1.ru_stime - self0.ru_utime - self0.ru_stime
     cpu_kids = kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime
-    out.update({
-        "wall(s)": round(wall, 3),
-        "cpu_self(s)": round(cpu_self, 3),
-        "cpu_children(s)": round(cpu_kids, 3),
-        "cores_used": round((cpu_self + cpu_kids) / max(wall, 1e-9), 3),
-    })
+    out.update(
+        {
+            "wall(s)": round(wall, 3),
+            "cpu_self(s)": round(cpu_self, 3),
+            "cpu_children(s)": round(cpu_kids, 3),
+            "cores_used": round((cpu_self + cpu_kids) / max(wall, 1e-9), 3),
+        }
+    )
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
