@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,16 @@ def assert_identical(a: Any, b: Any, where: str = "") -> None:
             assert_identical(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"values differ at {where}: {a!r} vs {b!r}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread per process: exactness needs the same count in reference and stages,
+    and on a busy 2-core machine more threads mostly spin-wait (about 10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import itertools
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,14 +15,6 @@ from pipelocal.models import BlockSpec, build_model
 
 NUM_CLASSES = 10
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a busy 2-core machine more threads mostly spin-wait (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _specs(dropout: float = 0.0) -> list[BlockSpec]:

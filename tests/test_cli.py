@@ -9,22 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipelocal.cli import main
 from pipelocal.config import load_config
 from pipelocal.data import available_datasets
 from pipelocal.models import available_models
 from pipelocal.rules import available_rules
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a busy 2-core machine more threads mostly spin-wait (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -24,14 +22,6 @@ CASES: dict[str, tuple[dict, list[tuple[int, int, int]]]] = {
 }
 _DEFAULT_CASE = ({"width": 0.0625, "fc_width": 32}, [(1, 28, 28)])
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a busy 2-core machine more threads mostly spin-wait (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cases() -> list:
