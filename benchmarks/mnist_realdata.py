@@ -7,15 +7,14 @@ every run it records the final test error of the output, each hidden block's loc
 (its predsim classifier), the training time and the training throughput; then it checks that
 predsim's mean test error is within ``--tolerance`` percentage points of glob's.
 
-Final run (recommended; on an idle 2-core CPU about 8 min per predsim run and 3.5 min per
-glob run, so ~35 min for 3 seeds):
+The committed result (on a 2-core CPU about 8 min for predsim and 3.5 min for glob; add
+``--repeats 3`` for three seeds, ~35 min):
 
-    python benchmarks/mnist_realdata.py --epochs 8 --repeats 3
+    python benchmarks/mnist_realdata.py --epochs 8
 
-Why 8 epochs: mnist-10k has only 63 batches per epoch, and after the default 3 epochs both
+Why 8 epochs (the default): mnist-10k has only 63 batches per epoch, and after 3 epochs both
 rules are still far from converged, predsim (whose deeper blocks learn from inputs that are
-still changing) much further than glob, so the tolerance check would fail on training time
-alone. The default of 3 is for quick checks.
+still changing) much further than glob, so the tolerance check fails on training time alone.
 
 Quick smoke test (about a minute; writes to /tmp, not to benchmarks/results):
 
@@ -57,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument(
         "--width",
         type=float,
