@@ -170,6 +170,18 @@ def reference_config(args: argparse.Namespace, seed: int, out_dir: Path) -> Conf
 # --------------------------------------------------------------------------- analysis
 
 
+def _rates(n: float, busy: list[float], wall0: float, t_epoch: float) -> dict[str, float]:
+    """Ideal and achieved throughput and efficiency from samples, busy and elapsed times."""
+    ideal = n / max(busy)  # = batch size / slowest stage's compute time per batch
+    return {
+        "ideal(samples/s)": ideal,
+        "achieved_wall(samples/s)": n / wall0,
+        "achieved_epoch(samples/s)": n / t_epoch,
+        "efficiency": n / t_epoch / ideal,
+        "efficiency_wall": n / wall0 / ideal,
+    }
+
+
 def epoch_stats(rec: dict[str, Any], stages: int, batch_size: int) -> dict[str, Any]:
     """Efficiency of one epoch record of a pipelined run (see the module docstring)."""
     samples = [rec[f"stage{k}/samples"] for k in range(stages)]
@@ -179,7 +191,6 @@ def epoch_stats(rec: dict[str, Any], stages: int, batch_size: int) -> dict[str, 
     batches = n / batch_size
     busy = [rec[f"stage{k}/busy(s)"] for k in range(stages)]
     per_batch = [b / batches for b in busy]
-    ideal = batch_size / max(per_batch)
     walls = [rec[f"stage{k}/wall(s)"] for k in range(stages)]
     wall0, t_epoch = walls[0], rec["time/epoch(s)"]
     return {
@@ -192,11 +203,7 @@ def epoch_stats(rec: dict[str, Any], stages: int, batch_size: int) -> dict[str, 
         "recv_wait(s)": [rec[f"stage{k}/recv_wait(s)"] for k in range(stages)],
         "send_wait(s)": [rec[f"stage{k}/send_wait(s)"] for k in range(stages)],
         "time/epoch(s)": t_epoch,
-        "ideal(samples/s)": ideal,
-        "achieved_wall(samples/s)": n / wall0,
-        "achieved_epoch(samples/s)": n / t_epoch,
-        "efficiency": n / t_epoch / ideal,
-        "efficiency_wall": n / wall0 / ideal,
+        **_rates(n, busy, wall0, t_epoch),
         "utilisation": [b / w for b, w in zip(busy, walls)],
     }
 
@@ -207,15 +214,10 @@ def run_stats(epochs: list[dict[str, Any]], stages: int) -> dict[str, Any]:
     busy = [sum(e["busy(s)"][k] for e in epochs) for k in range(stages)]
     wall0 = sum(e["wall(s)"][0] for e in epochs)
     t_epoch = sum(e["time/epoch(s)"] for e in epochs)
-    ideal = n / max(busy)
     return {
         "samples": n,
         "busy(s)": busy,
-        "ideal(samples/s)": ideal,
-        "achieved_wall(samples/s)": n / wall0,
-        "achieved_epoch(samples/s)": n / t_epoch,
-        "efficiency": n / t_epoch / ideal,
-        "efficiency_wall": n / wall0 / ideal,
+        **_rates(n, busy, wall0, t_epoch),
         # What perfect overlap would give over running the stages' work one after another.
         "balance_bound_speedup": sum(busy) / max(busy),
     }

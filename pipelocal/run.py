@@ -7,7 +7,6 @@ worker starts, then runs the single-process engine (``pipeline.stages = 1``) or 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,7 +213,3 @@ def train_single(setup: Setup, dataset: Dataset) -> dict[str, Any]:
     trainer = Trainer(cfg, LocalPipe(engine), specs, train_loader, test_loader, setup.run_dir,
                       metrics=metrics, start=setup.start)
     return trainer.fit()
-
-
-def default_threads(stages: int) -> int:
-    return max(1, (os.cpu_count() or 1) // stages)

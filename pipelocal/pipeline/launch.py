@@ -35,7 +35,6 @@ from pipelocal.pipeline.plan import make_plan
 from pipelocal.pipeline.stage import Stage
 from pipelocal.run import (
     Setup,
-    default_threads,
     dry_run,
     open_run_dir,
     prepare,
@@ -62,7 +61,9 @@ def under_torchrun() -> bool:
 
 
 def stage_threads(cfg: Config) -> int:
-    return cfg.pipeline.threads_per_stage or default_threads(cfg.pipeline.stages)
+    """torch threads per stage process: the configured count, else cores // stages (>= 1)."""
+    cores = os.cpu_count() or 1
+    return cfg.pipeline.threads_per_stage or max(1, cores // max(cfg.pipeline.stages, 1))
 
 
 def resolve_partition(setup: Setup, partition: list[int]) -> list[int]:
