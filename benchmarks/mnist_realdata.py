@@ -7,8 +7,8 @@ every run it records the final test error of the output, each hidden block's loc
 (its predsim classifier), the training time and the training throughput; then it checks that
 predsim's mean test error is within ``--tolerance`` percentage points of glob's.
 
-The committed result (on a 2-core CPU about 8 min for predsim and 3.5 min for glob; add
-``--repeats 3`` for three seeds, ~35 min):
+The committed result (820 s in all on the 2-core CPU, see ``duration(s)`` in the result file;
+``--repeats 3`` runs three seeds):
 
     python benchmarks/mnist_realdata.py --epochs 8
 

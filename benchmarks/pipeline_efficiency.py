@@ -43,9 +43,10 @@ and batch on one core) on mnist-10k (63 batches of 128 per epoch), rule predsim,
 epoch of digits is only 12 batches, and every epoch boundary (and evaluation) drains and refills
 the pipeline, which alone costs ~1/13 of the ideal there.
 
-Final run (idle machine, nothing else running; about 1 min per repeat, ~5 min in all):
+The committed result (idle machine, nothing else running; 146 s in all, see ``duration(s)``
+in the result file):
 
-    python benchmarks/pipeline_efficiency.py --epochs 4 --repeats 5
+    python benchmarks/pipeline_efficiency.py --epochs 4 --repeats 3
 
 Quick smoke test (well under a minute; writes to /tmp):
 

@@ -15,6 +15,8 @@ NAMES = ["conv1", "conv2", "fc1", "out"]
 @pytest.mark.parametrize("partition", [[4], [1, 3], [2, 2], [1, 1, 1, 1]])
 def test_check_partition_accepts_exact_covers(partition: list[int]) -> None:
     check_partition(partition, NAMES)  # raises on failure
+    covered = [i for r in stage_ranges(partition) for i in r]
+    assert covered == list(range(len(NAMES)))  # every block in exactly one stage, in order
 
 
 def test_check_partition_too_many_stages() -> None:
