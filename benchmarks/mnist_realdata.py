@@ -47,7 +47,7 @@ from common import (
 )
 
 from pipelocal.config import Config, config_to_dict, load_config
-from pipelocal.run import train
+from pipelocal.launch import train
 
 NAME = "mnist_realdata"
 

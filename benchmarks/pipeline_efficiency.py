@@ -80,7 +80,7 @@ from common import (
 )
 
 from pipelocal.config import Config, config_to_dict, load_config
-from pipelocal.run import train
+from pipelocal.launch import train
 
 NAME = "pipeline_efficiency"
 

@@ -7,7 +7,9 @@ pipeline stage run the very same ``train_step`` and get bit-identical results.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -19,6 +21,9 @@ from pipelocal.models import BlockSpec
 from pipelocal.rules import LocalRule, build_rule
 
 __all__ = ["LocalBlock", "block_seed", "lr_factor"]
+
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+"""run.precision -> the autocast dtype of the blocks and heads (master weights stay float32)."""
 
 
 def block_seed(run_seed: int, index: int) -> int:
@@ -68,14 +73,18 @@ class LocalBlock(nn.Module):
         epochs: int,
         seed: int,
         device: torch.device | str = "cpu",
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
         self.index, self.spec = index, spec
         self.schedule, self.epochs, self.base_lr = schedule, epochs, optim.lr
-        seed_i = block_seed(seed, index)
-        # Initialise from this block's own seed, never from the global RNG stream.
+        self.autocast_dtype = _AUTOCAST[precision]
+        seed_i = self.seed = block_seed(seed, index)
+        # Initialise on the CPU from this block's own seed, never from the global RNG stream.
+        # Only the CPU default generator is seeded and restored: torch.manual_seed would also
+        # reseed every CUDA device's global generator.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_i)
+            torch.random.default_generator.manual_seed(seed_i)
             self.body = spec.make()
             self.rule: LocalRule | None = (
                 None if spec.kind == "output" else build_rule(spec.out_shape, num_classes, rule)
@@ -118,10 +127,19 @@ class LocalBlock(nn.Module):
             h = F.max_pool2d(h, self.spec.pool)
         return h
 
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
     def train_step(self, x: Tensor, y: Tensor) -> Tensor:
+        # Every block starts from float32: whether its input came straight from the block before
+        # (bf16 under autocast) or over a wire in any dtype, it computes the same thing.
+        x = x.float()
         self.train(True)
-        h = self.body(x)
-        loss, scores = self.local_loss(h, y)
+        with self.autocast():  # forward and loss; backward runs outside, as autocast wants
+            h = self.body(x)
+            loss, scores = self.local_loss(h, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -131,8 +149,9 @@ class LocalBlock(nn.Module):
     @torch.no_grad()
     def eval_step(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         self.train(False)
-        h = self.body(x)
-        scores = h if self.rule is None else self.rule.logits(h)
+        with self.autocast():
+            h = self.body(x.float())
+            scores = h if self.rule is None else self.rule.logits(h)
         return self.pass_on(h), scores
 
     # ------------------------------------------------------------------ statistics
@@ -168,7 +187,8 @@ class LocalBlock(nn.Module):
             "name": self.spec.name,
             "module": self.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
+            # The state's format depends on the device type (CPU: 5056 bytes, CUDA: 16).
+            "generator": {"device": self.device.type, "state": self.generator.get_state()},
             "epoch": self.epoch,
         }
 
@@ -179,6 +199,26 @@ class LocalBlock(nn.Module):
                 f"loaded into block {self.index} ({self.spec.name}); the model config differs"
             )
         self.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        self.optimizer.load_state_dict(state["optimizer"])  # moves its state to our device
+        self._load_generator(state["generator"])
         self.set_epoch(state["epoch"])
+
+    def _load_generator(self, saved: Any) -> None:
+        """Restore the dropout generator; across device types, reseed it (not exact)."""
+        if isinstance(saved, torch.Tensor):  # written before the device type was stored
+            saved = {"device": "cpu" if saved.numel() > 16 else "cuda", "state": saved}
+        if saved["device"] == self.device.type:
+            self.generator.set_state(saved["state"])
+            return
+        # A CPU generator state cannot become a CUDA one or back. Parameters, buffers and
+        # optimiser state are exact; the dropout masks from here on differ from a run that
+        # stayed on one device type. Reseed from the block seed and the saved state's bytes, so
+        # the new stream is still a pure function of the checkpoint.
+        digest = int(saved["state"].to(torch.int64).sum()) + 1_000_003 * len(saved["state"])
+        self.generator.manual_seed((self.seed + digest) % (2**63))
+        warnings.warn(
+            f"block {self.index} ({self.spec.name}): the checkpoint's dropout generator is a "
+            f"{saved['device']} state and this block runs on {self.device.type}; parameters and "
+            "optimiser state are exact, dropout masks from here on are newly seeded",
+            stacklevel=3,
+        )

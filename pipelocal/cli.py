@@ -17,7 +17,10 @@ from typing import Any
 
 from pipelocal.config import Config, ConfigError, apply_overrides, config_to_dict, from_dict
 
-__all__ = ["main"]
+__all__ = ["EXIT_INTERRUPTED", "main"]
+
+EXIT_INTERRUPTED = 130
+"""Exit status of a run stopped by Ctrl-C or SIGTERM (after its checkpoint): 128 + SIGINT."""
 
 
 def _config(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
@@ -29,10 +32,10 @@ def _config(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipelocal.checkpoint import read_manifest
-    from pipelocal.run import train
-    from pipelocal.trainer import install_sigint_handler
+    from pipelocal.launch import train
+    from pipelocal.trainer import install_stop_handlers
 
-    install_sigint_handler()  # first Ctrl-C: checkpoint at the current step, then stop
+    install_stop_handlers()  # first Ctrl-C / SIGTERM: checkpoint at the current step, then stop
     if args.resume and not args.config:
         # Resume with the checkpoint's own config, then apply this command's overrides.
         saved = read_manifest(args.resume)["config"]
@@ -45,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result is None:  # a torchrun rank other than 0
         return 0
     _print_result(result)
-    return 0
+    return EXIT_INTERRUPTED if result.get("stopped") == "interrupted" else 0
 
 
 def _print_result(result: dict[str, Any]) -> None:
@@ -58,49 +61,32 @@ def _print_result(result: dict[str, Any]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipelocal.checkpoint import read_manifest, resolve_checkpoint
-    from pipelocal.data import load_dataset, make_loaders
-    from pipelocal.engine import Engine, LocalPipe, build_blocks
-    from pipelocal.metrics import Metrics
-    from pipelocal.models import build_model
-    from pipelocal.run import resolve_device
-    from pipelocal.trainer import Trainer
+    from pipelocal.launch import evaluate_checkpoint
 
-    ckpt = resolve_checkpoint(args.checkpoint)
-    saved = read_manifest(ckpt)["config"]
-    cfg = from_dict(apply_overrides(saved, list(args.set or [])))
-    dataset = load_dataset(cfg.data)
-    specs = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
-    engine = Engine(build_blocks(cfg, specs, dataset.num_classes, range(len(specs)),
-                                 resolve_device(cfg)))
-    engine.load(ckpt)
-    train_loader, test_loader = make_loaders(dataset, cfg.data, cfg.run.seed)
-    trainer = Trainer(cfg, LocalPipe(engine), specs, train_loader, test_loader, ckpt,
-                      metrics=Metrics(None, progress=False))
-    result = trainer.evaluate()
+    result = evaluate_checkpoint(args.checkpoint, list(args.set or []))
     print(json.dumps(result, indent=1))
     print(f"test accuracy: {100 * result['test/acc']:.2f}%")
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from pipelocal.data import load_dataset
-    from pipelocal.models import build_model
-    from pipelocal.pipeline.launch import stage_threads
-    from pipelocal.pipeline.plan import make_plan
-    from pipelocal.run import resolve_device, resolve_stages
-
-    cfg = _config(args, [f"pipeline.stages={args.stages}"] if args.stages else [])
-    dataset = load_dataset(cfg.data)
-    specs = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
-    cfg = resolve_stages(cfg, len(specs))
     import torch
 
-    torch.set_num_threads(stage_threads(cfg))
-    device = resolve_device(cfg)
-    plan = make_plan(cfg, specs, dataset.num_classes, device)
+    from pipelocal.device import cpu_threads, place_stage, visible_gpus
+    from pipelocal.launch.preflight import plan_stages, prepare
+    from pipelocal.pipeline.plan import make_plan
+
+    cfg = _config(args, [f"pipeline.stages={args.stages}"] if args.stages else [])
+    setup, dataset = prepare(cfg)
+    plan_stages(setup)
+    cfg = setup.cfg
+    gpus = visible_gpus(cfg)
+    device = place_stage(stages=cfg.pipeline.stages, gpus_per_node=gpus, nodes=1, local_rank=0,
+                         device=cfg.run.device)
+    torch.set_num_threads(cpu_threads(cfg.pipeline.threads_per_stage, cfg.pipeline.stages))
+    plan = make_plan(cfg, setup.specs, dataset.num_classes, device)
     print(f"{cfg.model.name} on {dataset.name}, batch {cfg.data.batch_size}, {device}, "
-          f"{torch.get_num_threads()} thread(s) per stage")
+          f"{torch.get_num_threads()} thread(s) per stage; {setup.note}")
     print(plan.table())
     print(f"\nuse it: --set 'pipeline.partition={plan.partition}'")
     return 0
@@ -162,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelocal.pipeline.launch import PipelineError
+    from pipelocal.launch import Interrupted, PipelineError
 
     args = _parser().parse_args(argv)
     try:
@@ -170,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"pipelocal: pipeline failed: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"pipelocal: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ConfigError as exc:
         print(f"pipelocal: config error: {exc}", file=sys.stderr)
         return 2

@@ -214,8 +214,9 @@ class PipelineConfig:
     """Blocks per stage, e.g. [3, 2, 3]; empty = balanced by profiling (``pipelocal plan``)."""
     channel_depth: int = 2
     """Messages in flight between two stages (bounds memory and how far a fast stage runs ahead)."""
-    wire_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Dtype of activations on the wire; bfloat16 halves traffic but breaks bitwise exactness."""
+    wire_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Dtype of activations on the wire; auto = follow run.precision (bf16 -> bfloat16). With
+    run.precision = fp32, bfloat16 halves traffic but breaks bitwise exactness."""
     threads_per_stage: int = 0
     """torch threads in each stage process; 0 = CPU cores // stages (at least 1)."""
     timeout_s: float = 120.0
@@ -240,10 +241,10 @@ class PipelineConfig:
         )
         _check(self.channel_depth >= 1, "pipeline.channel_depth", self.channel_depth, ">= 1")
         _check(
-            self.wire_dtype in ("float32", "bfloat16"),
+            self.wire_dtype in ("auto", "float32", "bfloat16"),
             "pipeline.wire_dtype",
             self.wire_dtype,
-            "float32, bfloat16",
+            "auto, float32, bfloat16",
         )
         _check(self.threads_per_stage >= 0, "pipeline.threads_per_stage", self.threads_per_stage,
                "an integer >= 0")
@@ -268,9 +269,16 @@ class RunConfig:
     """If > 0, stop (with a checkpoint) after this many training steps in total."""
     progress: bool = True
     """Show a progress bar on stderr."""
+    deterministic: bool = True
+    """Deterministic kernels (cuBLAS workspace, deterministic algorithms, cuDNN deterministic,
+    no cuDNN benchmark). Off: cuDNN benchmarks for speed and bitwise exactness holds on CPU only."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: autocast the blocks and their heads to bfloat16 (weights and optimiser state stay
+    float32); also on CPU."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "run.epochs", self.epochs, "an integer >= 1")
+        _check(self.precision in ("fp32", "bf16"), "run.precision", self.precision, "fp32, bf16")
         _check(self.device in ("auto", "cpu", "cuda"), "run.device", self.device,
                "auto, cpu, cuda")
         _check(self.threads >= 0, "run.threads", self.threads, "an integer >= 0")

@@ -41,6 +41,7 @@ def build_blocks(
             epochs=cfg.run.epochs,
             seed=cfg.run.seed,
             device=device,
+            precision=cfg.run.precision,
         )
         for i in indices
     ]
@@ -61,7 +62,7 @@ class Engine:
     def indices(self) -> list[int]:
         return [b.index for b in self.blocks]
 
-    def train(self, x: Tensor, y: Tensor, epoch: int) -> Tensor:
+    def train_batch(self, x: Tensor, y: Tensor, epoch: int) -> Tensor:
         """One training step of every block on batch (x, y); returns the last block's output."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         for block in self.blocks:
@@ -79,8 +80,9 @@ class Engine:
         losses: list[Tensor] = []
         for block in self.blocks:
             block.train(True)
-            h = block.body(x)
-            loss, scores = block.local_loss(h, y)
+            with block.autocast():
+                h = block.body(x.float())
+                loss, scores = block.local_loss(h, y)
             losses.append(loss)  # glob: zero for hidden blocks; glob+sim: their sim loss
             block.record(loss, scores, y)
             x = block.pass_on(h)
@@ -92,7 +94,7 @@ class Engine:
         return x.detach()
 
     @torch.no_grad()
-    def evaluate(self, x: Tensor, y: Tensor) -> Tensor:
+    def eval_batch(self, x: Tensor, y: Tensor) -> Tensor:
         """Forward only; counts each block's correct class predictions (output and local)."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         for block in self.blocks:
@@ -131,11 +133,11 @@ class LocalPipe:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def train(self, step: int, epoch: int, x: Tensor, y: Tensor) -> None:
-        self.engine.train(x, y, epoch)
+    def train_batch(self, step: int, epoch: int, x: Tensor, y: Tensor) -> None:
+        self.engine.train_batch(x, y, epoch)
 
-    def evaluate(self, x: Tensor, y: Tensor) -> None:
-        self.engine.evaluate(x, y)
+    def eval_batch(self, x: Tensor, y: Tensor) -> None:
+        self.engine.eval_batch(x, y)
 
     def end_epoch(self, epoch: int) -> list[dict[str, Any]]:
         return [{"stage": 0, "blocks": self.engine.pop_train_stats()}]

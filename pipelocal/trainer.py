@@ -1,18 +1,20 @@
-"""The coordinator's training loop: epochs, data feeding, evaluation, metrics and checkpoints.
+"""The coordinator: the one training loop of a run (epochs, data feeding, evaluation, metrics,
+checkpoints), in the single process or on rank 0 of a pipeline.
 
 It drives a *pipe*: the whole model in this process (:class:`~pipelocal.engine.LocalPipe`) or
 stage 0 of a pipeline whose other stages live in other processes
-(:class:`~pipelocal.pipeline.coordinator.DistPipe`). The loop is the same for both, which is
-why a pipelined run reproduces the single-process one exactly.
+(:class:`~pipelocal.pipeline.stage.DistPipe`). The loop is the same for both, which is
+why a pipelined run reproduces the single-process one exactly. :func:`build_trainer` wires it
+(data, loaders, metrics, the run's first line) for every launcher.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,13 +22,24 @@ from torch import Tensor
 
 from pipelocal.checkpoint import checkpoint_dir, commit_checkpoint
 from pipelocal.config import Config, config_to_dict
-from pipelocal.data import BatchLoader
+from pipelocal.data import BatchLoader, load_dataset, make_loaders
 from pipelocal.metrics import Metrics
 from pipelocal.models import BlockSpec
+from pipelocal.setup import Position, Setup
 
-__all__ = ["Pipe", "Position", "Trainer", "install_sigint_handler", "request_stop"]
+__all__ = [
+    "Pipe",
+    "Trainer",
+    "build_trainer",
+    "clear_stop",
+    "install_stop_handlers",
+    "request_stop",
+    "stop_requested",
+    "watch_stop_file",
+]
 
 _STOP = threading.Event()
+_STOP_FILE: list[Path] = []  # set by a supervising launcher that cannot signal us safely
 
 
 def request_stop() -> None:
@@ -34,38 +47,49 @@ def request_stop() -> None:
     _STOP.set()
 
 
-def install_sigint_handler() -> None:
-    """First Ctrl-C: checkpoint and stop after the current step. Second: stop at once."""
+def clear_stop() -> None:
+    """A new run starts: forget an earlier run's stop request and stop file."""
+    _STOP.clear()
+    _STOP_FILE.clear()
+
+
+def watch_stop_file(path: Path) -> None:
+    """Also stop once ``path`` exists (how the spawn supervisor forwards Ctrl-C / SIGTERM)."""
+    _STOP_FILE[:] = [Path(path)]
+
+
+def stop_requested() -> bool:
+    if not _STOP.is_set() and _STOP_FILE and _STOP_FILE[0].exists():  # one stat() per batch
+        _STOP.set()
+    return _STOP.is_set()
+
+
+def install_stop_handlers() -> None:
+    """SIGINT (Ctrl-C) and SIGTERM (Slurm, Kubernetes, docker stop): checkpoint at the current
+    step, then stop; a second one stops at once."""
 
     def handler(signum: int, frame: Any) -> None:
         if _STOP.is_set():
             raise KeyboardInterrupt
-        print("\ninterrupted: writing a checkpoint, then stopping (Ctrl-C again to abort)",
+        name = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+        print(f"\n{name}: writing a checkpoint, then stopping (Ctrl-C again to abort)",
               flush=True)
         _STOP.set()
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
 
 
 class Pipe(Protocol):
     num_stages: int
 
-    def train(self, step: int, epoch: int, x: Tensor, y: Tensor) -> None: ...
-    def evaluate(self, x: Tensor, y: Tensor) -> None: ...
+    def train_batch(self, step: int, epoch: int, x: Tensor, y: Tensor) -> None: ...
+    def eval_batch(self, x: Tensor, y: Tensor) -> None: ...
     def end_epoch(self, epoch: int) -> list[dict[str, Any]]: ...
     def end_eval(self) -> dict[int, dict[str, int]]: ...
     def checkpoint(self, ckpt: Path, step: int) -> None: ...
     def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where training resumes: batch ``batch`` of epoch ``epoch``; ``step`` batches done so far."""
-
-    epoch: int = 0
-    batch: int = 0
-    step: int = 0
 
 
 class Trainer:
@@ -79,13 +103,12 @@ class Trainer:
         run_dir: Path,
         *,
         metrics: Metrics,
-        start: Position = Position(),
+        start: Position | None = None,
     ) -> None:
         self.cfg, self.pipe, self.specs = cfg, pipe, list(specs)
         self.train_loader, self.test_loader = train_loader, test_loader
-        self.run_dir, self.metrics, self.pos = Path(run_dir), metrics, start
+        self.run_dir, self.metrics, self.pos = Path(run_dir), metrics, start or Position()
         self.last_checkpoint: Path | None = None
-        _STOP.clear()  # a stop request belongs to one run
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -97,17 +120,17 @@ class Trainer:
             self.metrics.start_epoch(epoch, epochs, n, initial=batch)
             t0, samples = time.perf_counter(), 0
             for i in range(batch, n):
-                if _STOP.is_set() or (max_steps and step >= max_steps):
+                if stop_requested() or (max_steps and step >= max_steps):
                     break
                 x, y = self.train_loader.batch(epoch, i)
-                self.pipe.train(step, epoch, x, y)
+                self.pipe.train_batch(step, epoch, x, y)
                 step, samples = step + 1, samples + y.numel()
                 self.metrics.advance(samples / (time.perf_counter() - t0))
             else:
                 i = n
             if i < n:  # stopped inside the epoch: checkpoint exactly here and leave
                 self.metrics.close_bar()
-                result["stopped"] = "interrupted" if _STOP.is_set() else "max_steps"
+                result["stopped"] = "interrupted" if stop_requested() else "max_steps"
                 self._checkpoint(Position(epoch, i, step))
                 break
             stage_stats = self.pipe.end_epoch(epoch)  # every stage has finished the epoch
@@ -128,7 +151,7 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Test accuracy of the output and of every block's local classifier."""
         for i in range(self.test_loader.num_batches(0)):
-            self.pipe.evaluate(*self.test_loader.batch(0, i))
+            self.pipe.eval_batch(*self.test_loader.batch(0, i))
         stats = self.pipe.end_eval()
         out_index = len(self.specs) - 1
         acc = {i: s["correct"] / max(s["count"], 1) for i, s in sorted(stats.items())}
@@ -192,3 +215,21 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
     if busy:  # pipelined: how much of the epoch each stage spent computing
         line += "  busy " + " ".join(f"{name}:{100 * u:.0f}%" for name, u in busy)
     return line
+
+
+def build_trainer(setup: Setup, pipe: Pipe, *, where: str) -> Trainer:
+    """The coordinator of a run: data, loaders, metrics and the run's first line, then the loop.
+
+    ``where`` says how the run is laid out (single process or pipeline, backend, device).
+    """
+    cfg, specs = setup.cfg, setup.specs
+    dataset = load_dataset(cfg.data)
+    train_loader, test_loader = make_loaders(dataset, cfg.data, cfg.run.seed)
+    metrics = Metrics(setup.run_dir, progress=cfg.run.progress)
+    note = f" ({setup.note})" if setup.note else ""
+    metrics.echo(
+        f"pipelocal: {where}{note}; {cfg.model.name} ({len(specs)} blocks) with rule "
+        f"{cfg.rule.name} on {dataset.name}; run directory {setup.run_dir} (pid {os.getpid()})"
+    )
+    return Trainer(cfg, pipe, specs, train_loader, test_loader, setup.run_dir,
+                   metrics=metrics, start=setup.start)

@@ -12,6 +12,7 @@ import torch
 from pipelocal.block import LocalBlock, block_seed, lr_factor
 from pipelocal.config import ModelConfig, OptimConfig, RuleConfig, ScheduleConfig
 from pipelocal.models import BlockSpec, build_model
+from tests.conftest import assert_identical
 
 NUM_CLASSES = 10
 
@@ -281,3 +282,55 @@ def test_loading_into_another_block_fails_clearly() -> None:
     assert "block 1 (fc2)" in msg and "block 2 (fc2)" in msg and "config differs" in msg
     with pytest.raises(ValueError, match=r"block 0 \(fc1\)"):
         _block(1).load_checkpoint_state(_block(0).checkpoint_state())
+
+
+def test_checkpoint_moves_between_device_types() -> None:
+    """A CUDA generator state (16 bytes: seed, offset) loads on CPU with a clear warning;
+    parameters and optimiser state load exactly."""
+    a, b = _block(), _block()
+    x, y = _batch()
+    a.train_step(x, y)
+    state = a.checkpoint_state()
+    assert state["generator"]["device"] == "cpu"
+    state["generator"] = {"device": "cuda", "state": torch.zeros(16, dtype=torch.uint8)}
+    with pytest.warns(UserWarning, match="a cuda state and this block runs on cpu"):
+        b.load_checkpoint_state(state)
+    assert_identical(b.state_dict(), a.state_dict())
+    assert_identical(b.optimizer.state_dict()["state"], a.optimizer.state_dict()["state"])
+    # The new stream is a pure function of the checkpoint: loading it again gives the same one.
+    c = _block()
+    with pytest.warns(UserWarning):
+        c.load_checkpoint_state(state)
+    assert torch.equal(b.generator.get_state(), c.generator.get_state())
+    assert not torch.equal(b.generator.get_state(), a.generator.get_state())
+
+
+def test_checkpoint_from_before_device_types_were_stored_loads() -> None:
+    a, b = _block(), _block()
+    a.train_step(*_batch())
+    state = a.checkpoint_state()
+    state["generator"] = state["generator"]["state"]  # the old format: the bare CPU state
+    b.load_checkpoint_state(state)
+    assert torch.equal(b.generator.get_state(), a.generator.get_state())
+
+
+def test_building_a_block_does_not_reseed_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.manual_seed would reseed every GPU's global generator, which other code draws from."""
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    _block(dropout=0.1)
+    assert calls == []
+
+
+def test_bf16_precision_autocasts_and_keeps_fp32_weights() -> None:
+    spec = _specs()[0]
+    block = LocalBlock(0, spec, num_classes=NUM_CLASSES, rule=RuleConfig(name="predsim"),
+                       optim=OptimConfig(lr=1e-2), schedule=ScheduleConfig(), epochs=4, seed=0,
+                       precision="bf16")
+    out = block.train_step(*_batch())
+    assert out.dtype == torch.bfloat16  # what the next block (or the wire) receives
+    assert all(p.dtype == torch.float32 for p in block.parameters())
+    state = block.optimizer.state_dict()["state"]
+    assert all(v.dtype == torch.float32 for s in state.values() for k, v in s.items()
+               if k != "step")

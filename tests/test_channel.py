@@ -31,6 +31,19 @@ def _run(rank: int, port: int, dtype_name: str, scenario: str, out: Any) -> None
                                 timeout=timedelta(seconds=30))
         dtype = getattr(torch, dtype_name)
         ch = _channel(rank, dtype, timeout_s=1.0 if scenario == "timeout" else 20.0)
+        if scenario == "stop":  # the end-of-run protocol: STOP, its trailers, nothing posted
+            if rank == 0:
+                ch.send(Message(Kind.TRAIN, 0, 0, torch.ones(4, *SHAPE), torch.zeros(4).long()))
+                ch.send(Message(Kind.STOP))
+                ch.close()
+                out.put((rank, ch.in_flight))
+            else:
+                kinds = [ch.recv().kind, ch.recv().kind]
+                posted_before = ch.posted
+                ch.drain()
+                out.put((rank, ([int(k) for k in kinds], posted_before, ch.posted)))
+            dist.destroy_process_group()
+            return
         if rank == 0:
             if scenario == "timeout":
                 store.wait(["done"], timedelta(seconds=30))  # send nothing; wait for the peer
@@ -94,3 +107,13 @@ def test_receive_times_out_with_a_clear_error() -> None:
     assert isinstance(results[1], str) and results[1].startswith("PeerError"), results[1]
     assert "stage 1: receive from stage 0 failed" in results[1]
     assert "pipeline.timeout_s = 1" in results[1]
+
+
+def test_stop_leaves_nothing_posted() -> None:
+    """After STOP the receiver still has depth - 1 receives posted; the trailers match them."""
+    results = _spawn("float32", "stop")
+    assert results[0] == 0, results[0]  # every send delivered
+    kinds, posted_before, posted_after = results[1]
+    assert kinds == [int(Kind.TRAIN), int(Kind.STOP)]
+    assert posted_before == 1  # depth 2: one receive posted ahead would never be matched ...
+    assert posted_after == 0  # ... without the trailer

@@ -77,8 +77,8 @@ def test_block_0_is_the_same_with_or_without_later_blocks(rule: str) -> None:
     assert full.indices == [0, 1, 2, 3] and alone.indices == [0]
     _assert_same_block(alone.blocks[0], full.blocks[0])  # same seed, same init
     for x, y in _batches(4):
-        out_alone = alone.train(x, y, epoch=0)
-        full.train(x, y, epoch=0)
+        out_alone = alone.train_batch(x, y, epoch=0)
+        full.train_batch(x, y, epoch=0)
         assert not out_alone.requires_grad
     _assert_same_block(alone.blocks[0], full.blocks[0])
 
@@ -94,8 +94,8 @@ def test_later_blocks_influence_block_0_only_under_a_global_rule(rule: str, loca
             for p in block.parameters():
                 p.mul_(-2.0)
     for x, y in _batches(3):
-        a.train(x, y, epoch=0)
-        b.train(x, y, epoch=0)
+        a.train_batch(x, y, epoch=0)
+        b.train_batch(x, y, epoch=0)
     same = all(
         torch.equal(p, q) for p, q in zip(a.blocks[0].parameters(), b.blocks[0].parameters())
     )
@@ -109,7 +109,7 @@ def test_what_a_block_receives_is_detached_only_under_a_local_rule(rule: str, lo
     for block in engine.blocks:
         block.body.register_forward_pre_hook(lambda m, args: seen.append(args[0].requires_grad))
     x, y = _batches(1)[0]
-    out = engine.train(x, y, epoch=0)
+    out = engine.train_batch(x, y, epoch=0)
     assert not out.requires_grad
     assert seen[0] is False and len(seen) == 4
     assert all(not s for s in seen) if local else all(seen[1:])
@@ -119,14 +119,14 @@ def test_global_rule_needs_every_block_in_one_engine() -> None:
     engine = Engine(_blocks(_cfg("glob"), [0, 1]))
     assert engine.is_global
     with pytest.raises(RuntimeError, match="every block"):
-        engine.train(*_batches(1)[0], epoch=0)
+        engine.train_batch(*_batches(1)[0], epoch=0)
     assert not Engine(_blocks(_cfg("predsim"), [0])).is_global
 
 
 def test_train_sets_the_epoch_learning_rate() -> None:
     engine = Engine(_blocks(_cfg("predsim", "run.epochs=4")))
     x, y = _batches(1)[0]
-    engine.train(x, y, epoch=2)  # step schedule: 0.25 from 50% of training
+    engine.train_batch(x, y, epoch=2)  # step schedule: 0.25 from 50% of training
     assert {g["lr"] for b in engine.blocks for g in b.optimizer.param_groups} == {0.0025}
 
 
@@ -150,14 +150,14 @@ def _reference_predictions(engine: Engine, x: torch.Tensor) -> dict[int, torch.T
 def test_evaluate_counts_correct_predictions_of_output_and_local_classifiers() -> None:
     engine = Engine(_blocks(_cfg("predsim")))
     for x, y in _batches(3):
-        engine.train(x, y, epoch=0)
+        engine.train_batch(x, y, epoch=0)
     x, _ = _batches(1, size=20)[0]
     preds = _reference_predictions(engine, x)
     assert sorted(preds) == [0, 1, 2, 3]
     out = preds[3]
     y = torch.where(torch.arange(20) < 7, out, (out + 1) % NUM_CLASSES)  # 7 right, 13 wrong
-    engine.evaluate(x[:12], y[:12])
-    engine.evaluate(x[12:], y[12:])
+    engine.eval_batch(x[:12], y[:12])
+    engine.eval_batch(x[12:], y[12:])
     stats = engine.pop_eval_stats()
     assert stats[3] == {"correct": 7, "count": 20}
     for i in (0, 1, 2):
@@ -168,7 +168,7 @@ def test_evaluate_counts_correct_predictions_of_output_and_local_classifiers() -
 def test_evaluate_skips_blocks_without_a_classifier() -> None:
     engine = Engine(_blocks(_cfg("sim")))
     x, y = _batches(1)[0]
-    out = engine.evaluate(x, y)
+    out = engine.eval_batch(x, y)
     assert out.shape == (16, NUM_CLASSES)
     stats = engine.pop_eval_stats()
     assert list(stats) == [3] and stats[3]["count"] == 16
@@ -177,7 +177,7 @@ def test_evaluate_skips_blocks_without_a_classifier() -> None:
 def test_evaluate_does_not_train() -> None:
     engine = Engine(_blocks(_cfg("predsim")))
     before = [{k: v.clone() for k, v in b.state_dict().items()} for b in engine.blocks]
-    engine.evaluate(*_batches(1)[0])
+    engine.eval_batch(*_batches(1)[0])
     for block, state in zip(engine.blocks, before):
         assert all(torch.equal(v, state[k]) for k, v in block.state_dict().items())
 
@@ -191,7 +191,7 @@ def test_global_rules_train_end_to_end(rule: str) -> None:
     x, y = _batches(1, size=32)[0]
     losses, hidden = [], []
     for _ in range(20):
-        engine.train(x, y, epoch=0)
+        engine.train_batch(x, y, epoch=0)
         stats = engine.pop_train_stats()
         losses.append(stats[3]["loss"])  # the output's cross-entropy
         hidden.append(stats[0]["loss"])  # glob: 0; glob+sim: block 0's sim loss
@@ -206,7 +206,7 @@ def test_global_rules_train_end_to_end(rule: str) -> None:
 
 def test_train_stats_per_block() -> None:
     engine = Engine(_blocks(_cfg("predsim")))
-    engine.train(*_batches(1)[0], epoch=0)
+    engine.train_batch(*_batches(1)[0], epoch=0)
     stats = engine.pop_train_stats()
     assert sorted(stats) == [0, 1, 2, 3]
     assert all(s["loss"] > 0 and s["acc"] is not None for s in stats.values())
@@ -220,14 +220,14 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     a = Engine(_blocks(cfg))
     batches = _batches(4)
     for x, y in batches[:2]:
-        a.train(x, y, epoch=0)
+        a.train_batch(x, y, epoch=0)
     ckpt = checkpoint_dir(tmp_path, 2)
     a.save(ckpt)
     assert sorted(p.name for p in ckpt.iterdir()) == [f"block_00{i}.pt" for i in range(4)]
     b = Engine(_blocks(cfg))
     b.load(ckpt)
     for x, y in batches[2:]:
-        assert torch.equal(a.train(x, y, epoch=0), b.train(x, y, epoch=0))
+        assert torch.equal(a.train_batch(x, y, epoch=0), b.train_batch(x, y, epoch=0))
     for p, q in zip(a.blocks, b.blocks):
         _assert_same_block(p, q)
 
@@ -235,8 +235,8 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
 def test_local_pipe_drives_its_engine(tmp_path: Path) -> None:
     pipe = LocalPipe(Engine(_blocks(_cfg("predsim"))))
     x, y = _batches(1)[0]
-    pipe.train(0, 0, x, y)
-    pipe.evaluate(x, y)
+    pipe.train_batch(0, 0, x, y)
+    pipe.eval_batch(x, y)
     [stage] = pipe.end_epoch(0)
     assert stage["stage"] == 0 and sorted(stage["blocks"]) == [0, 1, 2, 3]
     assert pipe.end_eval()[3]["count"] == 16

@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipelocal.checkpoint import resolve_checkpoint
 from pipelocal.config import ConfigError
-from pipelocal.pipeline.launch import PipelineError
+from pipelocal.launch import PipelineError, train
 from pipelocal.pipeline.stage import FAULT_ENV
-from pipelocal.run import train
 from tests.conftest import tiny_config
 
 
@@ -115,16 +115,17 @@ def test_stage_shape_mismatch_between_stages(
     """A model whose blocks do not chain is caught by the dry run, naming both stages."""
     import dataclasses
 
-    import pipelocal.run as run_mod
+    import pipelocal.launch.preflight as run_mod
+    import pipelocal.setup as setup_mod
 
-    real = run_mod.build_model
+    real = setup_mod.build_model
 
     def broken(cfg, in_shape, num_classes):  # block 2 declares a wrong input shape
         specs = real(cfg, in_shape, num_classes)
         specs[2] = dataclasses.replace(specs[2], in_shape=(17,))
         return specs
 
-    monkeypatch.setattr(run_mod, "build_model", broken)
+    monkeypatch.setattr(setup_mod, "build_model", broken)
     setup, _ = run_mod.prepare(tiny_config(tmp_path, "pipeline.stages=2"))
     with pytest.raises(ConfigError) as info:
         run_mod.dry_run(setup, [2, 2])
@@ -134,7 +135,7 @@ def test_stage_shape_mismatch_between_stages(
 @pytest.mark.slow
 @pytest.mark.parametrize("stages", [1, 2])
 def test_ctrl_c_checkpoints_and_stops(tmp_path: Path, stages: int) -> None:
-    """SIGINT to `pipelocal train`: checkpoint at the current step, exit 0, resumable."""
+    """SIGINT to `pipelocal train`: checkpoint at the current step, exit 130, resumable."""
     import signal
     import subprocess
     import sys
@@ -152,8 +153,100 @@ def test_ctrl_c_checkpoints_and_stops(tmp_path: Path, stages: int) -> None:
     assert latest.exists(), "no checkpoint was written"
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 130, out  # "interrupted", not success
     assert "stopped (interrupted)" in out, out
     manifest = read_manifest(tmp_path / "int")
     assert f"at step {manifest['step']};" in out
     assert 0 < manifest["step"] < 500 * 12
+
+
+def _fake_gpus(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+
+def test_one_gpu_plans_one_stage_and_says_so(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelocal.launch.preflight import plan_stages, prepare
+
+    _fake_gpus(monkeypatch, 1)
+    setup, _ = prepare(tiny_config(tmp_path))
+    plan_stages(setup)
+    assert setup.cfg.pipeline.stages == 1
+    assert setup.note == "1 stage(s), one per GPU (1 visible)"
+
+
+def test_no_gpu_plans_the_two_stage_cpu_pipeline(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelocal.launch.preflight import plan_stages, prepare
+
+    _fake_gpus(monkeypatch, 0)  # as with CUDA_VISIBLE_DEVICES=""
+    setup, _ = prepare(tiny_config(tmp_path))
+    plan_stages(setup)
+    assert (setup.cfg.pipeline.stages, setup.note) == (2, "2 stages on CPU (no GPU visible)")
+
+
+@pytest.mark.usefixtures("no_spawn")
+def test_more_stages_than_gpus_fails_before_any_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_gpus(monkeypatch, 1)
+    with pytest.raises(ConfigError, match=r"pipeline\.stages = 2 but only 1 GPU"):
+        train(tiny_config(tmp_path, "pipeline.stages=2"))
+    assert not any(tmp_path.iterdir())
+
+
+def test_spawn_and_torchrun_place_every_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both launchers go through place_stage: the spawn path for every rank before it starts
+    them (then again in each worker), torchrun's rank 0 in its validation and every torchrun
+    rank in its worker body (here a 1-rank job, in this process)."""
+    import signal
+
+    import pipelocal.device
+    import pipelocal.launch.preflight as prepare_mod
+    import pipelocal.pipeline.worker as worker_mod
+    from pipelocal.launch.preflight import plan_stages, prepare, validate
+    from pipelocal.launch.torchrun import torchrun_worker
+
+    calls: list[tuple[int, int]] = []
+
+    def spy(**kw: object) -> torch.device:
+        calls.append((kw["stages"], kw["local_rank"]))  # type: ignore[arg-type]
+        return pipelocal.device.place_stage(**kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(prepare_mod, "place_stage", spy)
+    monkeypatch.setattr(worker_mod, "place_stage", spy)
+    _fake_gpus(monkeypatch, 2)
+    setup, _ = prepare(tiny_config(tmp_path, "pipeline.stages=2", "run.device=cpu"))
+    plan_stages(setup)
+    validate(setup, gpus_per_node=2)
+    assert calls == [(2, 0), (2, 1)]
+
+    calls.clear()
+    _fake_gpus(monkeypatch, 0)
+    port = torch.distributed.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False).port
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                       "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port + 1)}.items():
+        monkeypatch.setenv(key, value)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = torchrun_worker(tiny_config(tmp_path, "run.epochs=1", "run.max_steps=2"), None)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert result is not None and result["step"] == 2
+    assert calls == [(1, 0), (1, 0)]  # rank 0's validation, then its worker body
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_determinism_flags_are_set_in_every_worker(tmp_path: Path, deterministic: bool) -> None:
+    import json
+
+    result = train(tiny_config(tmp_path, "pipeline.stages=2", "run.epochs=1",
+                               f"run.deterministic={str(deterministic).lower()}"))
+    record = json.loads((Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["stage0/deterministic"] is deterministic
+    assert record["stage1/deterministic"] is deterministic

@@ -62,7 +62,7 @@ def test_every_model_trains_one_engine_step(name: str, shape: tuple[int, ...]) -
     before = [{k: v.clone() for k, v in b.named_parameters()} for b in blocks]
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(4, *shape, generator=g), torch.randint(0, NUM_CLASSES, (4,), generator=g)
-    out = Engine(blocks).train(x, y, epoch=0)
+    out = Engine(blocks).train_batch(x, y, epoch=0)
     assert out.shape == (4, NUM_CLASSES) and not out.requires_grad
     for block, params in zip(blocks, before):
         changed = [k for k, p in block.named_parameters() if not torch.equal(p, params[k])]

@@ -324,7 +324,7 @@ def test_every_rule_trains_a_block(rule: str, kind: str) -> None:
         )
         specs = build_model(mc, (1, 8, 8), NUM_CLASSES)
         engine = Engine([_block(spec, rule, i) for i, spec in enumerate(specs)])
-        block, step = engine.blocks[0], engine.train
+        block, step = engine.blocks[0], engine.train_batch
     else:
         block = _block(_fc_spec() if kind == "fc" else _conv_spec(), rule)
         step = None

@@ -6,9 +6,18 @@ the wire dtype and the labels int64 [batch_size]. A smaller (last or evaluation)
 and ``rows`` says how many rows are real. Fixed shapes let the receiver post the receives for the
 next messages before it computes on the current one, so transfers overlap compute.
 
+The header travels in host memory over a gloo group of its own, the tensors over the default
+group (NCCL between GPUs). Reading the header therefore never synchronises the device: a GPU
+stage learns what comes next and queues its kernels while the previous batch still runs.
+
 Both ends are bounded by ``depth``: at most ``depth`` sends in flight (the sender waits for the
 oldest), and ``depth`` receives posted ahead. Every wait has a timeout; a failed or timed-out
 transfer raises :class:`PeerError`, naming the stage, the peer and the batch.
+
+Clean end: after STOP the sender sends ``depth - 1`` TRAILER messages, exactly the receives the
+other end still has posted, and the receiver waits for them (:meth:`P2PChannel.drain`). Nothing
+is left posted, so every rank can leave through ``destroy_process_group`` (NCCL's watchdog would
+otherwise time out a receive that is never matched).
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ class Kind(enum.IntEnum):
     END_EVAL = 3
     CHECKPOINT = 4
     STOP = 5
+    TRAILER = 6
+    """Sent after STOP to match a receive posted ahead; carries nothing."""
 
 
 class PeerError(RuntimeError):
@@ -77,8 +88,10 @@ class P2PChannel:
         depth: int,
         timeout_s: float,
         device: torch.device,
+        header_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.stage, self.batch_size, self.depth = stage, batch_size, depth
+        self.header_group = header_group  # gloo; None = the default group (CPU tests)
         self.wire_dtype, self.device = wire_dtype, device
         self.timeout = timedelta(seconds=timeout_s)
         self.wire_shape_out = wire_shape_out
@@ -91,7 +104,7 @@ class P2PChannel:
         if wire_shape_in is not None:
             for _ in range(depth):
                 slot = _Slot(
-                    torch.empty(_HEADER, dtype=torch.int64, device=device),
+                    torch.empty(_HEADER, dtype=torch.int64),  # host memory, see module doc
                     torch.empty((batch_size, *wire_shape_in), dtype=wire_dtype, device=device),
                     torch.empty(batch_size, dtype=torch.int64, device=device),
                 )
@@ -103,7 +116,7 @@ class P2PChannel:
     def _post(self, slot: _Slot) -> None:
         src = self.stage - 1
         slot.works = [
-            dist.irecv(slot.header, src, tag=_TAG_HEADER),
+            dist.irecv(slot.header, src, group=self.header_group, tag=_TAG_HEADER),
             dist.irecv(slot.x, src, tag=_TAG_X),
             dist.irecv(slot.y, src, tag=_TAG_Y),
         ]
@@ -127,14 +140,37 @@ class P2PChannel:
         index = self._next
         slot = self._slots[index]
         t0 = time.perf_counter()
+        # On NCCL the tensor waits only order the current stream after the transfer (no host
+        # block); the header wait is a host wait on gloo: the whole receive wait on CPU.
         self._wait(slot.works or [], f"receive from stage {self.stage - 1}", "next")
+        slot.works = None
         self.recv_wait_s += time.perf_counter() - t0
-        kind, step, epoch, rows = (int(v) for v in slot.header[:4].tolist())  # sync point on GPU
+        kind, step, epoch, rows = (int(v) for v in slot.header[:4].tolist())  # host tensor
         self._pending_repost, self._next = index, (index + 1) % self.depth
-        x, y = slot.x[:rows], slot.y[:rows]
-        if x.dtype != torch.float32:
-            x = x.float()
-        return Message(Kind(kind), step, epoch, x, y)
+        return Message(Kind(kind), step, epoch, slot.x[:rows], slot.y[:rows])
+
+    @property
+    def posted(self) -> int:
+        """Receives posted and not yet completed (0 after :meth:`drain`)."""
+        return sum(slot.works is not None for slot in self._slots)
+
+    @property
+    def in_flight(self) -> int:
+        """Sends queued and not yet known to be delivered (0 after :meth:`flush`)."""
+        return len(self._sends)
+
+    def drain(self) -> None:
+        """After STOP: wait for the TRAILERs that match the receives still posted."""
+        self._pending_repost = None  # STOP's slot is not posted again
+        for _ in range(self.depth - 1):
+            slot = self._slots[self._next]
+            self._wait(slot.works or [], f"end-of-run trailer from stage {self.stage - 1}", "-")
+            kind = Kind(int(slot.header[0]))
+            if kind != Kind.TRAILER:
+                raise PeerError(
+                    f"stage {self.stage}: expected a TRAILER after STOP, got {kind.name}")
+            slot.works = None
+            self._next = (self._next + 1) % self.depth
 
     # ------------------------------------------------------------------ sending
 
@@ -142,9 +178,8 @@ class P2PChannel:
         """Queue ``msg`` for stage ``stage + 1``; blocks while ``depth`` sends are in flight."""
         assert self.wire_shape_out is not None
         rows, b = msg.rows, self.batch_size
-        header = torch.zeros(_HEADER, dtype=torch.int64)
+        header = torch.zeros(_HEADER, dtype=torch.int64)  # host memory, gloo
         header[:4] = torch.tensor([int(msg.kind), msg.step, msg.epoch, rows])
-        header = header.to(self.device)
         if rows == b and msg.x is not None and msg.x.dtype == self.wire_dtype:
             x = msg.x.contiguous()  # a fresh output tensor: sent as it is, no copy
         else:
@@ -159,7 +194,7 @@ class P2PChannel:
             self._drain_one()
         dst = self.stage + 1
         works = [
-            dist.isend(header, dst, tag=_TAG_HEADER),
+            dist.isend(header, dst, group=self.header_group, tag=_TAG_HEADER),
             dist.isend(x, dst, tag=_TAG_X),
             dist.isend(y, dst, tag=_TAG_Y),
         ]
@@ -175,3 +210,10 @@ class P2PChannel:
         """Wait until every queued send has been delivered."""
         while self._sends:
             self._drain_one()
+
+    def close(self) -> None:
+        """After sending STOP: one TRAILER per receive the next stage still has posted, then
+        wait until all of it is delivered."""
+        for _ in range(self.depth - 1):
+            self.send(Message(Kind.TRAILER))
+        self.flush()

@@ -5,34 +5,33 @@ it at once and sends the detached output on. Control messages travel the same pa
 arrive after every batch sent before them: END_EPOCH / END_EVAL / CHECKPOINT are points where
 every stage has seen exactly the same batches. There each stage joins a gather on the control
 group that brings its statistics (or its checkpoint confirmation) to the coordinator, rank 0.
+STOP ends the stage: it is passed on with its trailers, and the trailers from the stage before
+are drained, so that nothing is left posted when the process group is destroyed.
+
+:class:`DistPipe` is rank 0's handle on the whole pipeline, what the coordinator drives.
 """
 
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from pipelocal.checkpoint import checkpoint_dir
+from pipelocal.device import StepTimer, deterministic_now, memory_stats, reset_memory_stats
 from pipelocal.engine import Engine
 from pipelocal.pipeline.channel import Kind, Message, P2PChannel
 
-__all__ = ["FAULT_ENV", "Stage", "peak_memory_mib"]
+__all__ = ["FAULT_ENV", "DistPipe", "Stage", "parse_fault"]
 
 FAULT_ENV = "PIPELOCAL_INJECT_FAULT"
-"""Fault injection for tests: ``"<stage>:<step>:raise"`` or ``"<stage>:<step>:kill"``."""
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+"""Fault injection for tests: ``"<stage>:<step>:<kind>"``, kind raise, kill or hang."""
+_FAULT_KINDS = ("raise", "kill", "hang")
 
 
 class Stage:
@@ -51,11 +50,16 @@ class Stage:
         self.run_dir = Path(run_dir)
         self.current: tuple[int, int] = (-1, -1)
         """(epoch, step) of the message being handled, for error reports."""
-        self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""), stage)
-        self._reset_timers()
+        self.phase = "start-up"
+        """What the stage is doing, for error reports: start-up, training, evaluation, ..."""
+        self._fault = parse_fault(os.environ.get(FAULT_ENV, ""), stage)
+        self._timer = StepTimer(engine.device)
+        self._reset_epoch()
 
-    def _reset_timers(self) -> None:
-        self.busy_s, self.samples, self.t_start = 0.0, 0, time.perf_counter()
+    def _reset_epoch(self) -> None:
+        self.samples, self.t_start = 0, None  # the clock starts with the epoch's first batch
+        self._timer.pop_seconds()
+        reset_memory_stats(self.engine.device)
         for ch in (self.inbox, self.outbox):
             if ch is not None:
                 ch.recv_wait_s = ch.send_wait_s = 0.0
@@ -70,35 +74,44 @@ class Stage:
         """Process one message; returns the gathered results on rank 0, False after STOP."""
         self.current = (msg.epoch, msg.step)
         if msg.kind in (Kind.TRAIN, Kind.EVAL):
+            self.phase = "training" if msg.kind == Kind.TRAIN else "evaluation"
             self._compute(msg)
             return None
         self._forward(msg)
         if msg.kind == Kind.END_EPOCH:
+            self.phase = "end-of-epoch gather"
             return self._gather(self._epoch_stats())
         if msg.kind == Kind.END_EVAL:
+            self.phase = "evaluation gather"
             gathered = self._gather(self.engine.pop_eval_stats())
-            self._reset_timers()  # epoch statistics cover training only, not evaluation
+            self._reset_epoch()  # epoch statistics cover training only, not evaluation
             return gathered
         if msg.kind == Kind.CHECKPOINT:
+            self.phase = "checkpoint"
             self.engine.save(checkpoint_dir(self.run_dir, msg.step))
             gathered = self._gather(self.engine.indices)
-            self._reset_timers()  # nor checkpoint writes
+            self._reset_epoch()  # nor checkpoint writes
             return gathered
-        if self.outbox is not None:  # STOP: deliver it before leaving
-            self.outbox.flush()
+        self.phase = "shutdown"  # STOP: passed on with its trailers; the inbox's are drained
+        if self.outbox is not None:
+            self.outbox.close()
+        if self.inbox is not None:
+            self.inbox.drain()
         return False
 
     def _compute(self, msg: Message) -> None:
         assert msg.x is not None and msg.y is not None
+        if self.t_start is None:
+            self.t_start = time.perf_counter()
         if msg.kind == Kind.TRAIN:
             self._maybe_fail(msg.step)
-        t0 = time.perf_counter()
+        self._timer.start()
         if msg.kind == Kind.TRAIN:
-            out = self.engine.train(msg.x, msg.y, msg.epoch)
+            out = self.engine.train_batch(msg.x, msg.y, msg.epoch)
             self.samples += msg.rows
         else:
-            out = self.engine.evaluate(msg.x, msg.y)
-        self.busy_s += time.perf_counter() - t0
+            out = self.engine.eval_batch(msg.x, msg.y)
+        self._timer.stop()
         self._forward(Message(msg.kind, msg.step, msg.epoch, out, msg.y))
 
     def _forward(self, msg: Message) -> None:
@@ -111,30 +124,74 @@ class Stage:
         return out
 
     def _epoch_stats(self) -> dict[str, Any]:
-        wall = time.perf_counter() - self.t_start
+        busy = self._timer.pop_seconds()  # on CUDA: a sync point, once per epoch
+        wall = time.perf_counter() - (self.t_start or time.perf_counter())
         stats = {
             "stage": self.stage,
             "blocks": self.engine.pop_train_stats(),
-            "busy(s)": round(self.busy_s, 4),
+            "busy(s)": round(busy, 4),
             "wall(s)": round(wall, 4),
             "samples": self.samples,
-            "samples/s": round(self.samples / max(self.busy_s, 1e-9), 1),
+            "samples/s": round(self.samples / max(busy, 1e-9), 1),
             "recv_wait(s)": round(self.inbox.recv_wait_s, 4) if self.inbox else 0.0,
             "send_wait(s)": round(self.outbox.send_wait_s, 4) if self.outbox else 0.0,
-            "peak_mem(MiB)": round(peak_memory_mib(self.engine.device), 1),
+            "deterministic": deterministic_now(),
         }
-        self._reset_timers()
+        stats.update(memory_stats(self.engine.device))
+        self._reset_epoch()
         return stats
 
     def _maybe_fail(self, step: int) -> None:
-        if self._fault is not None and self._fault[0] == step:
-            if self._fault[1] == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"injected fault in stage {self.stage} at step {step}")
+        if self._fault is None or self._fault[0] != step:
+            return
+        kind = self._fault[1]
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "hang":
+            os.kill(os.getpid(), signal.SIGSTOP)  # frozen, as a stuck device or a debugger
+        raise RuntimeError(f"injected fault in stage {self.stage} at step {step}")
 
 
-def _parse_fault(spec: str, stage: int) -> tuple[int, str] | None:
+def parse_fault(spec: str, stage: int) -> tuple[int, str] | None:
+    """``"<stage>:<step>:<kind>"`` -> (step, kind) for this stage; a malformed spec is an error."""
     if not spec:
         return None
-    s, step, kind = spec.split(":")
-    return (int(step), kind) if int(s) == stage else None
+    parts = spec.split(":")
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit() \
+            or parts[2] not in _FAULT_KINDS:
+        raise ValueError(f"{FAULT_ENV} = {spec!r} is invalid; accepted: <stage>:<step>:<kind> "
+                         f"with kind one of {', '.join(_FAULT_KINDS)}, e.g. 1:5:kill")
+    return (int(parts[1]), parts[2]) if int(parts[0]) == stage else None
+
+
+class DistPipe:
+    """Rank 0's view of a pipeline: stage 0 here, the other stages behind its outbox."""
+
+    def __init__(self, stage: Stage, *, num_stages: int, wire_batch: int) -> None:
+        self.stage, self.num_stages, self.wire_batch = stage, num_stages, wire_batch
+
+    def train_batch(self, step: int, epoch: int, x: Tensor, y: Tensor) -> None:
+        self.stage.handle(Message(Kind.TRAIN, step, epoch, x, y))
+
+    def eval_batch(self, x: Tensor, y: Tensor) -> None:
+        # Evaluation batches travel in wire-sized pieces (the wire shape is fixed).
+        for start in range(0, y.numel(), self.wire_batch):
+            end = start + self.wire_batch
+            self.stage.handle(Message(Kind.EVAL, -1, -1, x[start:end], y[start:end]))
+
+    def end_epoch(self, epoch: int) -> list[dict[str, Any]]:
+        return self.stage.handle(Message(Kind.END_EPOCH, -1, epoch))
+
+    def end_eval(self) -> dict[int, dict[str, int]]:
+        merged: dict[int, dict[str, int]] = {}
+        for stats in self.stage.handle(Message(Kind.END_EVAL)):
+            merged.update(stats)
+        return merged
+
+    def checkpoint(self, ckpt: Path, step: int) -> None:
+        # Returns once every stage has written its blocks; the trainer then commits the manifest.
+        self.stage.handle(Message(Kind.CHECKPOINT, step))
+
+    def close(self) -> None:
+        """Send STOP (and its trailers) down the pipeline and wait until delivered."""
+        self.stage.handle(Message(Kind.STOP))

@@ -1,14 +1,15 @@
-"""Setting up a training run: data, model, run directory, resume point, validation.
+"""Before any worker starts: load the data, find the resume point, choose the stage count and
+the partition, check every stage's shapes with a dummy batch, open the run directory.
 
-``train(cfg)`` is what ``pipelocal train`` calls. It validates everything it can before any
-worker starts, then runs the single-process engine (``pipeline.stages = 1``) or the pipeline
-(:mod:`pipelocal.pipeline.launch`).
+Everything checkable is checked here, in the launching process, so a bad run fails in seconds
+with a :class:`~pipelocal.config.ConfigError` and no process, and no run directory, is made.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,53 +17,27 @@ import torch
 
 from pipelocal.checkpoint import read_manifest, resolve_checkpoint
 from pipelocal.config import Config, ConfigError, config_to_dict, to_toml
-from pipelocal.data import Dataset, load_dataset, make_loaders
-from pipelocal.engine import Engine, LocalPipe, build_blocks
-from pipelocal.metrics import Metrics
-from pipelocal.models import BlockSpec, build_model
+from pipelocal.data import Dataset, load_dataset
+from pipelocal.device import auto_stages, cpu_threads, place_stage, visible_gpus
+from pipelocal.engine import build_blocks
 from pipelocal.pipeline.partition import check_partition, stage_ranges
+from pipelocal.pipeline.plan import make_plan
 from pipelocal.rules import RULES
-from pipelocal.trainer import Position, Trainer
+from pipelocal.setup import Position, Setup
 
 __all__ = [
-    "Setup",
     "check_resume",
     "dry_run",
+    "finalise",
     "make_run_dir",
     "open_run_dir",
+    "plan_stages",
     "prepare",
-    "resolve_device",
-    "resolve_stages",
-    "train",
+    "profiled_partition",
     "validate",
 ]
 
 _MATCHING_SECTIONS = ("model", "data", "rule", "optim", "schedule")
-
-
-@dataclass
-class Setup:
-    """What every process of a run agrees on before training starts."""
-
-    cfg: Config
-    in_shape: tuple[int, ...]
-    num_classes: int
-    run_dir: Path
-    resume: Path | None = None
-    start: Position = field(default_factory=Position)
-
-    @property
-    def specs(self) -> list[BlockSpec]:
-        return build_model(self.cfg.model, self.in_shape, self.num_classes)
-
-
-def resolve_device(cfg: Config, local_rank: int = 0) -> torch.device:
-    want = cfg.run.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    if want == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def check_resume(cfg: Config, manifest: dict[str, Any]) -> None:
@@ -74,9 +49,10 @@ def check_resume(cfg: Config, manifest: dict[str, Any]) -> None:
         for key, value in now[section].items()
         if saved[section].get(key) != value
     ]
-    for key in ("seed", "epochs"):
-        if saved["run"][key] != now["run"][key]:
-            diffs.append(f"run.{key}: checkpoint {saved['run'][key]!r}, now {now['run'][key]!r}")
+    for key in ("seed", "epochs", "precision"):
+        if saved["run"].get(key, "fp32") != now["run"][key]:
+            was = saved["run"].get(key)
+            diffs.append(f"run.{key}: checkpoint {was!r}, now {now['run'][key]!r}")
     if diffs:
         raise ConfigError(
             "cannot resume: the config differs from the checkpoint's in\n  " + "\n  ".join(diffs)
@@ -108,28 +84,20 @@ def prepare(cfg: Config, resume: str | Path | None = None) -> tuple[Setup, Datas
     return setup, dataset
 
 
-def open_run_dir(setup: Setup) -> None:
-    """Create the run directory (a resumed run keeps its own) and write the resolved config."""
-    if setup.resume is None:
-        setup.run_dir = make_run_dir(setup.cfg)
-    (setup.run_dir / "config.toml").write_text(to_toml(setup.cfg))
+def plan_stages(setup: Setup, *, gpus: int | None = None) -> None:
+    """Fix ``pipeline.stages`` (0 = automatic: one per GPU, 2 on CPU) and note why."""
+    cfg = setup.cfg
+    stages, setup.note = auto_stages(
+        requested=cfg.pipeline.stages,
+        partition=len(cfg.pipeline.partition),
+        gpus=visible_gpus(cfg) if gpus is None else gpus,
+        num_blocks=len(setup.specs),
+        is_global=RULES.get(cfg.rule.name).is_global,
+    )
+    setup.cfg = cfg.replace(pipeline={"stages": stages})
 
 
-def resolve_stages(cfg: Config, num_blocks: int) -> Config:
-    """``pipeline.stages = 0``: len(partition) if given, else one per GPU or 2 on CPU."""
-    if cfg.pipeline.stages:
-        return cfg
-    if cfg.pipeline.partition:
-        stages = len(cfg.pipeline.partition)
-    elif RULES.get(cfg.rule.name).is_global:
-        stages = 1  # backprop baselines cannot be pipelined
-    else:
-        gpus = torch.cuda.device_count() if cfg.run.device != "cpu" else 0
-        stages = min(max(gpus, 2), num_blocks)
-    return cfg.replace(pipeline={"stages": stages})
-
-
-def validate(setup: Setup) -> list[int]:
+def validate(setup: Setup, *, gpus_per_node: int | None = None, nodes: int = 1) -> list[int]:
     """Everything checkable before a worker starts; returns the partition (explicit or [n])."""
     cfg, specs = setup.cfg, setup.specs
     names = [s.name for s in specs]
@@ -149,7 +117,10 @@ def validate(setup: Setup) -> list[int]:
     partition = list(cfg.pipeline.partition) or ([len(specs)] if stages == 1 else [])
     if partition:
         check_partition(partition, names)
-    resolve_device(cfg)
+    gpus = visible_gpus(cfg) if gpus_per_node is None else gpus_per_node
+    for local_rank in range(min(stages, max(gpus, 1))):  # raises if the stages do not fit
+        place_stage(stages=stages, gpus_per_node=gpus, nodes=nodes, local_rank=local_rank,
+                    device=cfg.run.device)
     return partition
 
 
@@ -177,39 +148,41 @@ def dry_run(setup: Setup, partition: list[int]) -> None:
         sender = f"stage {s}"
 
 
-def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
-    """Train as configured: one process, a spawned pipeline, or this rank of a torchrun job."""
-    from pipelocal.pipeline import launch
-
-    if launch.under_torchrun():
-        return launch.torchrun_worker(cfg, resume)
-    setup, dataset = prepare(cfg, resume)
-    setup.cfg = cfg = resolve_stages(cfg, len(setup.specs))
-    partition = validate(setup)
-    if cfg.pipeline.stages == 1:
-        dry_run(setup, partition)
-        open_run_dir(setup)
-        return train_single(setup, dataset)
-    del dataset  # rank 0 loads its own copy
-    return launch.spawn(setup, partition)
-
-
-def train_single(setup: Setup, dataset: Dataset) -> dict[str, Any]:
+def profiled_partition(setup: Setup, device: torch.device) -> list[int]:
+    """The balanced partition from profiling every block on ``device`` as a stage runs it."""
     cfg = setup.cfg
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    device = resolve_device(cfg)
-    specs = setup.specs
-    blocks = build_blocks(cfg, specs, dataset.num_classes, range(len(specs)), device)
-    engine = Engine(blocks)
-    if setup.resume is not None:
-        engine.load(setup.resume)
-    train_loader, test_loader = make_loaders(dataset, cfg.data, cfg.run.seed)
-    metrics = Metrics(setup.run_dir, progress=cfg.run.progress)
-    metrics.echo(
-        f"pipelocal: {cfg.model.name} ({len(specs)} blocks) with rule {cfg.rule.name} on "
-        f"{dataset.name}, single process on {device}; run directory {setup.run_dir}"
-    )
-    trainer = Trainer(cfg, LocalPipe(engine), specs, train_loader, test_loader, setup.run_dir,
-                      metrics=metrics, start=setup.start)
-    return trainer.fit()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads(cfg.pipeline.threads_per_stage, cfg.pipeline.stages))
+    try:
+        return make_plan(cfg, setup.specs, setup.num_classes, device).partition
+    finally:
+        torch.set_num_threads(threads)
+
+
+def finalise(setup: Setup, partition: list[int], *, in_subprocess: bool = False) -> None:
+    """Choose the partition (profiled when not given), dry-run it, open the run directory.
+
+    ``in_subprocess``: profile in a short-lived process, so that a launcher that only
+    supervises never holds a CUDA context (hundreds of MiB) on a stage's GPU.
+    """
+    cfg = setup.cfg
+    if not partition:
+        gpus = visible_gpus(cfg)
+        device = place_stage(stages=cfg.pipeline.stages, gpus_per_node=gpus, nodes=1,
+                             local_rank=0, device=cfg.run.device) if gpus else torch.device("cpu")
+        if in_subprocess and device.type == "cuda":
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                partition = pool.submit(profiled_partition, setup, device).result()
+        else:
+            partition = profiled_partition(setup, device)
+    dry_run(setup, partition)
+    setup.cfg = cfg.replace(pipeline={"partition": partition})
+    open_run_dir(setup)
+
+
+def open_run_dir(setup: Setup) -> None:
+    """Create the run directory (a resumed run keeps its own) and write the resolved config."""
+    if setup.resume is None:
+        setup.run_dir = make_run_dir(setup.cfg)
+    (setup.run_dir / "config.toml").write_text(to_toml(setup.cfg))

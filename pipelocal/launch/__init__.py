@@ -1,0 +1,76 @@
+"""Launching a run: ``train(cfg)`` validates everything it can, then runs the single-process
+engine, spawned pipeline workers (:mod:`.spawn`) or this torchrun rank (:mod:`.torchrun`).
+Every pipelined path runs the same worker body, :func:`pipelocal.pipeline.worker.run_rank`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelocal.checkpoint import read_manifest, resolve_checkpoint
+from pipelocal.config import Config, apply_overrides, from_dict
+from pipelocal.device import configure_determinism, place_stage, visible_gpus
+from pipelocal.engine import Engine, LocalPipe, build_blocks
+from pipelocal.launch.preflight import finalise, plan_stages, prepare, validate
+from pipelocal.launch.spawn import Interrupted, PipelineError, spawn
+from pipelocal.launch.torchrun import torchrun_worker, under_torchrun
+from pipelocal.metrics import Metrics
+from pipelocal.setup import Setup
+from pipelocal.trainer import Trainer, build_trainer, clear_stop
+
+__all__ = ["Interrupted", "PipelineError", "evaluate_checkpoint", "train"]
+
+
+def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any] | None:
+    """Train as configured: one process, a spawned pipeline, or this rank of a torchrun job.
+
+    Returns the summary (None on torchrun ranks other than 0).
+    """
+    if under_torchrun():
+        return torchrun_worker(cfg, resume)
+    clear_stop()
+    setup, _ = prepare(cfg, resume)
+    plan_stages(setup)
+    partition = validate(setup)
+    if setup.cfg.pipeline.stages == 1:
+        finalise(setup, partition)
+        return _single(setup)
+    return spawn(setup, partition)
+
+
+def _engine(setup: Setup) -> Engine:
+    cfg = setup.cfg
+    device = place_stage(stages=1, gpus_per_node=visible_gpus(cfg), nodes=1, local_rank=0,
+                         device=cfg.run.device)
+    configure_determinism(device, cfg.run.deterministic)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    specs = setup.specs
+    engine = Engine(build_blocks(cfg, specs, setup.num_classes, range(len(specs)), device))
+    if setup.resume is not None:
+        engine.load(setup.resume)
+    return engine
+
+
+def _single(setup: Setup) -> dict[str, Any]:
+    engine = _engine(setup)
+    trainer = build_trainer(setup, LocalPipe(engine), where=f"single process on {engine.device}")
+    return trainer.fit()
+
+
+def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict[str, Any]:
+    """Test accuracy of the output and of every local classifier of a checkpoint."""
+    from pipelocal.data import load_dataset, make_loaders
+
+    ckpt = resolve_checkpoint(path)
+    cfg = from_dict(apply_overrides(read_manifest(ckpt)["config"], overrides))
+    dataset = load_dataset(cfg.data)
+    setup = Setup(cfg, tuple(dataset.in_shape), dataset.num_classes, ckpt, resume=ckpt)
+    engine = _engine(setup)
+    train_loader, test_loader = make_loaders(dataset, cfg.data, cfg.run.seed)
+    trainer = Trainer(cfg, LocalPipe(engine), setup.specs, train_loader, test_loader, ckpt,
+                      metrics=Metrics(None, progress=False))
+    return trainer.evaluate()

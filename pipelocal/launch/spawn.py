@@ -1,0 +1,199 @@
+"""``pipelocal train --stages S``: S worker processes spawned here, and their supervisor.
+
+The processes are started and reaped by ``torch.multiprocessing`` (its process context kills
+the others after the first failure, with a grace period for them to report). Each worker runs
+:func:`~pipelocal.pipeline.worker.run_rank`, writes its result or its failure report (stage,
+pid, phase, batch, traceback) to a file, and dies with its parent (``PR_SET_PDEATHSIG``), so a
+killed launcher leaves no orphan. Ctrl-C and SIGTERM here are forwarded to the coordinator as a
+stop file: checkpoint at the current step, stop every worker, report "interrupted".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import signal
+import tempfile
+import threading
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as tmp
+
+from pipelocal.launch.preflight import finalise
+from pipelocal.pipeline.channel import PeerError
+from pipelocal.pipeline.stage import Stage
+from pipelocal.pipeline.worker import run_rank
+from pipelocal.setup import Setup
+from pipelocal.trainer import request_stop, stop_requested, watch_stop_file
+
+__all__ = ["Interrupted", "PipelineError", "die_with_parent", "spawn"]
+
+_GRACE_S = 2.0
+"""After the first failure: how long the other workers get to report before they are killed."""
+_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+_PR_SET_PDEATHSIG = 1
+
+
+class PipelineError(RuntimeError):
+    """A pipeline worker failed; the message names the stage, the batch and the traceback."""
+
+
+class Interrupted(RuntimeError):
+    """The run was aborted by a second Ctrl-C / SIGTERM before it could checkpoint."""
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux); exit if it already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the supervisor's own clean-up still applies
+        return
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+def _report(rank: int, stage_box: list[Stage], exc: BaseException) -> dict[str, Any]:
+    stage = stage_box[0] if stage_box else None
+    epoch, step = stage.current if stage else (-1, -1)
+    text = f"{type(exc).__name__}: {exc}"
+    return {
+        "rank": rank,
+        "pid": os.getpid(),
+        "epoch": epoch,
+        "step": step,
+        "phase": stage.phase if stage else "start-up",
+        "error": text,
+        "traceback": "".join(traceback.format_exception(exc)),
+        "secondary": isinstance(exc, PeerError) or any(s in text for s in _SECONDARY),
+    }
+
+
+def _write(path: Path, obj: Any) -> None:
+    tmp_path = path.with_suffix(".tmp")
+    tmp_path.write_bytes(pickle.dumps(obj))
+    os.replace(tmp_path, path)
+
+
+def _worker_main(rank: int, setup: Setup, port: int, parent: int, talk: str) -> None:
+    die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the supervisor's
+    talk_dir, world, stage_box = Path(talk), setup.cfg.pipeline.stages, []
+    try:
+        if rank == 0:
+            watch_stop_file(talk_dir / "stop")
+        store = dist.TCPStore("127.0.0.1", port, world_size=world, is_master=False,
+                              timeout=timedelta(seconds=setup.cfg.pipeline.timeout_s))
+        result = run_rank(setup.cfg, setup, rank=rank, world=world, local_rank=rank,
+                          local_world=world, store=store, stage_box=stage_box)
+        if rank == 0:
+            _write(talk_dir / "result.pkl", result)
+    except BaseException as exc:  # reported to the supervisor, which raises it
+        _write(talk_dir / f"error{rank}.pkl", _report(rank, stage_box, exc))
+        os._exit(1)  # the process group may hold transfers that can never complete
+
+
+def spawn(setup: Setup, partition: list[int]) -> dict[str, Any]:
+    """Run the pipeline in ``pipeline.stages`` spawned worker processes and supervise them."""
+    finalise(setup, partition, in_subprocess=True)
+    cfg, world = setup.cfg, setup.cfg.pipeline.stages
+    store = dist.TCPStore("127.0.0.1", 0, world_size=world, is_master=True,
+                          wait_for_workers=False, timeout=timedelta(seconds=cfg.pipeline.timeout_s))
+    with tempfile.TemporaryDirectory(prefix="pipelocal-") as talk:
+        ctx = tmp.start_processes(_worker_main, args=(setup, store.port, os.getpid(), talk),
+                                  nprocs=world, join=False, start_method="spawn")
+        failure = _supervise(ctx, Path(talk))
+        return _outcome(ctx, Path(talk), failure)
+
+
+def _supervise(ctx: Any, talk: Path) -> BaseException | None:
+    """Wait for the workers; forward one stop request; a second one kills them."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.getsignal(s) for s in signals} if main else {}
+    hits = [0]
+
+    def on_signal(signum: int, frame: Any) -> None:
+        hits[0] += 1
+        if hits[0] == 1:
+            name = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+            print(f"\n{name}: writing a checkpoint, then stopping (Ctrl-C again to abort)",
+                  flush=True)
+            request_stop()
+
+    for s in previous:
+        signal.signal(s, on_signal)
+    try:
+        while True:
+            if stop_requested() and not (talk / "stop").exists():
+                (talk / "stop").touch()  # rank 0 checks it before every batch
+            if hits[0] > 1:
+                _kill(ctx)
+                return Interrupted("aborted by a second interrupt before the checkpoint; the "
+                                   "last complete checkpoint is still usable")
+            try:
+                if ctx.join(timeout=0.5, grace_period=_GRACE_S):
+                    return None
+            except tmp.ProcessExitedException as exc:
+                return exc
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _kill(ctx)
+
+
+def _kill(ctx: Any) -> None:
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+    for p in ctx.processes:
+        p.join(timeout=10)
+
+
+def _outcome(ctx: Any, talk: Path, failure: BaseException | None) -> dict[str, Any]:
+    if isinstance(failure, Interrupted):
+        raise failure
+    reports = [pickle.loads(p.read_bytes()) for p in sorted(talk.glob("error*.pkl"))]
+    result_file = talk / "result.pkl"
+    if failure is None and not reports and result_file.exists():
+        return pickle.loads(result_file.read_bytes())
+    first_dead = None
+    if isinstance(failure, tmp.ProcessExitedException) and failure.exit_code < 0:
+        first_dead = failure.error_index
+    raise PipelineError(_describe(ctx.processes, reports, first_dead))
+
+
+def _describe(procs: list[Any], reports: list[dict[str, Any]], first_dead: int | None) -> str:
+    primary = [r for r in reports if not r["secondary"]]
+    if primary:
+        r = min(primary, key=lambda r: r["rank"])
+        where = f"epoch {r['epoch']}, batch {r['step']}" if r["step"] >= 0 else r["phase"]
+        return (
+            f"stage {r['rank']} (rank {r['rank']}, pid {r['pid']}) failed at {where}: "
+            f"{r['error']}\n--- original traceback of stage {r['rank']} ---\n{r['traceback']}"
+        )
+    if first_dead is not None:
+        rank, p = first_dead, procs[first_dead]
+        # Downstream stages had finished batches before the lost one, upstream ones had sent it.
+        down = [r["step"] + 1 for r in reports if r["rank"] > rank and r["step"] >= 0]
+        up = [r["step"] for r in reports if r["rank"] < rank and r["step"] >= 0]
+        near = ""
+        if down or up:
+            lo, hi = (max(down) if down else 0), (max(up) if up else max(down))
+            near = f" at batch {lo}" if lo >= hi else f" between batches {lo} and {hi}"
+        name = signal.Signals(-p.exitcode).name
+        return (
+            f"stage {rank} (rank {rank}, pid {p.pid}) died, killed by signal {name}{near}; "
+            "the other stages were stopped. The last complete checkpoint is still usable."
+        )
+    if reports:
+        r = reports[0]
+        return (f"stage {r['rank']} (rank {r['rank']}) failed during {r['phase']} at batch "
+                f"{r['step']}: {r['error']}\n{r['traceback']}")
+    codes = {rank: p.exitcode for rank, p in enumerate(procs)}
+    return f"pipeline workers ended without a result (exit codes by stage: {codes})"

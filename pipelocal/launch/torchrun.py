@@ -1,0 +1,61 @@
+"""``torchrun --nproc-per-node S -m pipelocal train ...``: this process is one rank of S.
+
+torchrun (torchelastic) starts, watches and restarts the processes; rank 0 validates the run
+and finds the partition, then every rank runs the same worker body as under ``--stages S``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from pipelocal.config import Config, ConfigError
+from pipelocal.launch.preflight import finalise, plan_stages, prepare, validate
+from pipelocal.launch.spawn import die_with_parent
+from pipelocal.pipeline.worker import run_rank
+from pipelocal.setup import Setup
+from pipelocal.trainer import install_stop_handlers
+
+__all__ = ["torchrun_worker", "under_torchrun"]
+
+
+def under_torchrun() -> bool:
+    env = os.environ
+    return "TORCHELASTIC_RUN_ID" in env or all(k in env for k in ("RANK", "WORLD_SIZE",
+                                                                   "MASTER_ADDR"))
+
+
+def torchrun_worker(cfg: Config, resume: str | Path | None) -> dict[str, Any] | None:
+    """Run this torchrun rank; returns the training summary on rank 0."""
+    env = os.environ
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    local_rank = int(env.get("LOCAL_RANK", rank))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+    die_with_parent(os.getppid())  # the torchrun agent: if it is killed, so is this rank
+    if cfg.pipeline.stages not in (0, world):
+        raise ConfigError(
+            f"pipeline.stages = {cfg.pipeline.stages} but torchrun started {world} processes; "
+            f"one process runs one stage: set pipeline.stages = {world} or start "
+            f"{cfg.pipeline.stages} processes"
+        )
+    cfg = cfg.replace(pipeline={"stages": world})
+    setup: Setup | None = None
+    if rank == 0:
+        install_stop_handlers()
+        setup, _ = prepare(cfg, resume)
+        plan_stages(setup)
+        setup.note = f"{world} torchrun processes, one per stage"
+        partition = validate(setup, nodes=world // local_world)
+        finalise(setup, partition)
+    try:
+        return run_rank(cfg, setup, rank=rank, world=world, local_rank=local_rank,
+                        local_world=local_world, nodes=world // local_world)
+    except BaseException:
+        # torchelastic sees the exit code and stops the other ranks; a process group with
+        # transfers that can never complete must not be torn down by the interpreter's exit.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)

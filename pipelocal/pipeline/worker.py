@@ -1,0 +1,140 @@
+"""The one worker body every launcher runs (spawn, torchrun, Ray): rank r of an S-stage pipeline.
+
+    configure the device (placement, threads, determinism) before any CUDA call
+    join the process group (data: NCCL on GPU, gloo on CPU) and two gloo groups (control, headers)
+    receive the Setup from rank 0
+    build_stage(...)                 -> Stage: the engine over this rank's blocks + its channels
+    rank 0: build_trainer(...).fit()    the coordinator drives the pipeline through stage 0
+    others: stage.serve()               until STOP
+    teardown()                          nothing is left posted, so the group is destroyed cleanly
+
+A launcher only decides where ranks run and how they find each other (``store`` or the
+environment); failures propagate as exceptions for the launcher to report.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipelocal.config import Config
+from pipelocal.device import configure_determinism, cpu_threads, place_stage, visible_gpus
+from pipelocal.engine import Engine, build_blocks
+from pipelocal.pipeline.channel import P2PChannel
+from pipelocal.pipeline.partition import stage_ranges
+from pipelocal.pipeline.stage import DistPipe, Stage
+from pipelocal.setup import Setup
+from pipelocal.trainer import build_trainer
+
+__all__ = ["build_stage", "configure_rank", "run_rank", "wire_dtype"]
+
+
+def wire_dtype(cfg: Config) -> torch.dtype:
+    """pipeline.wire_dtype, where auto follows run.precision."""
+    name = cfg.pipeline.wire_dtype
+    if name == "auto":
+        name = "bfloat16" if cfg.run.precision == "bf16" else "float32"
+    return getattr(torch, name)
+
+
+def configure_rank(
+    cfg: Config, *, world: int, local_rank: int, local_world: int, nodes: int
+) -> torch.device:
+    """Device, threads and determinism of this rank; before its first CUDA call."""
+    device = place_stage(stages=world, gpus_per_node=visible_gpus(cfg), nodes=nodes,
+                         local_rank=local_rank, device=cfg.run.device)
+    configure_determinism(device, cfg.run.deterministic)
+    torch.set_num_threads(cpu_threads(cfg.pipeline.threads_per_stage, local_world))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def build_stage(
+    setup: Setup,
+    *,
+    rank: int,
+    world: int,
+    device: torch.device,
+    control: dist.ProcessGroup,
+    headers: dist.ProcessGroup,
+) -> Stage:
+    """Rank ``rank``'s stage: its blocks (resumed if the run resumes) between its channels."""
+    cfg, specs = setup.cfg, setup.specs
+    r = stage_ranges(cfg.pipeline.partition)[rank]
+    engine = Engine(build_blocks(cfg, specs, setup.num_classes, r, device))
+    if setup.resume is not None:
+        engine.load(setup.resume)
+    wire = dict(
+        stage=rank, batch_size=cfg.data.batch_size, depth=cfg.pipeline.channel_depth,
+        wire_dtype=wire_dtype(cfg), timeout_s=cfg.pipeline.timeout_s, device=device,
+        header_group=headers,
+    )
+    inbox = (P2PChannel(wire_shape_in=specs[r.start - 1].wire_shape, wire_shape_out=None, **wire)
+             if rank > 0 else None)
+    outbox = (P2PChannel(wire_shape_in=None, wire_shape_out=specs[r.stop - 1].wire_shape, **wire)
+              if rank < world - 1 else None)
+    return Stage(rank, engine, inbox=inbox, outbox=outbox, control=control,
+                 run_dir=setup.run_dir)
+
+
+def run_rank(
+    cfg: Config,
+    setup: Setup | None,
+    *,
+    rank: int,
+    world: int,
+    local_rank: int,
+    local_world: int,
+    nodes: int = 1,
+    store: dist.Store | None = None,
+    stage_box: list[Stage] | None = None,
+) -> dict[str, Any] | None:
+    """Run rank ``rank`` to the end; returns the training summary on rank 0.
+
+    ``setup`` is needed on rank 0 only (the others receive it). ``stage_box`` receives the
+    Stage as soon as it exists, so that a launcher can report where a failure happened.
+    """
+    device = configure_rank(cfg, world=world, local_rank=local_rank, local_world=local_world,
+                            nodes=nodes)
+    timeout = timedelta(seconds=cfg.pipeline.timeout_s)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
+                            device_id=device if device.type == "cuda" else None)
+    # Statistics, set-up and checkpoints go over a gloo group, never over the data path; the
+    # message headers over another, so that reading one never waits for the device.
+    control = dist.new_group(backend="gloo", timeout=timeout)
+    headers = dist.new_group(backend="gloo", timeout=timeout)
+    box = [setup]
+    dist.broadcast_object_list(box, src=0, group=control)
+    setup = box[0]
+    assert setup is not None
+    stage = build_stage(setup, rank=rank, world=world, device=device, control=control,
+                        headers=headers)
+    if stage_box is not None:
+        stage_box.append(stage)
+    result = None
+    if rank == 0:
+        pipe = DistPipe(stage, num_stages=world, wire_batch=setup.cfg.data.batch_size)
+        where = (f"pipelined over {world} stages {list(setup.cfg.pipeline.partition)} "
+                 f"({backend}, {device.type})")
+        result = build_trainer(setup, pipe, where=where).fit()
+        pipe.close()
+    else:
+        stage.serve()
+    _teardown(stage)
+    return result
+
+
+def _teardown(stage: Stage) -> None:
+    """Destroy the process group once no transfer is left posted or in flight."""
+    left = [(name, ch.posted, ch.in_flight) for name, ch in (("inbox", stage.inbox),
+                                                             ("outbox", stage.outbox))
+            if ch is not None and (ch.posted or ch.in_flight)]
+    if left:
+        raise RuntimeError(f"stage {stage.stage}: transfers left at shutdown (channel, posted "
+                           f"receives, sends in flight): {left}")
+    dist.destroy_process_group()

@@ -1,0 +1,137 @@
+"""Placement, thread counts, determinism flags, timers and memory readings: the pure parts of
+running a stage on a device, tested on CPU over tables of cases."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pipelocal.config import ConfigError
+from pipelocal.device import (
+    CUBLAS_WORKSPACE,
+    StepTimer,
+    auto_stages,
+    configure_determinism,
+    cpu_threads,
+    memory_stats,
+    place_stage,
+    reset_memory_stats,
+)
+
+
+@pytest.mark.parametrize(
+    ("requested", "partition", "gpus", "blocks", "is_global", "stages", "why"),
+    [
+        (0, 0, 0, 4, False, 2, "2 stages on CPU (no GPU visible)"),
+        (0, 0, 1, 4, False, 1, "1 stage(s), one per GPU (1 visible)"),
+        (0, 0, 4, 4, False, 4, "4 stage(s), one per GPU (4 visible)"),
+        (0, 0, 8, 4, False, 4, "4 stage(s), one per GPU (8 visible)"),  # never more than blocks
+        (0, 0, 0, 1, False, 1, "1 stages on CPU (no GPU visible)"),
+        (0, 3, 8, 8, False, 3, "3 stages, one per entry of pipeline.partition"),
+        (0, 0, 4, 8, True, 1, "1 stage: a backprop rule cannot be pipelined"),
+        (3, 0, 8, 8, False, 3, "3 stage(s) as configured"),
+    ],
+)
+def test_auto_stages_table(requested: int, partition: int, gpus: int, blocks: int,
+                           is_global: bool, stages: int, why: str) -> None:
+    assert auto_stages(requested=requested, partition=partition, gpus=gpus, num_blocks=blocks,
+                       is_global=is_global) == (stages, why)
+
+
+@pytest.mark.parametrize(
+    ("stages", "gpus", "nodes", "local_rank", "device", "expected"),
+    [
+        (2, 0, 1, 0, "auto", "cpu"),
+        (2, 0, 1, 1, "auto", "cpu"),
+        (4, 8, 1, 3, "cpu", "cpu"),  # run.device = cpu wins over visible GPUs
+        (1, 1, 1, 0, "auto", "cuda:0"),
+        (4, 4, 1, 3, "auto", "cuda:3"),
+        (4, 4, 1, 2, "cuda", "cuda:2"),
+        (8, 4, 2, 3, "auto", "cuda:3"),  # two nodes of 4: local rank picks the device
+        (2, 8, 1, 1, "auto", "cuda:1"),
+    ],
+)
+def test_place_stage_table(stages: int, gpus: int, nodes: int, local_rank: int, device: str,
+                           expected: str) -> None:
+    got = place_stage(stages=stages, gpus_per_node=gpus, nodes=nodes, local_rank=local_rank,
+                      device=device)
+    assert got == torch.device(expected)
+
+
+@pytest.mark.parametrize(
+    ("stages", "gpus", "nodes", "local_rank", "device", "message"),
+    [
+        (2, 1, 1, 0, "auto", "pipeline.stages = 2 but only 1 GPU(s) are visible"),
+        (5, 4, 1, 0, "cuda", "use at most 4 stages, or run.device = 'cpu'"),
+        (9, 4, 2, 0, "auto", "only 8 GPU(s) are visible (2 node(s) x 4)"),
+        (8, 2, 4, 2, "auto", "local rank 2 has no GPU of its own: this node has 2 GPU(s)"),
+        (1, 0, 1, 0, "cuda", "run.device = 'cuda' but no CUDA device is visible"),
+    ],
+)
+def test_place_stage_refuses_shared_or_missing_gpus(
+    stages: int, gpus: int, nodes: int, local_rank: int, device: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        place_stage(stages=stages, gpus_per_node=gpus, nodes=nodes, local_rank=local_rank,
+                    device=device)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(("configured", "stages", "cores", "threads"),
+                         [(0, 2, 2, 1), (0, 2, 8, 4), (0, 3, 2, 1), (3, 2, 2, 3), (0, 1, 6, 6)])
+def test_cpu_threads(configured: int, stages: int, cores: int, threads: int) -> None:
+    assert cpu_threads(configured, stages, cores) == threads
+
+
+def test_cpu_threads_follow_the_affinity_mask() -> None:
+    """Under a cgroup / taskset the mask, not os.cpu_count, says how many cores there are."""
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no sched_setaffinity on this platform")
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert cpu_threads(0, 1) == 1
+        assert cpu_threads(0, 2) == 1
+    finally:
+        os.sched_setaffinity(0, before)
+    assert cpu_threads(0, 1) == len(before)
+
+
+def test_determinism_flags_on_and_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        configure_determinism(torch.device("cuda", 0), True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        configure_determinism(torch.device("cuda", 0), False)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+    finally:
+        configure_determinism(torch.device("cpu"), False)
+        torch.backends.cudnn.benchmark = False
+
+
+def test_step_timer_sums_host_time_on_cpu() -> None:
+    timer = StepTimer(torch.device("cpu"))
+    for _ in range(3):
+        timer.start()
+        torch.ones(256, 256) @ torch.ones(256, 256)
+        timer.stop()
+    total = timer.pop_seconds()
+    assert 0 < total < 5
+    assert timer.pop_seconds() == 0.0  # popped: the next epoch starts from zero
+
+
+def test_peak_rss_resets_per_epoch() -> None:
+    """The peak covers one epoch, not the process lifetime (profiling, earlier epochs)."""
+    reset_memory_stats(torch.device("cpu"))
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    peak_with = memory_stats(torch.device("cpu"))["peak_rss(MiB)"]
+    del big
+    reset_memory_stats(torch.device("cpu"))
+    peak_after = memory_stats(torch.device("cpu"))["peak_rss(MiB)"]
+    assert peak_with is not None and peak_after is not None
+    assert peak_with - peak_after > 40, (peak_with, peak_after)
