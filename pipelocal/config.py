@@ -117,6 +117,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         from pipelocal.data import available_datasets
+        from pipelocal.data.augment import AUGMENTATIONS
 
         _check_name("data.name", self.name, available_datasets())
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
@@ -125,7 +126,7 @@ class DataConfig:
         )
         for aug in self.augment:
             _check(
-                aug in _AUGMENTATIONS, "data.augment", self.augment, ", ".join(_AUGMENTATIONS)
+                aug in AUGMENTATIONS, "data.augment", self.augment, ", ".join(AUGMENTATIONS)
             )
         for key in ("jitter_px", "pad_px", "cutout_px", "classes_per_batch", "train_limit"):
             value = getattr(self, key)
@@ -136,9 +137,6 @@ class DataConfig:
             self.classes_per_batch_until_epoch,
             "an integer >= 0",
         )
-
-
-_AUGMENTATIONS = ("jitter", "flip", "padcrop", "cutout")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

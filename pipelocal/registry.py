@@ -5,9 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "UnknownNameError"]
 
 T = TypeVar("T")
+
+
+class UnknownNameError(KeyError):
+    """A name that is not registered; the message lists the registered ones."""
+
+    def __str__(self) -> str:  # KeyError would print the message inside quotes
+        return str(self.args[0])
 
 
 class Registry(Generic[T]):
@@ -30,7 +37,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise KeyError(
+            raise UnknownNameError(
                 f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}"
             ) from None
 

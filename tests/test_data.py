@@ -269,7 +269,7 @@ def test_batches_independent_of_thread_count_and_process(digits: Dataset, tmp_pa
         "torch.save(loader.batch(2, 5), sys.argv[1])\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-c", script, str(out)], check=True, env=env, timeout=60)
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True, env=env, timeout=180)
     there = torch.load(out)
     assert torch.equal(there[0], here[0]) and torch.equal(there[1], here[1])
 

@@ -15,10 +15,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pipelocal.registry import Registry, UnknownNameError
+
 if TYPE_CHECKING:
     from pipelocal.config import DataConfig
 
 __all__ = [
+    "DATASETS",
     "Dataset",
     "DatasetError",
     "Split",
@@ -30,18 +33,9 @@ __all__ = [
 
 DatasetLoader = Callable[["DataConfig"], "Dataset"]
 
-_REGISTRY: dict[str, DatasetLoader] = {}
-
 
 class DatasetError(FileNotFoundError):
     """Dataset files missing or unreadable; the message names them, the folder and the fix."""
-
-
-class UnknownDatasetError(KeyError):
-    """A dataset name that is not registered; the message lists the registered ones."""
-
-    def __str__(self) -> str:  # KeyError would print the message inside quotes
-        return str(self.args[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,30 +91,17 @@ class Dataset:
             )
 
 
-def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
-    """Decorator: register ``fn(cfg) -> Dataset`` under ``name``."""
-
-    def wrap(fn: DatasetLoader) -> DatasetLoader:
-        if name in _REGISTRY:
-            raise ValueError(f"dataset {name!r} is registered twice; pick another name")
-        _REGISTRY[name] = fn
-        return fn
-
-    return wrap
-
-
-def available_datasets() -> list[str]:
-    """Sorted names of all registered datasets."""
-    return sorted(_REGISTRY)
+DATASETS: Registry[DatasetLoader] = Registry("dataset")
+register_dataset = DATASETS.register
+"""Decorator: register ``fn(cfg) -> Dataset`` under a name."""
+available_datasets = DATASETS.names
+"""Sorted names of all registered datasets."""
+UnknownDatasetError = UnknownNameError
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Load ``cfg.name`` into memory, keeping the first ``cfg.train_limit`` training samples."""
-    if cfg.name not in _REGISTRY:
-        raise UnknownDatasetError(
-            f"unknown dataset {cfg.name!r}; available: {', '.join(available_datasets())}"
-        )
-    ds = _REGISTRY[cfg.name](cfg)
+    ds = DATASETS.get(cfg.name)(cfg)
     if cfg.train_limit > 0:
         limited = Split(ds.train.x[: cfg.train_limit], ds.train.y[: cfg.train_limit])
         ds = dataclasses.replace(ds, train=limited)
