@@ -130,6 +130,7 @@ class LocalPipe:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.device = engine.device
 
     def train(self, step: int, epoch: int, x: Tensor, y: Tensor) -> None:
         self.engine.train(x, y, epoch)

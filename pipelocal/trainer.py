@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from pipelocal.checkpoint import checkpoint_dir, commit_checkpoint
 from pipelocal.config import Config, config_to_dict
 from pipelocal.data import BatchLoader
+from pipelocal.data.prefetch import epoch_batches
 from pipelocal.metrics import Metrics
 from pipelocal.models import BlockSpec
 
@@ -50,6 +52,8 @@ def install_sigint_handler() -> None:
 
 class Pipe(Protocol):
     num_stages: int
+    device: torch.device
+    """Where this process's blocks live: training batches are made for it."""
 
     def train(self, step: int, epoch: int, x: Tensor, y: Tensor) -> None: ...
     def evaluate(self, x: Tensor, y: Tensor) -> None: ...
@@ -82,6 +86,8 @@ class Trainer:
         start: Position = Position(),
     ) -> None:
         self.cfg, self.pipe, self.specs = cfg, pipe, list(specs)
+        if cfg.data.on_device and pipe.device.type == "cuda":
+            train_loader = train_loader.to(pipe.device)  # uint8 split on the GPU
         self.train_loader, self.test_loader = train_loader, test_loader
         self.run_dir, self.metrics, self.pos = Path(run_dir), metrics, start
         self.last_checkpoint: Path | None = None
@@ -96,15 +102,16 @@ class Trainer:
             n = self.train_loader.num_batches(epoch)
             self.metrics.start_epoch(epoch, epochs, n, initial=batch)
             t0, samples = time.perf_counter(), 0
-            for i in range(batch, n):
-                if _STOP.is_set() or (max_steps and step >= max_steps):
-                    break
-                x, y = self.train_loader.batch(epoch, i)
-                self.pipe.train(step, epoch, x, y)
-                step, samples = step + 1, samples + y.numel()
-                self.metrics.advance(samples / (time.perf_counter() - t0))
-            else:
-                i = n
+            with epoch_batches(self.train_loader, epoch, batch, prefetch=cfg.data.prefetch,
+                               device=self.pipe.device) as batches:
+                for _ in range(batch, n):
+                    if _STOP.is_set() or (max_steps and step >= max_steps):
+                        break
+                    x, y = next(batches)  # built ahead when data.prefetch > 0
+                    self.pipe.train(step, epoch, x, y)
+                    step, samples = step + 1, samples + y.numel()
+                    self.metrics.advance(samples / (time.perf_counter() - t0))
+            i = batches.next_index  # the first batch not trained on; n after a full epoch
             if i < n:  # stopped inside the epoch: checkpoint exactly here and leave
                 self.metrics.close_bar()
                 result["stopped"] = "interrupted" if _STOP.is_set() else "max_steps"
@@ -114,6 +121,7 @@ class Trainer:
             elapsed = time.perf_counter() - t0
             self.metrics.close_bar()
             record = self._epoch_record(epoch, step, samples, elapsed, stage_stats)
+            record["data_wait(s)"] = round(batches.wait_s, 3)  # this thread waiting for data
             record.update(self.evaluate())
             self.metrics.log(record)
             self.metrics.echo(_epoch_line(record, epochs))

@@ -21,6 +21,7 @@ __all__ = ["DistPipe"]
 class DistPipe:
     def __init__(self, stage: Stage, *, num_stages: int, wire_batch: int) -> None:
         self.stage, self.num_stages, self.wire_batch = stage, num_stages, wire_batch
+        self.device = stage.engine.device
 
     def train(self, step: int, epoch: int, x: Tensor, y: Tensor) -> None:
         self.stage.handle(Message(Kind.TRAIN, step, epoch, x, y))
