@@ -225,7 +225,8 @@ def test_pipeline_with_prefetch_equals_single_process_without(tmp_path: Path) ->
     assert piped["test/acc"] == reference["test/acc"]
     for run in (reference, piped):
         waits = _data_waits(run["run_dir"])
-        assert len(waits) == 2 and all(w > 0.0 for w in waits)
+        # one float per epoch; a prefetched wait can round to 0.000 s when batches are ready
+        assert len(waits) == 2 and all(isinstance(w, float) and w >= 0.0 for w in waits)
 
 
 def test_trainer_stopped_mid_epoch_leaves_no_thread(tmp_path: Path) -> None:
