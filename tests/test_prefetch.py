@@ -229,6 +229,20 @@ def test_pipeline_with_prefetch_equals_single_process_without(tmp_path: Path) ->
         assert len(waits) == 2 and all(isinstance(w, float) and w >= 0.0 for w in waits)
 
 
+@pytest.mark.slow
+def test_resume_mid_epoch_with_prefetch_equals_straight_run(tmp_path: Path) -> None:
+    """Stop inside epoch 2 without prefetch, resume with it: the same as one straight run."""
+    straight = train(tiny_config(tmp_path / "a", "pipeline.stages=1", "data.augment=[\"flip\"]"))
+    first = train(tiny_config(tmp_path / "b", "pipeline.stages=1", "data.augment=[\"flip\"]",
+                              "data.prefetch=0", "run.max_steps=7"))
+    assert first["stopped"] == "max_steps" and first["step"] == 7  # batch 2 of epoch 2 is next
+    resumed = train(tiny_config(tmp_path / "b", "pipeline.stages=1", "data.augment=[\"flip\"]",
+                                "data.prefetch=3"), resume=first["run_dir"])
+    assert resumed["step"] == straight["step"] == 10
+    assert_identical(checkpoint_tensors(resumed["run_dir"]), checkpoint_tensors(
+        straight["run_dir"]))
+
+
 def test_trainer_stopped_mid_epoch_leaves_no_thread(tmp_path: Path) -> None:
     result = train(tiny_config(tmp_path, "pipeline.stages=1", "run.max_steps=2", "run.epochs=1"))
     assert result["stopped"] == "max_steps" and result["step"] == 2

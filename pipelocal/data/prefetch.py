@@ -128,7 +128,10 @@ class Prefetcher(EpochBatches):
             raise ValueError(f"depth = {depth} is invalid; accepted: batches ahead >= 1")
         self._queue: queue.Queue[tuple[int, Tensor, Tensor] | _Failure] = queue.Queue(depth)
         self._stop = threading.Event()
-        self._pin, self._device = pin, device
+        self._pin, self._cuda = pin, None
+        if device is not None and device.type == "cuda":  # "cuda" alone: the caller's current
+            index = torch.cuda.current_device() if device.index is None else device.index
+            self._cuda = torch.device("cuda", index)
         self._thread = threading.Thread(
             target=self._produce, name=f"pipelocal-prefetch-epoch{epoch}", daemon=True
         )
@@ -137,8 +140,8 @@ class Prefetcher(EpochBatches):
     def _produce(self) -> None:
         index = self.next_index
         try:
-            if self._device is not None and self._device.type == "cuda":
-                torch.cuda.set_device(self._device)  # the current device is per host thread
+            if self._cuda is not None:
+                torch.cuda.set_device(self._cuda)  # the current device is per host thread
             for index in range(self.next_index, self.end):
                 if self._stop.is_set():
                     return
@@ -161,8 +164,7 @@ class Prefetcher(EpochBatches):
         if isinstance(item, _Failure):
             self.close()
             item.error.add_note(
-                f"raised in the prefetch thread building batch {item.index} of epoch "
-                f"{self.epoch}"
+                f"raised in the prefetch thread building batch {item.index} of epoch {self.epoch}"
             )
             raise item.error  # keeps the thread's traceback, this frame is added on top
         got, x, y = item
