@@ -114,6 +114,12 @@ class DataConfig:
     """... for epochs before this one (0 = for all epochs)."""
     train_limit: int = 0
     """If > 0, use only the first N training samples (quick experiments)."""
+    prefetch: int = 2
+    """Training batches a background thread builds ahead of use (pinned for a CUDA device);
+    0 = build each batch on the training thread when it is needed. Batches are identical."""
+    on_device: bool = False
+    """Keep the training split as uint8 on the run's CUDA device and build batches (gather,
+    augmentation, normalisation) there; on CPU this changes nothing."""
 
     def __post_init__(self) -> None:
         from pipelocal.data import available_datasets
@@ -128,7 +134,8 @@ class DataConfig:
             _check(
                 aug in AUGMENTATIONS, "data.augment", self.augment, ", ".join(AUGMENTATIONS)
             )
-        for key in ("jitter_px", "pad_px", "cutout_px", "classes_per_batch", "train_limit"):
+        for key in ("jitter_px", "pad_px", "cutout_px", "classes_per_batch", "train_limit",
+                    "prefetch"):
             value = getattr(self, key)
             _check(value >= 0, f"data.{key}", value, "an integer >= 0")
         _check(

@@ -132,6 +132,7 @@ class LocalPipe:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.device = engine.device
 
     def train_batch(self, step: int, epoch: int, x: Tensor, y: Tensor) -> None:
         self.engine.train_batch(x, y, epoch)

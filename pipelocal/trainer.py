@@ -18,11 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from pipelocal.checkpoint import checkpoint_dir, commit_checkpoint
 from pipelocal.config import Config, config_to_dict
 from pipelocal.data import BatchLoader, load_dataset, make_loaders
+from pipelocal.data.prefetch import epoch_batches
 from pipelocal.metrics import Metrics
 from pipelocal.models import BlockSpec
 from pipelocal.setup import Position, Setup
@@ -83,6 +85,8 @@ def install_stop_handlers() -> None:
 
 class Pipe(Protocol):
     num_stages: int
+    device: torch.device
+    """Where this process's blocks live: training batches are made for it."""
 
     def train_batch(self, step: int, epoch: int, x: Tensor, y: Tensor) -> None: ...
     def eval_batch(self, x: Tensor, y: Tensor) -> None: ...
@@ -106,6 +110,8 @@ class Trainer:
         start: Position | None = None,
     ) -> None:
         self.cfg, self.pipe, self.specs = cfg, pipe, list(specs)
+        if cfg.data.on_device and pipe.device.type == "cuda":
+            train_loader = train_loader.to(pipe.device)  # uint8 split on the GPU
         self.train_loader, self.test_loader = train_loader, test_loader
         self.run_dir, self.metrics, self.pos = Path(run_dir), metrics, start or Position()
         self.last_checkpoint: Path | None = None
@@ -119,15 +125,16 @@ class Trainer:
             n = self.train_loader.num_batches(epoch)
             self.metrics.start_epoch(epoch, epochs, n, initial=batch)
             t0, samples = time.perf_counter(), 0
-            for i in range(batch, n):
-                if stop_requested() or (max_steps and step >= max_steps):
-                    break
-                x, y = self.train_loader.batch(epoch, i)
-                self.pipe.train_batch(step, epoch, x, y)
-                step, samples = step + 1, samples + y.numel()
-                self.metrics.advance(samples / (time.perf_counter() - t0))
-            else:
-                i = n
+            with epoch_batches(self.train_loader, epoch, batch, prefetch=cfg.data.prefetch,
+                               device=self.pipe.device) as batches:
+                for _ in range(batch, n):
+                    if stop_requested() or (max_steps and step >= max_steps):
+                        break
+                    x, y = next(batches)  # built ahead when data.prefetch > 0
+                    self.pipe.train_batch(step, epoch, x, y)
+                    step, samples = step + 1, samples + y.numel()
+                    self.metrics.advance(samples / (time.perf_counter() - t0))
+            i = batches.next_index  # the first batch not trained on; n after a full epoch
             if i < n:  # stopped inside the epoch: checkpoint exactly here and leave
                 self.metrics.close_bar()
                 result["stopped"] = "interrupted" if stop_requested() else "max_steps"
@@ -137,6 +144,7 @@ class Trainer:
             elapsed = time.perf_counter() - t0
             self.metrics.close_bar()
             record = self._epoch_record(epoch, step, samples, elapsed, stage_stats)
+            record["data_wait(s)"] = round(batches.wait_s, 3)  # this thread waiting for data
             record.update(self.evaluate())
             self.metrics.log(record)
             self.metrics.echo(_epoch_line(record, epochs))

@@ -43,7 +43,7 @@ EXPECTED_MISSING = {
     "stl10": ("stl10_binary", "train_X.bin"),
     "mnist-10k": (".", "t10k-images-idx3-ubyte.gz"),
 }
-EMBEDDED = {"digits"}
+EMBEDDED = {"digits", "synthetic-cifar"}
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def _shifts_found(before: torch.Tensor, after: torch.Tensor, px: int) -> list[tu
 # --------------------------------------------------------------------------- registry
 
 
-def test_registry_lists_all_nine_names() -> None:
+def test_registry_lists_all_ten_names() -> None:
     assert available_datasets() == [
         "cifar10",
         "cifar100",
@@ -111,6 +111,7 @@ def test_registry_lists_all_nine_names() -> None:
         "mnist-10k",
         "stl10",
         "svhn",
+        "synthetic-cifar",
     ]
 
 
@@ -137,6 +138,17 @@ def test_digits_loads_offline_with_fixed_split(monkeypatch: pytest.MonkeyPatch) 
     assert ds.mean == pytest.approx((ds.train.x.mean().item(),))
     assert ds.std == pytest.approx((ds.train.x.std().item(),))
     again = load_dataset(DataConfig(name="digits", data_dir="/nonexistent"))
+    assert torch.equal(again.train.x, ds.train.x) and torch.equal(again.test.y, ds.test.y)
+
+
+def test_synthetic_cifar_is_cifar_shaped_and_fixed() -> None:
+    ds = load_dataset(DataConfig(name="synthetic-cifar", data_dir="/nonexistent"))
+    assert (len(ds.train), len(ds.test), ds.in_shape) == (10_000, 2_000, (3, 32, 32))
+    assert ds.train.x.dtype == torch.uint8 and ds.num_classes == 10
+    observed = ds.train.x.float().div(255)
+    assert observed.mean().item() == pytest.approx(ds.mean[0], abs=1e-3)
+    assert observed.std().item() == pytest.approx(ds.std[0], abs=1e-3)
+    again = load_dataset(DataConfig(name="synthetic-cifar"))
     assert torch.equal(again.train.x, ds.train.x) and torch.equal(again.test.y, ds.test.y)
 
 

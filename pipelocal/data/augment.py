@@ -4,6 +4,10 @@ Working before normalisation makes the zero fill of the translations and of cuto
 torchvision's ``RandomCrop(padding=...)`` followed by ``Normalize``. Every random draw comes from
 the generator passed in (one per batch, see :mod:`pipelocal.data.loader`), never from the
 global RNG, so a batch's augmentation is a pure function of that generator's seed.
+
+``x`` may live on any device: the random numbers are always drawn on CPU from that generator
+(the same draws wherever the batch is built) and then moved to ``x.device``, where the rest is
+exact index arithmetic, copies and fills.
 """
 
 from __future__ import annotations
@@ -26,19 +30,20 @@ def random_translate(x: torch.Tensor, px: int, generator: torch.Generator) -> to
     if px == 0:
         return x
     n, c, h, w = x.shape
+    dev = x.device
     padded = F.pad(x, (px, px, px, px))  # [N, C, H+2px, W+2px], zeros
-    oy = torch.randint(0, 2 * px + 1, (n,), generator=generator)
-    ox = torch.randint(0, 2 * px + 1, (n,), generator=generator)
-    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # [N, 1, H, 1]
-    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # [N, 1, 1, W]
-    batch = torch.arange(n)[:, None, None, None]
-    chan = torch.arange(c)[None, :, None, None]
+    oy = torch.randint(0, 2 * px + 1, (n,), generator=generator).to(dev)
+    ox = torch.randint(0, 2 * px + 1, (n,), generator=generator).to(dev)
+    rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # [N, 1, H, 1]
+    cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # [N, 1, 1, W]
+    batch = torch.arange(n, device=dev)[:, None, None, None]
+    chan = torch.arange(c, device=dev)[None, :, None, None]
     return padded[batch, chan, rows, cols]  # [N, C, H, W]
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror each sample left-right with probability 1/2."""
-    flip = torch.rand(x.shape[0], generator=generator) < 0.5  # [N]
+    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)  # [N]
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
@@ -47,10 +52,11 @@ def cutout(x: torch.Tensor, px: int, generator: torch.Generator) -> torch.Tensor
     if px == 0:
         return x
     n, _, h, w = x.shape
-    cy = torch.randint(0, h, (n,), generator=generator)
-    cx = torch.randint(0, w, (n,), generator=generator)
+    cy = torch.randint(0, h, (n,), generator=generator).to(x.device)
+    cx = torch.randint(0, w, (n,), generator=generator).to(x.device)
     y0, x0 = cy - px // 2, cx - px // 2  # the square is [y0, y0 + px) x [x0, x0 + px)
-    ys, xs = torch.arange(h)[None, :], torch.arange(w)[None, :]
+    ys = torch.arange(h, device=x.device)[None, :]
+    xs = torch.arange(w, device=x.device)[None, :]
     in_y = (ys >= y0[:, None]) & (ys < (y0 + px)[:, None])  # [N, H]
     in_x = (xs >= x0[:, None]) & (xs < (x0 + px)[:, None])  # [N, W]
     mask = in_y[:, :, None] & in_x[:, None, :]  # [N, H, W]

@@ -1,6 +1,7 @@
-"""Datasets that need no download: ``digits`` (bundled with scikit-learn) and ``mnist-10k``.
+"""Datasets that need no download: ``digits`` (bundled with scikit-learn), ``mnist-10k`` and
+``synthetic-cifar`` (generated).
 
-Both ship a single pool of images, so they are split here with a fixed permutation
+The first two ship a single pool of images, so they are split here with a fixed permutation
 (``torch.Generator().manual_seed(0)``) that does not depend on the run seed: every run of every
 experiment sees the same train and test images.
 """
@@ -18,7 +19,13 @@ from pipelocal.data.registry import Dataset, DatasetError, Split, register_datas
 if TYPE_CHECKING:
     from pipelocal.config import DataConfig
 
-__all__ = ["DIGITS_TRAIN", "MNIST_10K_FILES", "MNIST_10K_TRAIN", "fixed_split"]
+__all__ = [
+    "DIGITS_TRAIN",
+    "MNIST_10K_FILES",
+    "MNIST_10K_TRAIN",
+    "SYNTHETIC_CIFAR_SIZES",
+    "fixed_split",
+]
 
 DIGITS_TRAIN = 1437
 """digits: the first 1437 of the 1797 permuted images train, the last 360 test."""
@@ -27,6 +34,10 @@ MNIST_10K_TRAIN = 8000
 file of another size)."""
 MNIST_10K_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _MNIST_MEAN, _MNIST_STD = (0.1307,), (0.3081,)
+SYNTHETIC_CIFAR_SIZES = (10_000, 2_000)
+"""synthetic-cifar: training and test images."""
+# Uniform integers 0..255 scaled to [0, 1]: mean 1/2, std sqrt((256**2 - 1) / 12) / 255.
+_UNIFORM_MEAN, _UNIFORM_STD = 0.5, ((256**2 - 1) / 12) ** 0.5 / 255
 
 
 def fixed_split(x: torch.Tensor, y: torch.Tensor, n_train: int) -> tuple[Split, Split]:
@@ -94,4 +105,26 @@ def _mnist_10k(cfg: DataConfig) -> Dataset:
         in_shape=(1, 28, 28),
         mean=_MNIST_MEAN,
         std=_MNIST_STD,
+    )
+
+
+@register_dataset("synthetic-cifar")
+def _synthetic_cifar(cfg: DataConfig) -> Dataset:
+    """Uniform random uint8 images of CIFAR-10's shape [3, 32, 32] with random labels 0..9.
+
+    Nothing to learn: it exists so that speed and data-loading benchmarks run on CIFAR-sized
+    batches without a download. Generated from a generator seeded 0, so always the same.
+    """
+    n_train, n_test = SYNTHETIC_CIFAR_SIZES
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n_train + n_test, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (n_train + n_test,), generator=gen)
+    return Dataset(
+        name="synthetic-cifar",
+        train=Split(x[:n_train], y[:n_train]),
+        test=Split(x[n_train:], y[n_train:]),
+        num_classes=10,
+        in_shape=(3, 32, 32),
+        mean=(_UNIFORM_MEAN,) * 3,
+        std=(_UNIFORM_STD,) * 3,
     )

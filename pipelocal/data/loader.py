@@ -8,13 +8,25 @@ reproduce the single-process one and a resumed run continue mid-epoch. Hence:
 * each batch's augmentation draws from its own generator seeded from (seed, epoch, index);
 * the global RNG is never used.
 
+A loader may hold its split on a CUDA device (:meth:`BatchLoader.to`): the random draws still
+come from CPU generators, and every op of a batch (gather, uint8 -> float, augmentation,
+normalisation) is exact elementwise arithmetic or copying, so the batch is meant to be bitwise
+the one built on CPU (``tests/test_prefetch.py`` checks it where a GPU is present). One detail
+serves that: 255 divides as a 0-dim tensor on the split's device, because CUDA divides by a
+Python (CPU) scalar as a multiplication by its reciprocal, which can differ in the last bit.
+
+The epoch plans are cached under a lock, so a prefetch thread (:mod:`pipelocal.data.prefetch`)
+and the caller may ask for batches at the same time.
+
 Seeds are derived with BLAKE2 over the parts (not Python's salted ``hash``), so they are the
 same in every process and an order seed never equals an augmentation seed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -79,6 +91,7 @@ class BatchLoader:
             if value < 0:
                 raise ValueError(f"{key} = {value} is invalid; accepted: an integer >= 0")
         self._split = split
+        self._labels = split.y.cpu()  # the plans are drawn on CPU wherever the split lives
         self._batch_size = batch_size
         self._seed = seed
         self._train = train
@@ -89,11 +102,37 @@ class BatchLoader:
         self._classes_per_batch = classes_per_batch
         self._until_epoch = classes_per_batch_until_epoch
         self._num_classes = num_classes
+        self._255 = torch.tensor(255.0)  # 0-dim, on the split's device (see the module doc)
         self._plans: OrderedDict[int, EpochPlan] = OrderedDict()
+        self._plans_lock = threading.Lock()
 
     @property
     def num_samples(self) -> int:
         return len(self._split)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the split is held and batches are built."""
+        return self._split.x.device
+
+    def to(self, device: torch.device | str) -> BatchLoader:
+        """The same loader with its split (uint8 stays uint8) on ``device``; self if already there.
+
+        Batches are then built on ``device``; they are the same batches (see the module doc).
+        """
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        moved = BatchLoader.__new__(BatchLoader)
+        moved.__dict__.update(self.__dict__)
+        moved._split = dataclasses.replace(
+            self._split, x=self._split.x.to(device), y=self._split.y.to(device)
+        )
+        moved._mean, moved._std, moved._255 = (
+            t.to(device) for t in (self._mean, self._std, self._255)
+        )
+        moved._plans, moved._plans_lock = OrderedDict(), threading.Lock()
+        return moved
 
     @property
     def batch_size(self) -> int:
@@ -122,9 +161,9 @@ class BatchLoader:
 
     def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``index`` of ``epoch``: x float32 [B, C, H, W] normalised, y int64 [B]."""
-        idx = self.batch_indices(epoch, index)
+        idx = self.batch_indices(epoch, index).to(self.device)
         x = self._split.x[idx]  # gather copies: the stored split is never modified
-        x = x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.float()
+        x = x.to(torch.float32).div_(self._255) if x.dtype == torch.uint8 else x.float()
         if self._train and self._augment:
             gen = _generator("augment", self._seed, epoch, index)
             x = apply_augmentations(x, self._augment, gen, **self._px)
@@ -139,11 +178,12 @@ class BatchLoader:
     def _plan(self, epoch: int) -> EpochPlan:
         if epoch < 0:
             raise ValueError(f"epoch = {epoch} is invalid; epochs count from 0")
-        if epoch not in self._plans:
-            self._plans[epoch] = self._make_plan(epoch)
-            while len(self._plans) > _CACHED_EPOCHS:
-                self._plans.popitem(last=False)
-        return self._plans[epoch]
+        with self._plans_lock:
+            if epoch not in self._plans:
+                self._plans[epoch] = self._make_plan(epoch)
+                while len(self._plans) > _CACHED_EPOCHS:
+                    self._plans.popitem(last=False)
+            return self._plans[epoch]
 
     def _make_plan(self, epoch: int) -> EpochPlan:
         n = self.num_samples
@@ -152,7 +192,7 @@ class BatchLoader:
         gen = _generator("order", self._seed, epoch)
         if self.class_limited(epoch):
             return class_limited_plan(
-                self._split.y,
+                self._labels,
                 num_classes=self._num_classes,
                 classes_per_batch=self._classes_per_batch,
                 batch_size=self._batch_size,

@@ -38,6 +38,9 @@ __all__ = [
 ]
 
 _MATCHING_SECTIONS = ("model", "data", "rule", "optim", "schedule")
+# How batches are fed, never which batches: a resumed run may change these (and checkpoints
+# written before they existed lack them).
+_FEED_ONLY = {("data", "prefetch"), ("data", "on_device")}
 
 
 def check_resume(cfg: Config, manifest: dict[str, Any]) -> None:
@@ -47,7 +50,7 @@ def check_resume(cfg: Config, manifest: dict[str, Any]) -> None:
         f"{section}.{key}: checkpoint {saved[section].get(key)!r}, now {value!r}"
         for section in _MATCHING_SECTIONS
         for key, value in now[section].items()
-        if saved[section].get(key) != value
+        if (section, key) not in _FEED_ONLY and saved[section].get(key) != value
     ]
     for key in ("seed", "epochs", "precision"):
         if saved["run"].get(key, "fp32") != now["run"][key]:

@@ -169,6 +169,7 @@ class DistPipe:
 
     def __init__(self, stage: Stage, *, num_stages: int, wire_batch: int) -> None:
         self.stage, self.num_stages, self.wire_batch = stage, num_stages, wire_batch
+        self.device = stage.engine.device
 
     def train_batch(self, step: int, epoch: int, x: Tensor, y: Tensor) -> None:
         self.stage.handle(Message(Kind.TRAIN, step, epoch, x, y))
