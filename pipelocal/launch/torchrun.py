@@ -12,7 +12,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipelocal.config import Config, ConfigError
+from pipelocal.device import configure_determinism, visible_gpus
 from pipelocal.launch.preflight import finalise, plan_stages, prepare, validate
 from pipelocal.launch.spawn import die_with_parent
 from pipelocal.pipeline.worker import run_rank
@@ -42,6 +45,10 @@ def torchrun_worker(cfg: Config, resume: str | Path | None) -> dict[str, Any] | 
             f"{cfg.pipeline.stages} processes"
         )
     cfg = cfg.replace(pipeline={"stages": world})
+    # Before rank 0 profiles on its GPU below: cuBLAS reads its workspace setting when it
+    # creates a handle, so the flags must precede the first CUDA op (run_rank sets them again).
+    configure_determinism(torch.device("cuda" if visible_gpus(cfg) else "cpu"),
+                          cfg.run.deterministic)
     setup: Setup | None = None
     if rank == 0:
         install_stop_handlers()

@@ -137,4 +137,8 @@ def _teardown(stage: Stage) -> None:
     if left:
         raise RuntimeError(f"stage {stage.stage}: transfers left at shutdown (channel, posted "
                            f"receives, sends in flight): {left}")
+    if stage.engine.device.type == "cuda":
+        # A waited NCCL work only ordered our stream after it; let every kernel, the NCCL
+        # stream's included, finish before the communicators go.
+        torch.cuda.synchronize(stage.engine.device)  # CPU-GPU sync point, once per run
     dist.destroy_process_group()
