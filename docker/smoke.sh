@@ -16,7 +16,8 @@
 #      a. `pipelocal train` on the embedded default in the image; its final accuracy must
 #         equal the same command's outside the image;
 #      b. a 2-stage torchrun inside one container;
-#      c. two containers as two torchrun "nodes" (c10d rendezvous on 127.0.0.1); their
+#      c. two containers as two torchrun "nodes" (c10d rendezvous on 127.0.0.1, the nodes
+#         on 127.0.0.1 and 127.0.0.2); their
 #         checkpoint must equal (b)'s bit for bit;
 #      d. `docker stop` of a training container: reports how it exits and which checkpoint
 #         it leaves.
@@ -152,10 +153,12 @@ check_two_nodes() {
   step "c. two containers as two torchrun nodes (c10d on 127.0.0.1)"
   local port node
   port=$(free_port)
+  # Each node gets its own loopback address: c10d tells nodes apart by (address, PID), and
+  # torchrun is PID 1 in both containers, so with one address the two never both join.
   for node in 0 1; do
     run "smoke-node$node" --entrypoint torchrun "$IMAGE" --nnodes 2 --node-rank "$node" \
       --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint "127.0.0.1:$port" \
-      --rdzv-id smoke --local-addr 127.0.0.1 \
+      --rdzv-id smoke --local-addr "127.0.0.$((node + 1))" \
       "${TORCHRUN_TRAIN[@]}" --set run.name=two-nodes >/dev/null
   done
   wait_ok smoke-node0 smoke-node1

@@ -13,16 +13,20 @@
 # Variables:
 #   STAGES           one node: stages = processes on this node (default 2)
 #   NNODES           number of nodes; unset or 1 = one node (torchrun --standalone)
-#   NODE_RANK        several nodes: this node's index, 0 .. NNODES-1 (required)
+#   NODE_RANK        several nodes: this node's index, 0 .. NNODES-1 (required). With the
+#                    c10d rendezvous torchrun numbers the nodes itself and only warns that
+#                    it ignores NODE_RANK: any node may run rank 0 (stage 0 and the
+#                    coordinator that prints the progress)
 #   STAGES_PER_NODE  several nodes: processes (= stages) per node (required); the job has
-#                    NNODES * STAGES_PER_NODE stages, numbered node by node (node 0 runs
-#                    stages 0 .. STAGES_PER_NODE-1, which include the coordinator, rank 0)
+#                    NNODES * STAGES_PER_NODE stages, consecutive ones on the same node
 #   MASTER_ADDR      several nodes: host name or IP of the c10d rendezvous store, reachable
 #                    from every node; usually node 0 (required)
 #   MASTER_PORT      several nodes: TCP port of the rendezvous store (default 29400)
 #   RDZV_ID          several nodes: job id, the same on every node of one job (default pipelocal)
 #   LOCAL_ADDR       several nodes: the address the other nodes reach this one at (default:
-#                    torchrun looks up this host's name); 127.0.0.1 for "nodes" on one host
+#                    torchrun looks up this host's name). For "nodes" on one host: 127.0.0.1;
+#                    in containers 127.0.0.1, 127.0.0.2, ... (c10d tells nodes apart by
+#                    address and PID, and torchrun has PID 1 in every container)
 #   PYTHON           interpreter with pipelocal and torch installed (default python3); torchrun
 #                    is started as `$PYTHON -m torch.distributed.run`
 #

@@ -128,6 +128,7 @@ def test_torchrun_script_equals_spawned_pipeline(tmp_path: Path, nodes: int) -> 
                 p.wait(timeout=30)
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
-    assert "pipelined over 2 stages" in outputs[0]
+    # c10d numbers the nodes itself (NODE_RANK is only a hint), so either node may run rank 0.
+    assert "pipelined over 2 stages" in "".join(outputs)
     assert_identical(checkpoint_tensors(tmp_path / "runs" / "torchrun"),
                      checkpoint_tensors(spawned["run_dir"]))
