@@ -1,18 +1,65 @@
 #!/usr/bin/env bash
-# One torchrun rank per pipeline stage. Extra arguments go to `pipelocal train`.
+# `pipelocal train` under torchrun: one process (rank) per pipeline stage. Every argument goes
+# to `pipelocal train` unchanged; the stage count comes from the variables below, so do not
+# pass --stages.
 #
-#   single node, S stages (one per GPU, or S CPU processes):
+#   one node, S stages (one per GPU, or S CPU processes):
 #     STAGES=4 launch/torchrun.sh --config configs/vgg8b_cifar10.toml
-#   several nodes (run on every node; stages are numbered node by node):
+#   several nodes (the same line on every node, NODE_RANK = 0 .. NNODES-1):
 #     NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 STAGES_PER_NODE=4 launch/torchrun.sh --config ...
+#   check without training (config, partition, stage shapes of the whole job; no rendezvous):
+#     NNODES=2 STAGES_PER_NODE=4 launch/torchrun.sh --dry-run --config ...
+#
+# Variables:
+#   STAGES           one node: stages = processes on this node (default 2)
+#   NNODES           number of nodes; unset or 1 = one node (torchrun --standalone)
+#   NODE_RANK        several nodes: this node's index, 0 .. NNODES-1 (required). With the
+#                    c10d rendezvous torchrun numbers the nodes itself and only warns that
+#                    it ignores NODE_RANK: any node may run rank 0 (stage 0 and the
+#                    coordinator that prints the progress)
+#   STAGES_PER_NODE  several nodes: processes (= stages) per node (required); the job has
+#                    NNODES * STAGES_PER_NODE stages, consecutive ones on the same node
+#   MASTER_ADDR      several nodes: host name or IP of the c10d rendezvous store, reachable
+#                    from every node; usually node 0 (required)
+#   MASTER_PORT      several nodes: TCP port of the rendezvous store (default 29400)
+#   RDZV_ID          several nodes: job id, the same on every node of one job (default pipelocal)
+#   LOCAL_ADDR       several nodes: the address the other nodes reach this one at (default:
+#                    torchrun looks up this host's name). For "nodes" on one host: 127.0.0.1;
+#                    in containers 127.0.0.1, 127.0.0.2, ... (c10d tells nodes apart by
+#                    address and PID, and torchrun has PID 1 in every container)
+#   PYTHON           interpreter with pipelocal and torch installed (default python3); torchrun
+#                    is started as `$PYTHON -m torch.distributed.run`
 #
 # Checkpoints are written by every stage into the run directory: on several nodes, point
-# run.out_dir at a shared file system.
+# run.out_dir at a file system all nodes share.
 set -euo pipefail
-if [[ -n "${NNODES:-}" && "${NNODES}" != 1 ]]; then
-  exec torchrun --nnodes "${NNODES}" --node-rank "${NODE_RANK:?set NODE_RANK}" \
-    --nproc-per-node "${STAGES_PER_NODE:?set STAGES_PER_NODE}" \
-    --rdzv-backend c10d --rdzv-endpoint "${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29400}" \
-    --rdzv-id "${RDZV_ID:-pipelocal}" -m pipelocal train "$@"
+PYTHON=${PYTHON:-python3}
+NNODES=${NNODES:-1}
+
+if [[ $NNODES == 1 ]]; then
+  world=${STAGES:-2}
+else
+  world=$((NNODES * ${STAGES_PER_NODE:?set STAGES_PER_NODE (processes per node)}))
 fi
-exec torchrun --standalone --nproc-per-node "${STAGES:-2}" -m pipelocal train "$@"
+
+for arg in "$@"; do
+  if [[ $arg == --dry-run ]]; then
+    # One process checks what every rank would: no rendezvous, no training.
+    exec "$PYTHON" -m pipelocal train --stages "$world" "$@"
+  fi
+done
+
+if [[ $NNODES == 1 ]]; then
+  exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$world" \
+    -m pipelocal train "$@"
+fi
+local_addr=()
+if [[ -n ${LOCAL_ADDR:-} ]]; then
+  local_addr=(--local-addr "$LOCAL_ADDR")
+fi
+exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" \
+  --node-rank "${NODE_RANK:?set NODE_RANK (0 .. NNODES-1)}" \
+  --nproc-per-node "$STAGES_PER_NODE" "${local_addr[@]}" \
+  --rdzv-backend c10d --rdzv-id "${RDZV_ID:-pipelocal}" \
+  --rdzv-endpoint "${MASTER_ADDR:?set MASTER_ADDR (the rendezvous host)}:${MASTER_PORT:-29400}" \
+  -m pipelocal train "$@"

@@ -3,6 +3,7 @@
     pipelocal train                                   # embedded digits set, pipelined if S > 1
     pipelocal train --config my.toml --set optim.lr=3e-4 --stages 4
     pipelocal train --resume runs/NAME                # continue from the latest checkpoint
+    pipelocal train --stages 4 --dry-run              # check config, partition, stage shapes
     pipelocal eval runs/NAME                          # test accuracy of a checkpoint
     pipelocal plan --config my.toml --stages 4        # profile blocks, propose a partition
     torchrun --nproc-per-node 4 -m pipelocal train --config my.toml   # one rank per stage
@@ -44,11 +45,39 @@ def cmd_train(args: argparse.Namespace) -> int:
                                            if args.stages else [])))
     else:
         cfg = _config(args, [f"pipeline.stages={args.stages}"] if args.stages else [])
+    if args.dry_run:
+        return _dry_run(cfg, args.resume)
     result = train(cfg, resume=args.resume)
     if result is None:  # a torchrun rank other than 0
         return 0
     _print_result(result)
     return EXIT_INTERRUPTED if result.get("stopped") == "interrupted" else 0
+
+
+def _dry_run(cfg: Config, resume: str | None) -> int:
+    """The checks `train` makes before any worker starts, then a dummy batch through the stages."""
+    import torch
+
+    from pipelocal.launch.preflight import (
+        dry_run,
+        plan_stages,
+        prepare,
+        profiled_partition,
+        validate,
+    )
+    from pipelocal.pipeline.partition import stage_ranges
+
+    setup, _ = prepare(cfg, resume)
+    plan_stages(setup)
+    partition = validate(setup) or profiled_partition(setup, torch.device("cpu"))
+    dry_run(setup, partition)
+    specs = setup.specs
+    print(f"dry run OK: {setup.cfg.model.name} on {setup.cfg.data.name}, "
+          f"{len(partition)} stage(s), partition {partition}")
+    for s, r in enumerate(stage_ranges(partition)):
+        print(f"  stage {s}: {', '.join(specs[i].name for i in r)}  "
+              f"in {list(specs[r.start].in_shape)} -> out {list(specs[r.stop - 1].wire_shape)}")
+    return 0
 
 
 def _print_result(result: dict[str, Any]) -> None:
@@ -125,6 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     with_config(t)
     t.add_argument("--stages", type=int, help="pipeline stages (= pipeline.stages)")
     t.add_argument("--resume", help="run directory or checkpoint to continue from")
+    t.add_argument("--dry-run", action="store_true",
+                   help="validate config, partition and stage shapes, then exit without training")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="test accuracy of a checkpoint (single process)")

@@ -57,10 +57,13 @@ class _LinearFAFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, _weight, feedback = ctx.saved_tensors
+        # In float32 whatever autocast made of the forward (bf16 output and input); each
+        # gradient is returned in its input's dtype.
+        g = grad_out.float()
         # Feedback alignment: the error reaches x through the fixed B, not through W^T.
-        grad_x = grad_out @ feedback  # [B, out] @ [out, in] -> [B, in]
-        grad_w = grad_out.t() @ x
-        return grad_x, grad_w, grad_out.sum(0), None
+        grad_x = (g @ feedback).to(x.dtype)  # [B, out] @ [out, in] -> [B, in]
+        grad_w = g.t() @ x.float()
+        return grad_x, grad_w, g.sum(0), None
 
 
 class LinearFA(nn.Module):

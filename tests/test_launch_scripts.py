@@ -1,0 +1,134 @@
+"""The scripts in launch/: their --dry-run checks, and the multi-node path proven on one host.
+
+Two torchrun "nodes" here are two ``launch/torchrun.sh`` processes with NODE_RANK 0 and 1 and a
+c10d rendezvous on 127.0.0.1; their checkpoint must equal the spawned ``--stages 2`` run's bit
+for bit, as any pipelined run equals the single-process one (tests/test_transparency.py).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelocal.config import to_toml
+from pipelocal.launch import train
+from tests.conftest import REPO, assert_identical, checkpoint_tensors, tiny_config
+
+TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
+SLURM_SBATCH = REPO / "launch" / "slurm.sbatch"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**variables: str) -> dict[str, str]:
+    """The scripts' variables, this interpreter and this checkout; no stray launch settings."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NNODES", "NODE_RANK", "STAGES", "STAGES_PER_NODE", "MASTER_ADDR",
+                        "MASTER_PORT", "LOCAL_ADDR", "RDZV_ID") and not k.startswith("SLURM_")}
+    return {**env, "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+            **variables}
+
+
+def _script(script: Path, *args: str, timeout: float = 120, **variables: str):
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=_env(**variables), cwd=REPO)
+
+
+def _tiny_toml(tmp_path: Path, *overrides: str) -> Path:
+    """tiny_config as a file the scripts can pass on (--config)."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(to_toml(tiny_config(tmp_path / "runs", *overrides)))
+    return path
+
+
+# --------------------------------------------------------------------------- --dry-run
+
+
+@pytest.mark.parametrize(
+    ("script", "variables"),
+    [(TORCHRUN_SH, {"STAGES": "4"}),
+     (TORCHRUN_SH, {"NNODES": "2", "STAGES_PER_NODE": "2"}),
+     (SLURM_SBATCH, {"NNODES": "2", "STAGES_PER_NODE": "2"}),
+     (SLURM_SBATCH, {"SLURM_NNODES": "4", "SLURM_GPUS_ON_NODE": "1"})],
+)
+def test_dry_run_checks_the_whole_job_without_training(
+    tmp_path: Path, script: Path, variables: dict[str, str]
+) -> None:
+    config = _tiny_toml(tmp_path, "pipeline.partition=[1,1,1,1]")
+    proc = _script(script, "--dry-run", "--config", str(config), **variables)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "dry run OK: cnn on digits, 4 stage(s), partition [1, 1, 1, 1]" in proc.stdout
+    assert "stage 3: out  in [32] -> out [10]" in proc.stdout
+    assert not (tmp_path / "runs").exists()  # no run directory: nothing was trained
+
+
+@pytest.mark.parametrize("script", [TORCHRUN_SH, SLURM_SBATCH])
+def test_dry_run_rejects_a_partition_that_misses_blocks(tmp_path: Path, script: Path) -> None:
+    config = _tiny_toml(tmp_path, "pipeline.partition=[1,1]")  # 2 of the 4 blocks
+    proc = _script(script, "--dry-run", "--config", str(config),
+                   NNODES="2", STAGES_PER_NODE="1")
+    assert proc.returncode == 2
+    assert "pipeline.partition = [1, 1] assigns 2 blocks but the model has 4" in proc.stderr
+
+
+def test_dry_run_rejects_more_stages_than_blocks(tmp_path: Path) -> None:
+    proc = _script(TORCHRUN_SH, "--dry-run", "--config", str(_tiny_toml(tmp_path)),
+                   NNODES="3", STAGES_PER_NODE="2")
+    assert proc.returncode == 2
+    assert "pipeline.stages = 6 but model cnn has only 4 blocks" in proc.stderr
+
+
+def test_slurm_without_gpus_asks_for_stages_per_node(tmp_path: Path) -> None:
+    # No SLURM_GPUS_ON_NODE and no nvidia-smi on PATH: the script cannot guess a stage count.
+    proc = _script(SLURM_SBATCH, "--dry-run", PATH="/usr/bin:/bin")
+    assert proc.returncode == 2
+    assert "set STAGES_PER_NODE" in proc.stderr
+
+
+# --------------------------------------------------------------------------- torchrun, for real
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_torchrun_script_equals_spawned_pipeline(tmp_path: Path, nodes: int) -> None:
+    """One node (--standalone), or two "nodes" on this host with a c10d rendezvous."""
+    spawned = train(tiny_config(tmp_path / "spawn", "pipeline.stages=2",
+                                "pipeline.partition=[2,2]"))
+    config = _tiny_toml(tmp_path, "pipeline.partition=[2,2]", "run.name=torchrun")
+    args = ("--config", str(config))
+    if nodes == 1:
+        procs = [subprocess.Popen(["bash", str(TORCHRUN_SH), *args], env=_env(STAGES="2"),
+                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)]
+    else:
+        common = {"NNODES": "2", "STAGES_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
+                  "MASTER_PORT": str(_free_port()), "LOCAL_ADDR": "127.0.0.1",
+                  "RDZV_ID": f"test-{os.getpid()}"}
+        procs = [subprocess.Popen(["bash", str(TORCHRUN_SH), *args],
+                                  env=_env(NODE_RANK=str(rank), **common), cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for rank in range(2)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in procs:  # a failed or hung node must not outlive the test
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    # c10d numbers the nodes itself (NODE_RANK is only a hint), so either node may run rank 0.
+    assert "pipelined over 2 stages" in "".join(outputs)
+    assert_identical(checkpoint_tensors(tmp_path / "runs" / "torchrun"),
+                     checkpoint_tensors(spawned["run_dir"]))
