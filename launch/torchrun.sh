@@ -27,6 +27,9 @@
 #                    torchrun looks up this host's name). For "nodes" on one host: 127.0.0.1;
 #                    in containers 127.0.0.1, 127.0.0.2, ... (c10d tells nodes apart by
 #                    address and PID, and torchrun has PID 1 in every container)
+#   MAX_RESTARTS     restart the whole job this many times after a failure (default 0); pass
+#                    --set run.name=NAME --set run.resume=auto so that a restart continues
+#                    from the run directory's latest complete checkpoint
 #   PYTHON           interpreter with pipelocal and torch installed (default python3); torchrun
 #                    is started as `$PYTHON -m torch.distributed.run`
 #
@@ -51,7 +54,7 @@ done
 
 if [[ $NNODES == 1 ]]; then
   exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$world" \
-    -m pipelocal train "$@"
+    --max-restarts "${MAX_RESTARTS:-0}" -m pipelocal train "$@"
 fi
 local_addr=()
 if [[ -n ${LOCAL_ADDR:-} ]]; then
@@ -59,7 +62,7 @@ if [[ -n ${LOCAL_ADDR:-} ]]; then
 fi
 exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" \
   --node-rank "${NODE_RANK:?set NODE_RANK (0 .. NNODES-1)}" \
-  --nproc-per-node "$STAGES_PER_NODE" "${local_addr[@]}" \
+  --nproc-per-node "$STAGES_PER_NODE" "${local_addr[@]}" --max-restarts "${MAX_RESTARTS:-0}" \
   --rdzv-backend c10d --rdzv-id "${RDZV_ID:-pipelocal}" \
   --rdzv-endpoint "${MASTER_ADDR:?set MASTER_ADDR (the rendezvous host)}:${MASTER_PORT:-29400}" \
   -m pipelocal train "$@"

@@ -277,6 +277,9 @@ class RunConfig:
     deterministic: bool = True
     """Deterministic kernels (cuBLAS workspace, deterministic algorithms, cuDNN deterministic,
     no cuDNN benchmark). Off: cuDNN benchmarks for speed and bitwise exactness holds on CPU only."""
+    resume: Literal["never", "auto"] = "never"
+    """auto: if the run directory (run.name) holds a complete checkpoint, continue from it, as
+    a restarted job must (torchrun --max-restarts, a Slurm requeue); else start afresh."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16: autocast the blocks and their heads to bfloat16 (weights and optimiser state stay
     float32); also on CPU."""
@@ -284,6 +287,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "run.epochs", self.epochs, "an integer >= 1")
         _check(self.precision in ("fp32", "bf16"), "run.precision", self.precision, "fp32, bf16")
+        _check(self.resume in ("never", "auto"), "run.resume", self.resume, "never, auto")
+        _check(self.resume == "never" or bool(self.name), "run.resume", self.resume,
+               "auto only with a run.name (the directory a restarted job comes back to)")
         _check(self.device in ("auto", "cpu", "cuda"), "run.device", self.device,
                "auto, cpu, cuda")
         _check(self.threads >= 0, "run.threads", self.threads, "an integer >= 0")

@@ -130,3 +130,28 @@ def test_bf16_wire_rounds_only_what_crosses_it(tmp_path: Path) -> None:
         ma, mb = a[block]["module"], b[block]["module"]
         assert any(not torch.equal(ma[k], mb[k]) for k in ma), f"block {block} saw no rounding"
     assert abs(exact["test/acc"] - bf16["test/acc"]) < 0.1
+
+
+def test_torchrun_restart_resumes_automatically(tmp_path: Path) -> None:
+    """A rank killed mid-epoch under `torchrun --max-restarts 1` with run.resume = auto: the
+    restarted job continues from the last complete checkpoint and ends bitwise as a straight run."""
+    straight = train(tiny_config(tmp_path / "straight", "pipeline.stages=2"))
+    overrides = [
+        "model.name=cnn", "model.width=0.25", "model.fc_width=32", "model.dropout=0.1",
+        "data.train_limit=300", "data.batch_size=64", "data.eval_batch_size=100",
+        "rule.name=predsim", "run.epochs=2", f"run.out_dir={tmp_path / 'tr'}",
+        "run.progress=false", "run.name=job", "run.resume=auto", "pipeline.threads_per_stage=1",
+        "pipeline.timeout_s=30",
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "1", "-m", "pipelocal", "train"]
+    for o in overrides:
+        cmd += ["--set", o]
+    # Stage 1 dies at step 7, inside epoch 2, after the checkpoint of step 5 (first attempt only).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PIPELOCAL_INJECT_FAULT": "1:7:kill"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("pipelocal: pipelined over 2 stages") == 2  # two attempts
+    assert_identical(checkpoint_tensors(tmp_path / "tr" / "job"),
+                     checkpoint_tensors(straight["run_dir"]))

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pipelocal.checkpoint import read_manifest, resolve_checkpoint
+from pipelocal.checkpoint import CheckpointError, read_manifest, resolve_checkpoint
 from pipelocal.config import Config, ConfigError, config_to_dict, to_toml
 from pipelocal.data import Dataset, load_dataset
 from pipelocal.device import auto_stages, cpu_threads, place_stage, visible_gpus
@@ -26,6 +26,7 @@ from pipelocal.rules import RULES
 from pipelocal.setup import Position, Setup
 
 __all__ = [
+    "auto_resume_point",
     "check_resume",
     "dry_run",
     "finalise",
@@ -74,10 +75,22 @@ def make_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+def auto_resume_point(cfg: Config) -> Path | None:
+    """``run.resume = "auto"``: the run directory if it holds a complete checkpoint."""
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    try:
+        resolve_checkpoint(run_dir)
+    except CheckpointError:
+        return None
+    return run_dir
+
+
 def prepare(cfg: Config, resume: str | Path | None = None) -> tuple[Setup, Dataset]:
     """Load the data and find the resume point (the run directory is opened after validation)."""
     dataset = load_dataset(cfg.data)
     setup = Setup(cfg, tuple(dataset.in_shape), dataset.num_classes, Path())
+    if not resume and cfg.run.resume == "auto":
+        resume = auto_resume_point(cfg)
     if resume:
         ckpt = resolve_checkpoint(resume)
         manifest = read_manifest(ckpt)

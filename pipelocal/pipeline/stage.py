@@ -30,7 +30,8 @@ from pipelocal.pipeline.channel import Kind, Message, P2PChannel
 __all__ = ["FAULT_ENV", "DistPipe", "Stage", "parse_fault"]
 
 FAULT_ENV = "PIPELOCAL_INJECT_FAULT"
-"""Fault injection for tests: ``"<stage>:<step>:<kind>"``, kind raise, kill or hang."""
+"""Fault injection for tests: ``"<stage>:<step>:<kind>"``, kind raise, kill or hang; in a
+torchrun job only on its first attempt (``TORCHELASTIC_RESTART_COUNT`` unset or 0)."""
 _FAULT_KINDS = ("raise", "kill", "hang")
 
 
@@ -52,7 +53,8 @@ class Stage:
         """(epoch, step) of the message being handled, for error reports."""
         self.phase = "start-up"
         """What the stage is doing, for error reports: start-up, training, evaluation, ..."""
-        self._fault = parse_fault(os.environ.get(FAULT_ENV, ""), stage)
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        self._fault = parse_fault(os.environ.get(FAULT_ENV, ""), stage) if first_attempt else None
         self._timer = StepTimer(engine.device)
         self._reset_epoch()
 
