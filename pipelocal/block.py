@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from pipelocal.config import OptimConfig, RuleConfig, ScheduleConfig
 from pipelocal.models import BlockSpec
-from pipelocal.rules import LocalRule, build_rule
+from pipelocal.rules import LocalRule, RuleContext, build_rule
 
 __all__ = ["LocalBlock", "block_seed", "lr_factor"]
 
@@ -68,6 +68,7 @@ class LocalBlock(nn.Module):
         epochs: int,
         seed: int,
         device: torch.device | str = "cpu",
+        context: RuleContext | None = None,
     ) -> None:
         super().__init__()
         self.index, self.spec = index, spec
@@ -78,7 +79,8 @@ class LocalBlock(nn.Module):
             torch.manual_seed(seed_i)
             self.body = spec.make()
             self.rule: LocalRule | None = (
-                None if spec.kind == "output" else build_rule(spec.out_shape, num_classes, rule)
+                None if spec.kind == "output"
+                else build_rule(spec.out_shape, num_classes, rule, context)
             )
         self.device = torch.device(device)
         self.to(self.device)
@@ -102,10 +104,19 @@ class LocalBlock(nn.Module):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
 
-    def local_loss(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+    @property
+    def needs_image(self) -> bool:
+        """True if the rule's loss also needs the model's input image (InfoPro)."""
+        return getattr(self.rule, "needs_image", False)
+
+    def local_loss(
+        self, h: Tensor, y: Tensor, image: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """This block's loss on its output ``h`` and the class scores it predicts (if any)."""
         if self.rule is None:
             return F.cross_entropy(h, y), h.detach()
+        if self.needs_image:
+            return self.rule.loss(h, y, image=image)  # type: ignore[call-arg]
         return self.rule.loss(h, y)
 
     def pass_on(self, h: Tensor) -> Tensor:
@@ -118,10 +129,11 @@ class LocalBlock(nn.Module):
             h = F.max_pool2d(h, self.spec.pool)
         return h
 
-    def train_step(self, x: Tensor, y: Tensor) -> Tensor:
+    def train_step(self, x: Tensor, y: Tensor, image: Tensor | None = None) -> Tensor:
+        """One update on (x, y); ``image`` is the model's input, for rules that need it."""
         self.train(True)
         h = self.body(x)
-        loss, scores = self.local_loss(h, y)
+        loss, scores = self.local_loss(h, y, image)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
