@@ -4,7 +4,9 @@ A message is ``(kind, step, epoch, rows)`` plus an activation and the labels. On
 message has the same shapes: a header int64 [8], the activation [batch_size, *wire_shape] in
 the wire dtype and the labels int64 [batch_size]. A smaller (last or evaluation) batch is padded
 and ``rows`` says how many rows are real. Fixed shapes let the receiver post the receives for the
-next messages before it computes on the current one, so transfers overlap compute.
+next messages before it computes on the current one, so transfers overlap compute. A channel
+built with ``image_shape`` also carries the model's input image [batch_size, *image_shape]
+(float32, whatever the wire dtype) for rules that need it at every stage (InfoPro).
 
 Both ends are bounded by ``depth``: at most ``depth`` sends in flight (the sender waits for the
 oldest), and ``depth`` receives posted ahead. Every wait has a timeout; a failed or timed-out
@@ -26,7 +28,7 @@ from torch import Tensor
 __all__ = ["Kind", "Message", "P2PChannel", "PeerError"]
 
 _HEADER = 8
-_TAG_HEADER, _TAG_X, _TAG_Y = 0, 1, 2
+_TAG_HEADER, _TAG_X, _TAG_Y, _TAG_IMAGE = 0, 1, 2, 3
 
 
 class Kind(enum.IntEnum):
@@ -49,6 +51,8 @@ class Message:
     epoch: int = -1
     x: Tensor | None = None
     y: Tensor | None = None
+    image: Tensor | None = None
+    """The model's input batch, carried along for rules that need it (else None)."""
 
     @property
     def rows(self) -> int:
@@ -60,6 +64,7 @@ class _Slot:
     header: Tensor
     x: Tensor
     y: Tensor
+    image: Tensor | None = None
     works: list[dist.Work] | None = None
 
 
@@ -77,8 +82,12 @@ class P2PChannel:
         depth: int,
         timeout_s: float,
         device: torch.device,
+        image_shape: tuple[int, ...] | None = None,
     ) -> None:
         self.stage, self.batch_size, self.depth = stage, batch_size, depth
+        self.image_shape = image_shape
+        self.sent_bytes = 0
+        """Payload bytes handed to the transport (header, activation, labels, image)."""
         self.wire_dtype, self.device = wire_dtype, device
         self.timeout = timedelta(seconds=timeout_s)
         self.wire_shape_out = wire_shape_out
@@ -94,9 +103,15 @@ class P2PChannel:
                     torch.empty(_HEADER, dtype=torch.int64, device=device),
                     torch.empty((batch_size, *wire_shape_in), dtype=wire_dtype, device=device),
                     torch.empty(batch_size, dtype=torch.int64, device=device),
+                    self._image_buffer(),
                 )
                 self._post(slot)
                 self._slots.append(slot)
+
+    def _image_buffer(self) -> Tensor | None:
+        if self.image_shape is None:
+            return None
+        return torch.zeros((self.batch_size, *self.image_shape), device=self.device)
 
     # ------------------------------------------------------------------ receiving
 
@@ -107,6 +122,8 @@ class P2PChannel:
             dist.irecv(slot.x, src, tag=_TAG_X),
             dist.irecv(slot.y, src, tag=_TAG_Y),
         ]
+        if slot.image is not None:
+            slot.works.append(dist.irecv(slot.image, src, tag=_TAG_IMAGE))
 
     def _wait(self, works: list[dist.Work], what: str, step: int | str) -> None:
         try:
@@ -134,7 +151,8 @@ class P2PChannel:
         x, y = slot.x[:rows], slot.y[:rows]
         if x.dtype != torch.float32:
             x = x.float()
-        return Message(Kind(kind), step, epoch, x, y)
+        image = None if slot.image is None else slot.image[:rows]
+        return Message(Kind(kind), step, epoch, x, y, image)
 
     # ------------------------------------------------------------------ sending
 
@@ -158,12 +176,20 @@ class P2PChannel:
         while len(self._sends) >= self.depth:
             self._drain_one()
         dst = self.stage + 1
-        works = [
-            dist.isend(header, dst, tag=_TAG_HEADER),
-            dist.isend(x, dst, tag=_TAG_X),
-            dist.isend(y, dst, tag=_TAG_Y),
-        ]
-        self._sends.append((works, (header, x, y), msg.step))  # keep tensors alive until sent
+        tensors = (header, x, y, *self._image_to_send(msg))
+        tags = (_TAG_HEADER, _TAG_X, _TAG_Y, _TAG_IMAGE)
+        works = [dist.isend(t, dst, tag=tag) for t, tag in zip(tensors, tags)]
+        self.sent_bytes += sum(t.numel() * t.element_size() for t in tensors)
+        self._sends.append((works, tensors, msg.step))  # keep tensors alive until sent
+
+    def _image_to_send(self, msg: Message) -> tuple[Tensor, ...]:
+        """() without an image path; else the image batch, padded like x (a copy, as y)."""
+        image = self._image_buffer()
+        if image is None:
+            return ()
+        if msg.rows and msg.image is not None:
+            image[: msg.rows] = msg.image
+        return (image,)
 
     def _drain_one(self) -> None:
         works, _, step = self._sends.popleft()

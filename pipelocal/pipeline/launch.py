@@ -33,6 +33,7 @@ from pipelocal.pipeline.coordinator import DistPipe
 from pipelocal.pipeline.partition import stage_ranges
 from pipelocal.pipeline.plan import make_plan
 from pipelocal.pipeline.stage import Stage
+from pipelocal.rules import RULES
 from pipelocal.run import (
     Setup,
     dry_run,
@@ -127,6 +128,8 @@ def _worker(
         stage=rank, batch_size=cfg.data.batch_size, depth=cfg.pipeline.channel_depth,
         wire_dtype=getattr(torch, cfg.pipeline.wire_dtype), timeout_s=cfg.pipeline.timeout_s,
         device=device,
+        image_shape=specs[0].in_shape if getattr(RULES.get(cfg.rule.name), "needs_image", False)
+        else None,  # InfoPro: the input image travels with the activation
     )
     inbox = (P2PChannel(wire_shape_in=specs[r.start - 1].wire_shape, wire_shape_out=None, **wire)
              if rank > 0 else None)

@@ -92,14 +92,16 @@ class Stage:
         assert msg.x is not None and msg.y is not None
         if msg.kind == Kind.TRAIN:
             self._maybe_fail(msg.step)
+        # The model's input: stage 0 receives it as x; later stages with it (if carried).
+        image = msg.x if self.engine.indices[0] == 0 else msg.image
         t0 = time.perf_counter()
         if msg.kind == Kind.TRAIN:
-            out = self.engine.train(msg.x, msg.y, msg.epoch)
+            out = self.engine.train(msg.x, msg.y, msg.epoch, image=image)
             self.samples += msg.rows
         else:
             out = self.engine.evaluate(msg.x, msg.y)
         self.busy_s += time.perf_counter() - t0
-        self._forward(Message(msg.kind, msg.step, msg.epoch, out, msg.y))
+        self._forward(Message(msg.kind, msg.step, msg.epoch, out, msg.y, image))
 
     def _forward(self, msg: Message) -> None:
         if self.outbox is not None:
