@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipelocal.config import Config
 from pipelocal.run import train
 from tests.conftest import MNIST_10K, assert_identical, checkpoint_tensors, tiny_config
 
@@ -32,13 +33,11 @@ def _reference(tmp_path_factory: pytest.TempPathFactory, rule: str) -> dict:
     return _reference_cache[rule]
 
 
-# (rule, model overrides): the auxiliary-net rules and the deep models, 2 stages, one epoch of 5
-# batches on tiny widths. InfoPro checks the image path (the input travels with the activation).
+# (rule, model overrides): every auxiliary-net rule and every deep model once, 2 stages, tiny
+# widths. InfoPro checks the image path (the input travels with the activation).
 _DEEP_CASES = {
-    "auglocal-resnet20": ("auglocal", ["rule.aux_depth=4", "pipeline.partition=[3,7]"]),
-    "dgl-resnet20": ("dgl", ["pipeline.partition=[5,5]"]),
-    "infopro-resnet20": ("infopro", ["pipeline.partition=[5,5]"]),
-    "auglocal-resnet32": ("auglocal", ["model.name=resnet32", "pipeline.partition=[8,8]"]),
+    "auglocal-resnet32": ("auglocal", ["model.name=resnet32", "rule.aux_depth=4",
+                                       "pipeline.partition=[7,9]"]),
     "auglocal-resnet110": ("auglocal", ["model.name=resnet110", "model.width=0.0625",
                                         "pipeline.partition=[20,35]"]),
     "infopro-resnet34": ("infopro", ["model.name=resnet34", "model.width=0.0625",
@@ -48,16 +47,15 @@ _DEEP_CASES = {
     "auglocal-vgg19": ("auglocal", ["model.name=vgg19", "model.width=0.0625",
                                     "data.name=mnist-10k", f"data.data_dir={MNIST_10K}",
                                     "pipeline.partition=[8,8]"]),
-    "auglocal-vgg13": ("auglocal", ["model.name=vgg13", "model.width=0.0625",
-                                    "model.fc_width=16", "data.name=mnist-10k",
-                                    f"data.data_dir={MNIST_10K}", "pipeline.partition=[5,5]"]),
+    "dgl-vgg13": ("dgl", ["model.name=vgg13", "model.width=0.0625", "model.fc_width=16",
+                          "data.name=mnist-10k", f"data.data_dir={MNIST_10K}",
+                          "pipeline.partition=[5,5]"]),
 }
 # 2 steps: 128 training samples in batches of 64.
-_DEEP_BASE = ["model.name=resnet20", "model.width=0.25", "model.dropout=0.0", "run.epochs=1",
-              "data.train_limit=128"]
+_DEEP_BASE = ["model.width=0.25", "model.dropout=0.0", "run.epochs=1", "data.train_limit=128"]
 
 
-def _deep_config(tmp_path: Path, case: str, *overrides: str) -> object:
+def _deep_config(tmp_path: Path, case: str, *overrides: str) -> Config:
     rule, extra = _DEEP_CASES[case]
     return tiny_config(tmp_path, *_DEEP_BASE, f"rule.name={rule}", *extra, *overrides)
 
