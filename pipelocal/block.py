@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from pipelocal.config import OptimConfig, RuleConfig, ScheduleConfig
 from pipelocal.models import BlockSpec
-from pipelocal.rules import LocalRule, build_rule
+from pipelocal.rules import LocalRule, RuleContext, build_rule
 
 __all__ = ["LocalBlock", "block_seed", "lr_factor"]
 
@@ -74,6 +74,7 @@ class LocalBlock(nn.Module):
         seed: int,
         device: torch.device | str = "cpu",
         precision: str = "fp32",
+        context: RuleContext | None = None,
     ) -> None:
         super().__init__()
         self.index, self.spec = index, spec
@@ -87,7 +88,8 @@ class LocalBlock(nn.Module):
             torch.random.default_generator.manual_seed(seed_i)
             self.body = spec.make()
             self.rule: LocalRule | None = (
-                None if spec.kind == "output" else build_rule(spec.out_shape, num_classes, rule)
+                None if spec.kind == "output"
+                else build_rule(spec.out_shape, num_classes, rule, context)
             )
         self.device = torch.device(device)
         self.to(self.device)
@@ -111,10 +113,19 @@ class LocalBlock(nn.Module):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
 
-    def local_loss(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+    @property
+    def needs_image(self) -> bool:
+        """True if the rule's loss also needs the model's input image (InfoPro)."""
+        return getattr(self.rule, "needs_image", False)
+
+    def local_loss(
+        self, h: Tensor, y: Tensor, image: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """This block's loss on its output ``h`` and the class scores it predicts (if any)."""
         if self.rule is None:
             return F.cross_entropy(h, y), h.detach()
+        if self.needs_image:
+            return self.rule.loss(h, y, image=image)  # type: ignore[call-arg]
         return self.rule.loss(h, y)
 
     def pass_on(self, h: Tensor) -> Tensor:
@@ -132,14 +143,15 @@ class LocalBlock(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self, x: Tensor, y: Tensor) -> Tensor:
+    def train_step(self, x: Tensor, y: Tensor, image: Tensor | None = None) -> Tensor:
+        """One update on (x, y); ``image`` is the model's input, for rules that need it."""
         # Every block starts from float32: whether its input came straight from the block before
         # (bf16 under autocast) or over a wire in any dtype, it computes the same thing.
         x = x.float()
         self.train(True)
         with self.autocast():  # forward and loss; backward runs outside, as autocast wants
             h = self.body(x)
-            loss, scores = self.local_loss(h, y)
+            loss, scores = self.local_loss(h, y, image)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

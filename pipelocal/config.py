@@ -156,11 +156,32 @@ class RuleConfig:
     """pred: the activation is average-pooled until C*H*W <= this before the linear classifier."""
     target_proj_size: int = 128
     """bpf: size of the fixed random projection of the one-hot labels."""
+    aux_depth: int = 2
+    """auglocal: d, the most later layers copied into a hidden block's auxiliary net (each aux
+    net is these copies + global average pool + linear; the paper's d also counts the linear
+    classifier, so its d = aux_depth + 1)."""
+    pyramid_tau: float = 0.5
+    """auglocal: decay factor tau of the pyramidal depth d_j (0 = depth d for every block)."""
+    aux_feature_dim: int = 128
+    """infopro: hidden fully connected units of the auxiliary classifier (conv-AP-128FC-FC)."""
+    infopro_recon: tuple[float, ...] = (5.0, 0.2)
+    """infopro: reconstruction-loss weight (lambda_1) at the first and the last hidden block,
+    linearly interpolated between them (the AugLocal authors' ResNet-32 values)."""
+    infopro_ce: tuple[float, ...] = (0.05, 0.5)
+    """infopro: cross-entropy weight (lambda_2) at the first and the last hidden block."""
 
     def __post_init__(self) -> None:
         from pipelocal.rules import available_rules
 
         _check_name("rule.name", self.name, available_rules())
+        _check(self.aux_depth >= 1, "rule.aux_depth", self.aux_depth, "an integer >= 1")
+        _check(0.0 <= self.pyramid_tau <= 1.0, "rule.pyramid_tau", self.pyramid_tau,
+               "0 <= tau <= 1")
+        _check(self.aux_feature_dim >= 1, "rule.aux_feature_dim", self.aux_feature_dim, ">= 1")
+        for key in ("infopro_recon", "infopro_ce"):
+            value = getattr(self, key)
+            _check(len(value) == 2 and min(value) >= 0, f"rule.{key}", value,
+                   "[first, last]: two weights >= 0")
         _check(0.0 <= self.beta <= 1.0, "rule.beta", self.beta, "0 <= beta <= 1")
         _check(self.dim_in_decoder >= 1, "rule.dim_in_decoder", self.dim_in_decoder, ">= 1")
         _check(

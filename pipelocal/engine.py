@@ -18,6 +18,7 @@ from pipelocal.block import LocalBlock
 from pipelocal.checkpoint import load_block_state, save_block_state
 from pipelocal.config import Config
 from pipelocal.models import BlockSpec
+from pipelocal.rules import RuleContext
 
 __all__ = ["Engine", "LocalPipe", "build_blocks"]
 
@@ -42,6 +43,7 @@ def build_blocks(
             seed=cfg.run.seed,
             device=device,
             precision=cfg.run.precision,
+            context=RuleContext(tuple(specs), i),
         )
         for i in indices
     ]
@@ -55,6 +57,8 @@ class Engine:
         self.device = self.blocks[0].device
         rule = self.blocks[0].rule
         self.is_global = rule is not None and rule.is_global
+        self.needs_image = any(b.needs_image for b in self.blocks)
+        """Some block's rule needs the model's input image (InfoPro): see :meth:`train`."""
         self._eval_correct: dict[int, Tensor] = {}
         self._eval_count = 0
 
@@ -62,16 +66,35 @@ class Engine:
     def indices(self) -> list[int]:
         return [b.index for b in self.blocks]
 
-    def train_batch(self, x: Tensor, y: Tensor, epoch: int) -> Tensor:
-        """One training step of every block on batch (x, y); returns the last block's output."""
+    def train_batch(
+        self, x: Tensor, y: Tensor, epoch: int, image: Tensor | None = None
+    ) -> Tensor:
+        """One training step of every block on batch (x, y); returns the last block's output.
+
+        ``image`` is the model's input batch, for rules that need it; an engine starting at
+        block 0 takes ``x`` itself, a later pipeline stage receives it with the activation.
+        """
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         for block in self.blocks:
             block.set_epoch(epoch)
         if self.is_global:
             return self._train_global(x, y)
+        if self.needs_image:
+            image = self.input_image(x, image)
         for block in self.blocks:
-            x = block.train_step(x, y)
+            x = block.train_step(x, y, image)
         return x
+
+    def input_image(self, x: Tensor, image: Tensor | None) -> Tensor:
+        """The model's input batch: ``x`` itself when this engine starts at block 0."""
+        if self.blocks[0].index == 0:
+            return x
+        if image is None:
+            raise RuntimeError(
+                f"blocks {self.indices} need the model's input image (rule infopro) but none "
+                "arrived with the activation; the pipeline channel must carry it"
+            )
+        return image.to(self.device, non_blocking=True)
 
     def _train_global(self, x: Tensor, y: Tensor) -> Tensor:
         """glob / glob+sim: end-to-end backprop of the output's cross-entropy (+ sim losses)."""

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipelocal.config import Config
 from pipelocal.launch import train
-from tests.conftest import assert_identical, checkpoint_tensors, tiny_config
+from tests.conftest import MNIST_10K, assert_identical, checkpoint_tensors, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +41,47 @@ def _reference(tmp_path_factory: pytest.TempPathFactory, rule: str, extra: tuple
         _reference_cache[key] = {"state": checkpoint_tensors(result["run_dir"]),
                                  "result": result}
     return _reference_cache[key]
+
+
+# (rule, model overrides): every auxiliary-net rule and every deep model once, 2 stages, tiny
+# widths. InfoPro checks the image path (the input travels with the activation).
+_DEEP_CASES = {
+    "auglocal-resnet32": ("auglocal", ["model.name=resnet32", "rule.aux_depth=4",
+                                       "pipeline.partition=[7,9]"]),
+    "auglocal-resnet110": ("auglocal", ["model.name=resnet110", "model.width=0.0625",
+                                        "pipeline.partition=[20,35]"]),
+    "infopro-resnet34": ("infopro", ["model.name=resnet34", "model.width=0.0625",
+                                     "pipeline.partition=[8,9]"]),
+    "dgl-resnet101": ("dgl", ["model.name=resnet101", "model.width=0.03125",
+                              "pipeline.partition=[17,17]"]),
+    "auglocal-vgg19": ("auglocal", ["model.name=vgg19", "model.width=0.0625",
+                                    "data.name=mnist-10k", f"data.data_dir={MNIST_10K}",
+                                    "pipeline.partition=[8,8]"]),
+    "dgl-vgg13": ("dgl", ["model.name=vgg13", "model.width=0.0625", "model.fc_width=16",
+                          "data.name=mnist-10k", f"data.data_dir={MNIST_10K}",
+                          "pipeline.partition=[5,5]"]),
+}
+# 2 steps: 128 training samples in batches of 64.
+_DEEP_BASE = ["model.width=0.25", "model.dropout=0.0", "run.epochs=1", "data.train_limit=128"]
+
+
+def _deep_config(tmp_path: Path, case: str, *overrides: str) -> Config:
+    rule, extra = _DEEP_CASES[case]
+    return tiny_config(tmp_path, *_DEEP_BASE, f"rule.name={rule}", *extra, *overrides)
+
+
+@pytest.mark.parametrize("case", sorted(_DEEP_CASES))
+def test_aux_net_rules_and_deep_models_pipeline_equals_single_process(
+    tmp_path: Path, case: str
+) -> None:
+    if "mnist-10k" in str(_DEEP_CASES[case]) and not MNIST_10K.is_dir():
+        pytest.skip(f"real MNIST test split not found at {MNIST_10K}")
+    ref = train(_deep_config(tmp_path / "ref", case, "pipeline.stages=1",
+                             "pipeline.partition=[]"))
+    result = train(_deep_config(tmp_path / "pipe", case, "pipeline.stages=2"))
+    assert result["step"] == ref["step"] == 2
+    assert_identical(checkpoint_tensors(result["run_dir"]), checkpoint_tensors(ref["run_dir"]))
+    assert result["test/acc_local"] == ref["test/acc_local"]
 
 
 @pytest.mark.parametrize(("rule", "stages", "extra"), _CASES)

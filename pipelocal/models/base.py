@@ -12,7 +12,20 @@ from torch import nn
 from pipelocal.config import ModelConfig
 from pipelocal.registry import Registry
 
-__all__ = ["MODELS", "BlockSpec", "ModelBuilder", "register_model"]
+__all__ = ["MODELS", "BlockSpec", "LayerTemplate", "ModelBuilder", "register_model"]
+
+
+@dataclass(frozen=True)
+class LayerTemplate:
+    """How to build a fresh copy of a block's feature layer with other input channels / stride.
+
+    AugLocal (Ma et al. 2024) builds a hidden block's auxiliary network from copies of later
+    blocks; ``make(c_in, stride)`` returns such a copy (for the output block: its feature layer
+    without the classifier), mapping [B, c_in, H, W] to [B, out_channels, H/stride, W/stride].
+    """
+
+    out_channels: int
+    make: Callable[[int, int], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,8 @@ class BlockSpec:
     pool: int = 1
     """Max-pool kernel (and stride) applied to the output before it is passed on; 1 = none."""
     dropout: float = 0.0
+    template: LayerTemplate | None = None
+    """Copyable feature layer, for rules whose auxiliary nets reuse later blocks (AugLocal)."""
 
     @property
     def wire_shape(self) -> tuple[int, ...]:

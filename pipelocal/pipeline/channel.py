@@ -4,7 +4,9 @@ A message is ``(kind, step, epoch, rows)`` plus an activation and the labels. On
 message has the same shapes: a header int64 [8], the activation [batch_size, *wire_shape] in
 the wire dtype and the labels int64 [batch_size]. A smaller (last or evaluation) batch is padded
 and ``rows`` says how many rows are real. Fixed shapes let the receiver post the receives for the
-next messages before it computes on the current one, so transfers overlap compute.
+next messages before it computes on the current one, so transfers overlap compute. A channel
+built with ``image_shape`` also carries the model's input image [batch_size, *image_shape]
+(float32, whatever the wire dtype) for rules that need it at every stage (InfoPro).
 
 The header travels in host memory over a gloo group of its own, the tensors over the default
 group (NCCL between GPUs). Reading the header therefore never synchronises the device: a GPU
@@ -35,7 +37,7 @@ from torch import Tensor
 __all__ = ["Kind", "Message", "P2PChannel", "PeerError"]
 
 _HEADER = 8
-_TAG_HEADER, _TAG_X, _TAG_Y = 0, 1, 2
+_TAG_HEADER, _TAG_X, _TAG_Y, _TAG_IMAGE = 0, 1, 2, 3
 
 
 class Kind(enum.IntEnum):
@@ -60,6 +62,8 @@ class Message:
     epoch: int = -1
     x: Tensor | None = None
     y: Tensor | None = None
+    image: Tensor | None = None
+    """The model's input batch, carried along for rules that need it (else None)."""
 
     @property
     def rows(self) -> int:
@@ -71,6 +75,7 @@ class _Slot:
     header: Tensor
     x: Tensor
     y: Tensor
+    image: Tensor | None = None
     works: list[dist.Work] | None = None
 
 
@@ -89,9 +94,13 @@ class P2PChannel:
         timeout_s: float,
         device: torch.device,
         header_group: dist.ProcessGroup | None = None,
+        image_shape: tuple[int, ...] | None = None,
     ) -> None:
         self.stage, self.batch_size, self.depth = stage, batch_size, depth
         self.header_group = header_group  # gloo; None = the default group (CPU tests)
+        self.image_shape = image_shape
+        self.sent_bytes = 0
+        """Payload bytes handed to the transport (header, activation, labels, image)."""
         self.wire_dtype, self.device = wire_dtype, device
         self.timeout = timedelta(seconds=timeout_s)
         self.wire_shape_out = wire_shape_out
@@ -107,9 +116,15 @@ class P2PChannel:
                     torch.empty(_HEADER, dtype=torch.int64),  # host memory, see module doc
                     torch.empty((batch_size, *wire_shape_in), dtype=wire_dtype, device=device),
                     torch.empty(batch_size, dtype=torch.int64, device=device),
+                    self._image_buffer(),
                 )
                 self._post(slot)
                 self._slots.append(slot)
+
+    def _image_buffer(self) -> Tensor | None:
+        if self.image_shape is None:
+            return None
+        return torch.zeros((self.batch_size, *self.image_shape), device=self.device)
 
     # ------------------------------------------------------------------ receiving
 
@@ -120,6 +135,8 @@ class P2PChannel:
             dist.irecv(slot.x, src, tag=_TAG_X),
             dist.irecv(slot.y, src, tag=_TAG_Y),
         ]
+        if slot.image is not None:
+            slot.works.append(dist.irecv(slot.image, src, tag=_TAG_IMAGE))
 
     def _wait(self, works: list[dist.Work], what: str, step: int | str) -> None:
         try:
@@ -147,7 +164,8 @@ class P2PChannel:
         self.recv_wait_s += time.perf_counter() - t0
         kind, step, epoch, rows = (int(v) for v in slot.header[:4].tolist())  # host tensor
         self._pending_repost, self._next = index, (index + 1) % self.depth
-        return Message(Kind(kind), step, epoch, slot.x[:rows], slot.y[:rows])
+        image = None if slot.image is None else slot.image[:rows]
+        return Message(Kind(kind), step, epoch, slot.x[:rows], slot.y[:rows], image)
 
     @property
     def posted(self) -> int:
@@ -193,12 +211,21 @@ class P2PChannel:
         while len(self._sends) >= self.depth:
             self._drain_one()
         dst = self.stage + 1
-        works = [
-            dist.isend(header, dst, group=self.header_group, tag=_TAG_HEADER),
-            dist.isend(x, dst, tag=_TAG_X),
-            dist.isend(y, dst, tag=_TAG_Y),
-        ]
-        self._sends.append((works, (header, x, y), msg.step))  # keep tensors alive until sent
+        tensors = (header, x, y, *self._image_to_send(msg))
+        groups = (self.header_group, None, None, None)  # the header over gloo, see module doc
+        tags = (_TAG_HEADER, _TAG_X, _TAG_Y, _TAG_IMAGE)
+        works = [dist.isend(t, dst, group=g, tag=tag) for t, g, tag in zip(tensors, groups, tags)]
+        self.sent_bytes += sum(t.numel() * t.element_size() for t in tensors)
+        self._sends.append((works, tensors, msg.step))  # keep tensors alive until sent
+
+    def _image_to_send(self, msg: Message) -> tuple[Tensor, ...]:
+        """() without an image path; else the image batch, padded like x (a copy, as y)."""
+        image = self._image_buffer()
+        if image is None:
+            return ()
+        if msg.rows and msg.image is not None:
+            image[: msg.rows] = msg.image
+        return (image,)
 
     def _drain_one(self) -> None:
         works, _, step = self._sends.popleft()

@@ -55,16 +55,17 @@ def profile_blocks(
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((b, *specs[0].in_shape), generator=gen).to(device)
     y = torch.randint(num_classes, (b,), generator=gen).to(device)
+    image = x  # the model's input, for rules that also need it (InfoPro)
     out: list[BlockProfile] = []
     for block, spec in zip(blocks, specs):
         block.set_epoch(0)
-        nxt = block.train_step(x, y)  # warm-up (allocations, optimiser state)
+        nxt = block.train_step(x, y, image)  # warm-up (allocations, optimiser state)
         times = []
         for _ in range(reps):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # CPU-GPU sync point: time whole steps
             t0 = time.perf_counter()
-            block.train_step(x, y)
+            block.train_step(x, y, image)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)

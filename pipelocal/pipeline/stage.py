@@ -107,14 +107,16 @@ class Stage:
             self.t_start = time.perf_counter()
         if msg.kind == Kind.TRAIN:
             self._maybe_fail(msg.step)
+        # The model's input: stage 0 receives it as x; later stages with it (if carried).
+        image = msg.x if self.engine.indices[0] == 0 else msg.image
         self._timer.start()
         if msg.kind == Kind.TRAIN:
-            out = self.engine.train_batch(msg.x, msg.y, msg.epoch)
+            out = self.engine.train_batch(msg.x, msg.y, msg.epoch, image=image)
             self.samples += msg.rows
         else:
             out = self.engine.eval_batch(msg.x, msg.y)
         self._timer.stop()
-        self._forward(Message(msg.kind, msg.step, msg.epoch, out, msg.y))
+        self._forward(Message(msg.kind, msg.step, msg.epoch, out, msg.y, image))
 
     def _forward(self, msg: Message) -> None:
         if self.outbox is not None:

@@ -26,6 +26,7 @@ from pipelocal.engine import Engine, build_blocks
 from pipelocal.pipeline.channel import P2PChannel
 from pipelocal.pipeline.partition import stage_ranges
 from pipelocal.pipeline.stage import DistPipe, Stage
+from pipelocal.rules import RULES
 from pipelocal.setup import Setup
 from pipelocal.trainer import build_trainer
 
@@ -72,6 +73,8 @@ def build_stage(
         stage=rank, batch_size=cfg.data.batch_size, depth=cfg.pipeline.channel_depth,
         wire_dtype=wire_dtype(cfg), timeout_s=cfg.pipeline.timeout_s, device=device,
         header_group=headers,
+        # InfoPro: the model's input image travels with the activation to every later stage.
+        image_shape=specs[0].in_shape if RULES.get(cfg.rule.name).needs_image else None,
     )
     inbox = (P2PChannel(wire_shape_in=specs[r.start - 1].wire_shape, wire_shape_out=None, **wire)
              if rank > 0 else None)

@@ -1,0 +1,97 @@
+"""InfoPro (Wang et al. 2021): reconstruct the input image and classify, from each hidden block.
+
+Two auxiliary nets on the block output h [B, C, H, W]:
+
+* **Decoder:** bilinear upsampling of h to the image size, conv3x3(C -> 12)-BN-ReLU,
+  conv3x3(12 -> image channels), sigmoid; loss = binary cross-entropy against the image
+  rescaled to [0, 1] (per sample and channel by its min and max: the authors un-normalise with
+  the dataset's mean and std, which a rule does not see; for images that span [0, 1] the two
+  agree).
+* **Classifier** ("1c2f"): conv3x3(C -> C')-BN-ReLU, global average pool,
+  Linear(C', ``rule.aux_feature_dim``)-ReLU, Linear(-> classes), with C' = min(2C, the model's
+  widest conv) (16 -> 32, 32 -> 64, 64 -> 64 on ResNet-32, as in Ma et al. 2024, table 6).
+
+loss = lambda_1 BCE + lambda_2 CE, where for hidden block i of K local blocks the weights are
+interpolated linearly: lambda = first (1 - i / (K - 2)) + last i / (K - 2), from
+``rule.infopro_recon`` and ``rule.infopro_ce`` (first, last).
+
+The rule needs the model's input image at every block: the engine passes it to
+``LocalBlock.train_step``; a pipeline carries it along with the activation.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipelocal.config import RuleConfig
+from pipelocal.rules.auxnet import conv_shape
+from pipelocal.rules.base import LocalRule, register_rule
+from pipelocal.rules.context import RuleContext
+
+__all__ = ["InfoProRule", "infopro_weights", "unit_range"]
+
+
+def infopro_weights(i: int, num_layers: int, cfg: RuleConfig) -> tuple[float, float]:
+    """(lambda_1, lambda_2) of hidden block ``i`` of ``num_layers`` = K local blocks."""
+    ratio = i / (num_layers - 2) if num_layers > 2 else 0.0
+    recon = cfg.infopro_recon[0] * (1 - ratio) + cfg.infopro_recon[1] * ratio
+    ce = cfg.infopro_ce[0] * (1 - ratio) + cfg.infopro_ce[1] * ratio
+    return recon, ce
+
+
+def unit_range(image: Tensor) -> Tensor:
+    """[B, C, H, W] rescaled per sample and channel to [0, 1] (a constant channel -> 0)."""
+    flat = image.flatten(2)  # [B, C, H*W]
+    lo = flat.min(dim=2).values[..., None, None]
+    hi = flat.max(dim=2).values[..., None, None]
+    return (image - lo) / (hi - lo).clamp_min(1e-8)
+
+
+@register_rule("infopro")
+class InfoProRule(LocalRule):
+    needs_context: ClassVar[bool] = True
+    needs_image: ClassVar[bool] = True
+
+    def __init__(
+        self, shape: tuple[int, ...], num_classes: int, cfg: RuleConfig, *, context: RuleContext
+    ) -> None:
+        super().__init__(shape, num_classes, cfg)
+        c, _, _ = conv_shape(shape, "infopro")
+        image_c, self.image_hw = context.image_shape[0], tuple(context.image_shape[1:])
+        self.recon_weight, self.ce_weight = infopro_weights(context.index, context.num_layers,
+                                                            cfg)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(c, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+            nn.Conv2d(12, image_c, 3, padding=1), nn.Sigmoid(),
+        )
+        c_conv = min(2 * c, max(c, context.max_channels))
+        f = cfg.aux_feature_dim
+        self.classifier = nn.Sequential(
+            nn.Conv2d(c, c_conv, 3, padding=1, bias=False), nn.BatchNorm2d(c_conv), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(c_conv, f), nn.ReLU(), nn.Linear(f, num_classes),
+        )
+
+    def reconstruct(self, h: Tensor) -> Tensor:
+        """[B, C, H', W'] -> the decoded image [B, C_image, H, W] in (0, 1)."""
+        up = F.interpolate(h, size=self.image_hw, mode="bilinear", align_corners=True)
+        return self.decoder(up)
+
+    def loss(  # type: ignore[override]
+        self, h: Tensor, y: Tensor, image: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        if image is None:
+            raise ValueError(
+                "rule 'infopro' reconstructs the input image, but none was given; pass "
+                "image= to LocalBlock.train_step (the engine and the pipeline stages do)"
+            )
+        scores = self.classifier(h)  # [B, num_classes]
+        recon = F.binary_cross_entropy(self.reconstruct(h), unit_range(image))
+        total = self.recon_weight * recon + self.ce_weight * F.cross_entropy(scores, y)
+        return total, scores.detach()
+
+    def logits(self, h: Tensor) -> Tensor | None:
+        return self.classifier(h)
