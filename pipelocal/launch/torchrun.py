@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from pipelocal.config import Config, ConfigError
 from pipelocal.device import configure_determinism, visible_gpus
@@ -29,6 +31,20 @@ def under_torchrun() -> bool:
     env = os.environ
     return "TORCHELASTIC_RUN_ID" in env or all(k in env for k in ("RANK", "WORLD_SIZE",
                                                                    "MASTER_ADDR"))
+
+
+def _attempt_store(cfg: Config, rank: int, world: int) -> dist.Store:
+    """The job's store, with keys private to this attempt of the job.
+
+    torchrun keeps its store across restarts (``--max-restarts``); process groups created on it
+    by a failed attempt would leave keys (peer addresses) that the restarted ranks would read.
+    """
+    env = os.environ
+    agent_hosts_it = env.get("TORCHELASTIC_USE_AGENT_STORE", "False") == "True"
+    base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size=world,
+                         is_master=rank == 0 and not agent_hosts_it,
+                         timeout=timedelta(seconds=cfg.pipeline.timeout_s))
+    return dist.PrefixStore(f"pipelocal/attempt{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
 
 
 def torchrun_worker(cfg: Config, resume: str | Path | None) -> dict[str, Any] | None:
@@ -59,7 +75,8 @@ def torchrun_worker(cfg: Config, resume: str | Path | None) -> dict[str, Any] | 
         finalise(setup, partition)
     try:
         return run_rank(cfg, setup, rank=rank, world=world, local_rank=local_rank,
-                        local_world=local_world, nodes=world // local_world)
+                        local_world=local_world, nodes=world // local_world,
+                        store=_attempt_store(cfg, rank, world))
     except BaseException:
         # torchelastic sees the exit code and stops the other ranks; a process group with
         # transfers that can never complete must not be torn down by the interpreter's exit.

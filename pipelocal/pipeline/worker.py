@@ -41,6 +41,10 @@ def wire_dtype(cfg: Config) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _needs_image(cfg: Config) -> bool:
+    return bool(getattr(RULES.get(cfg.rule.name), "needs_image", False))
+
+
 def configure_rank(
     cfg: Config, *, world: int, local_rank: int, local_world: int, nodes: int
 ) -> torch.device:
@@ -74,7 +78,7 @@ def build_stage(
         wire_dtype=wire_dtype(cfg), timeout_s=cfg.pipeline.timeout_s, device=device,
         header_group=headers,
         # InfoPro: the model's input image travels with the activation to every later stage.
-        image_shape=specs[0].in_shape if RULES.get(cfg.rule.name).needs_image else None,
+        image_shape=specs[0].in_shape if _needs_image(cfg) else None,
     )
     inbox = (P2PChannel(wire_shape_in=specs[r.start - 1].wire_shape, wire_shape_out=None, **wire)
              if rank > 0 else None)
