@@ -79,7 +79,7 @@ class Engine:
         losses: list[Tensor] = []
         for block in self.blocks:
             block.train(True)
-            h = block.body(x)
+            h = block(x)
             loss, scores = block.local_loss(h, y)
             losses.append(loss)  # glob: zero for hidden blocks; glob+sim: their sim loss
             block.record(loss, scores, y)

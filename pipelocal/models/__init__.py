@@ -1,7 +1,7 @@
 """Models as ordered lists of blocks, by registered name (``pipelocal models`` lists them)."""
 
 from pipelocal.config import ModelConfig
-from pipelocal.models import mlp, vgg  # noqa: F401  (registers the models)
+from pipelocal.models import mlp, mostafa, vgg  # noqa: F401  (registers the models)
 from pipelocal.models.base import MODELS, BlockSpec
 
 __all__ = ["MODELS", "BlockSpec", "available_models", "build_model"]

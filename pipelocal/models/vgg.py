@@ -6,7 +6,9 @@
 
 Each conv block is conv3x3-BN-nonlin(-dropout); a max-pool 2x2 following a conv is applied by
 that block to what it passes on. ``model.width`` scales every conv's channels (2.0 = the
-paper's (2x) variant). Inputs of 96x96 and more (STL-10) start with a 7x7 stride-2 conv.
+paper's (2x) variant). Inputs larger than 64x64 (STL-10) start with a 7x7 stride-2 conv, as
+the authors' code (``input_dim > 64``). Conv blocks drop whole feature maps unless
+``model.conv_dropout = "element"``.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def build_vgg(
         if item == "M":
             continue
         c_out = max(1, round(int(item) * cfg.width))
-        kernel, stride = (7, 2) if first and min(h, w) >= 96 else (3, 1)
+        kernel, stride = (7, 2) if first and min(h, w) > 64 else (3, 1)
         first = False
         pool = 2 if i + 1 < len(layout) and layout[i + 1] == "M" else 1
         h_out, w_out = (h + stride - 1) // stride, (w + stride - 1) // stride
@@ -75,6 +77,7 @@ def build_vgg(
                 out_shape=(c_out, h_out, w_out),
                 pool=pool,
                 dropout=cfg.dropout,
+                channel_dropout=cfg.conv_dropout == "channel",
             )
         )
         c, h, w = specs[-1].wire_shape

@@ -1,7 +1,7 @@
 """Local learning rules, by registered name (``pipelocal rules`` lists them)."""
 
 from pipelocal.config import RuleConfig
-from pipelocal.rules import glob, predsim  # noqa: F401  (registers the rules)
+from pipelocal.rules import fa, fixed, glob, predsim  # noqa: F401  (registers the rules)
 from pipelocal.rules.base import RULES, LocalRule
 
 __all__ = ["RULES", "LocalRule", "available_rules", "build_rule"]
