@@ -20,25 +20,37 @@ from tests.conftest import assert_identical, checkpoint_tensors, tiny_config
 
 pytestmark = pytest.mark.slow
 
-_reference_cache: dict[str, dict] = {}
+_reference_cache: dict[tuple[str, ...], dict] = {}
 
 
-def _reference(tmp_path_factory: pytest.TempPathFactory, rule: str) -> dict:
-    if rule not in _reference_cache:
-        tmp = tmp_path_factory.mktemp(f"ref-{rule}")
-        result = train(tiny_config(tmp, f"rule.name={rule}", "pipeline.stages=1"))
-        _reference_cache[rule] = {"state": checkpoint_tensors(result["run_dir"]),
-                                  "result": result}
-    return _reference_cache[rule]
+def _reference(tmp_path_factory: pytest.TempPathFactory, overrides: tuple[str, ...]) -> dict:
+    if overrides not in _reference_cache:
+        tmp = tmp_path_factory.mktemp("ref")
+        result = train(tiny_config(tmp, *overrides, "pipeline.stages=1"))
+        _reference_cache[overrides] = {"state": checkpoint_tensors(result["run_dir"]),
+                                       "result": result}
+    return _reference_cache[overrides]
 
 
-@pytest.mark.parametrize("rule", ["predsim", "pred-bpf", "sim"])
-@pytest.mark.parametrize("stages", [2, 3, 4])
+_CNN5 = ("model.name=mostafa-cnn5", "model.width=0.0625", "model.input_dropout=0.1")
+# The original rules over 2-4 stages; each newer rule and model over 2 stages (CPU time).
+_CASES = [
+    *[pytest.param((f"rule.name={r}",), s, id=f"{r}-S{s}")
+      for r in ("predsim", "pred-bpf", "sim") for s in (2, 3, 4)],
+    *[pytest.param((f"rule.name={r}", *extra), 2, id=f"{r}-S2")
+      for r, extra in (("sym", ()), ("scfb", ("rule.classifier_loss=hinge",)), ("tlc", ()))],
+    pytest.param(("rule.name=tlc", *_CNN5), 2, id="tlc-mostafa-cnn5-S2"),
+    pytest.param(("rule.name=predsim", *_CNN5), 2, id="predsim-mostafa-cnn5-S2"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "stages"), _CASES)
 def test_pipeline_equals_single_process(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, rule: str, stages: int
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, overrides: tuple[str, ...],
+    stages: int
 ) -> None:
-    ref = _reference(tmp_path_factory, rule)
-    result = train(tiny_config(tmp_path, f"rule.name={rule}", f"pipeline.stages={stages}"))
+    ref = _reference(tmp_path_factory, overrides)
+    result = train(tiny_config(tmp_path, *overrides, f"pipeline.stages={stages}"))
     # 2 epochs of 5 batches (the last one 44 rows), dropout and batch norm in every hidden block.
     assert result["step"] == ref["result"]["step"] == 10
     assert_identical(checkpoint_tensors(result["run_dir"]), ref["state"])
