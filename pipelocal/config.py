@@ -436,6 +436,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
+    data.pop("recipe", None)  # a recipe's paper figures (pipelocal.recipes), not settings
     return from_dict(apply_overrides(data, overrides or []))
 
 
