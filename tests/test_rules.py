@@ -590,3 +590,16 @@ def test_fa_differs_from_backprop_only_through_its_feedback_matrices() -> None:
     w_fa = fa2.blocks[0].body[0].weight
     assert not torch.allclose(w_fa, glob.blocks[0].body[0].weight, atol=1e-6)
     assert fa_state.keys() == fa2.blocks[0].state_dict().keys()
+
+
+@pytest.mark.parametrize("rule", ["pred", "predsim", "pred-bpf", "predsim-bpf", *FIXED_RULES])
+def test_every_classifier_rule_reports_each_blocks_test_accuracy(rule: str) -> None:
+    """The papers' per-layer tables: every hidden block's local classifier is evaluated."""
+    specs = build_model(ModelConfig(name="cnn", width=0.25, fc_width=16), (1, 8, 8), NUM_CLASSES)
+    engine = Engine([_block(s, rule, i) for i, s in enumerate(specs)])
+    x, y = _batch((1, 8, 8))
+    engine.train(x, y, 0)
+    engine.evaluate(x, y)
+    stats = engine.pop_eval_stats()
+    assert sorted(stats) == list(range(len(specs)))  # conv1, conv2, fc1 and the output
+    assert all(s["count"] == 16 and 0 <= s["correct"] <= 16 for s in stats.values())

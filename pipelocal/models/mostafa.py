@@ -20,7 +20,7 @@ from torch import nn
 
 from pipelocal.config import ConfigError, ModelConfig
 from pipelocal.models.base import BlockSpec, flat_size, register_model
-from pipelocal.models.vgg import _conv, _fc
+from pipelocal.models.vgg import conv_block, fc_block
 
 __all__ = ["build_mostafa_cnn"]
 
@@ -42,7 +42,7 @@ def build_mostafa_cnn(
         spec = BlockSpec(
             name=f"conv{len(specs) + 1}",
             kind="conv",
-            make=lambda c=c, c_out=c_out, kernel=kernel: _conv(c, c_out, kernel, 1, cfg),
+            make=lambda c=c, c_out=c_out, kernel=kernel: conv_block(c, c_out, kernel, 1, cfg),
             in_shape=(c, h, w),
             out_shape=(c_out, h, w),
             pool=k, pool_stride=s, pool_padding=p,
@@ -62,7 +62,7 @@ def build_mostafa_cnn(
     d, width = flat_size((c, h, w)), max(1, round(2048 * cfg.width))
     for i in range(fcs):
         specs.append(BlockSpec(
-            name=f"fc{i + 1}", kind="fc", make=lambda d=d: _fc(d, width, cfg),
+            name=f"fc{i + 1}", kind="fc", make=lambda d=d: fc_block(d, width, cfg),
             in_shape=(c, h, w) if i == 0 else (width,), out_shape=(width,),
             dropout=cfg.dropout,
         ))

@@ -18,7 +18,7 @@ from torch import nn
 from pipelocal.config import ConfigError, ModelConfig
 from pipelocal.models.base import BlockSpec, flat_size, nonlinearity, register_model
 
-__all__ = ["VGG_LAYOUTS", "build_vgg"]
+__all__ = ["VGG_LAYOUTS", "build_vgg", "conv_block", "fc_block"]
 
 VGG_LAYOUTS: dict[str, list[int | str]] = {
     # A small conv net in the same style for 8x8+ inputs (the embedded digits set, tests).
@@ -28,7 +28,10 @@ VGG_LAYOUTS: dict[str, list[int | str]] = {
 }
 
 
-def _conv(c_in: int, c_out: int, kernel: int, stride: int, cfg: ModelConfig) -> nn.Sequential:
+def conv_block(
+    c_in: int, c_out: int, kernel: int, stride: int, cfg: ModelConfig
+) -> nn.Sequential:
+    """conv(kernel, stride, same padding)-BN-nonlin (no conv bias under BN)."""
     layers: list[nn.Module] = [
         nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=not cfg.batchnorm)
     ]
@@ -38,7 +41,8 @@ def _conv(c_in: int, c_out: int, kernel: int, stride: int, cfg: ModelConfig) -> 
     return nn.Sequential(*layers)
 
 
-def _fc(d_in: int, d_out: int, cfg: ModelConfig) -> nn.Sequential:
+def fc_block(d_in: int, d_out: int, cfg: ModelConfig) -> nn.Sequential:
+    """flatten-linear-BN-nonlin (no linear bias under BN)."""
     layers: list[nn.Module] = [nn.Flatten(), nn.Linear(d_in, d_out, bias=not cfg.batchnorm)]
     if cfg.batchnorm:
         layers.append(nn.BatchNorm1d(d_out))
@@ -72,7 +76,9 @@ def build_vgg(
             BlockSpec(
                 name=f"conv{len(specs) + 1}",
                 kind="conv",
-                make=lambda c=c, c_out=c_out, k=kernel, s=stride: _conv(c, c_out, k, s, cfg),
+                make=lambda c=c, c_out=c_out, k=kernel, s=stride: conv_block(
+                    c, c_out, k, s, cfg
+                ),
                 in_shape=(c, h, w),
                 out_shape=(c_out, h_out, w_out),
                 pool=pool,
@@ -86,7 +92,7 @@ def build_vgg(
         BlockSpec(
             name="fc1",
             kind="fc",
-            make=lambda: _fc(d_in, cfg.fc_width, cfg),
+            make=lambda: fc_block(d_in, cfg.fc_width, cfg),
             in_shape=(c, h, w),
             out_shape=(cfg.fc_width,),
             dropout=cfg.dropout,
