@@ -60,8 +60,8 @@ def _linear_weight(block: LocalBlock) -> torch.Tensor:
 def _assert_same_state(a: LocalBlock, b: LocalBlock) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+    for k in sa:  # tensors, and the extra state (the seed of fixed random matrices)
+        assert torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k], k
 
 
 # --------------------------------------------------------------------------- seeding
@@ -249,22 +249,25 @@ def _through_disk(state: dict) -> dict:
     return torch.load(buf, weights_only=False)
 
 
-def test_checkpoint_round_trip_continues_identically() -> None:
-    a = _block(0, dropout=0.3, rule="predsim-bpf")
+@pytest.mark.parametrize("rule", ["predsim-bpf", "scfb"])
+def test_checkpoint_round_trip_continues_identically(rule: str) -> None:
+    a = _block(0, dropout=0.3, rule=rule)
     for s in range(3):
         a.set_epoch(s)
         a.train_step(*_batch(seed=s))
-    b = _block(0, dropout=0.3, rule="predsim-bpf")
+    b = _block(0, dropout=0.3, rule=rule, seed=7)  # scfb: other M, K until the seed is loaded
     b.load_checkpoint_state(_through_disk(a.checkpoint_state()))
     assert b.epoch == a.epoch == 2
     assert b.optimizer.param_groups[0]["lr"] == a.optimizer.param_groups[0]["lr"]
-    fresh = _block(0, dropout=0.3, rule="predsim-bpf")
+    fresh = _block(0, dropout=0.3, rule=rule)
     for s in range(3, 6):
         outs = [blk.train_step(*_batch(seed=s)) for blk in (a, b, fresh)]
         assert torch.equal(outs[0], outs[1])
     _assert_same_state(a, b)
     assert torch.equal(a.generator.get_state(), b.generator.get_state())
     assert not torch.equal(_linear_weight(a), _linear_weight(fresh))
+    for name, buf in a.rule.named_buffers():  # fixed matrices: regenerated, not stored
+        assert torch.equal(buf, dict(b.rule.named_buffers())[name]), name
 
 
 def test_checkpoint_state_contents() -> None:
