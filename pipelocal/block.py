@@ -7,6 +7,7 @@ pipeline stage run the very same ``train_step`` and get bit-identical results.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 import warnings
@@ -18,7 +19,8 @@ from torch import Tensor, nn
 
 from pipelocal.config import OptimConfig, RuleConfig, ScheduleConfig
 from pipelocal.models import BlockSpec
-from pipelocal.rules import LocalRule, RuleContext, build_rule
+from pipelocal.rules import RULES, LocalRule, RuleContext, build_rule
+from pipelocal.rules.fa import feedback_align
 
 __all__ = ["LocalBlock", "block_seed", "lr_factor"]
 
@@ -34,10 +36,14 @@ def block_seed(run_seed: int, index: int) -> int:
 def lr_factor(cfg: ScheduleConfig, epoch: int, epochs: int) -> float:
     """Learning-rate multiplier for ``epoch`` (0-based) of ``epochs``.
 
-    step: x gamma at each milestone fraction of training (the paper: x0.25 at 50/75/89/94%);
+    step: x gamma at each milestone: ``milestone_epochs`` if given, applied as the authors do
+    (``bisect_right(milestones, epoch)``, with their 1-based epoch - 1 = our 0-based epoch),
+    else the fractions ``milestones`` of training (the paper: x0.25 at 50/75/89/94%);
     cosine: half a cosine from 1 to 0 over training; constant: 1.
     """
     if cfg.name == "step":
+        if cfg.milestone_epochs:
+            return cfg.gamma ** bisect.bisect_right(cfg.milestone_epochs, epoch)
         passed = sum(epoch >= max(1, round(m * epochs)) for m in cfg.milestones)  # never epoch 0
         return cfg.gamma**passed
     if cfg.name == "cosine":
@@ -81,16 +87,24 @@ class LocalBlock(nn.Module):
         self.schedule, self.epochs, self.base_lr = schedule, epochs, optim.lr
         self.autocast_dtype = _AUTOCAST[precision]
         seed_i = self.seed = block_seed(seed, index)
+        rule_cls = RULES.get(rule.name)
         # Initialise on the CPU from this block's own seed, never from the global RNG stream.
         # Only the CPU default generator is seeded and restored: torch.manual_seed would also
         # reseed every CUDA device's global generator.
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed_i)
             self.body = spec.make()
-            self.rule: LocalRule | None = (
-                None if spec.kind == "output"
-                else build_rule(spec.out_shape, num_classes, rule, context)
-            )
+            self.rule: LocalRule | None = None
+            if spec.kind != "output":
+                shape = spec.wire_shape if rule_cls.on_wire else spec.out_shape
+                self.rule = build_rule(shape, num_classes, rule, context)
+            if rule_cls.feedback_alignment:
+                self.body = feedback_align(self.body)
+        if spec.kind == "output" and rule.zero_init and not rule_cls.is_global:
+            # The authors zero the output layer's weight whenever the hidden layers learn locally.
+            nn.init.zeros_([m for m in self.body.modules() if isinstance(m, nn.Linear)][-1].weight)
+        self.output_scale = rule_cls.output_loss_scale(rule) if spec.kind == "output" else 1.0
+        self.on_wire = rule_cls.on_wire
         self.device = torch.device(device)
         self.to(self.device)
         self.generator = torch.Generator(device=self.device)
@@ -123,19 +137,38 @@ class LocalBlock(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """This block's loss on its output ``h`` and the class scores it predicts (if any)."""
         if self.rule is None:
-            return F.cross_entropy(h, y), h.detach()
+            return self.output_scale * F.cross_entropy(h, y), h.detach()
         if self.needs_image:
             return self.rule.loss(h, y, image=image)  # type: ignore[call-arg]
         return self.rule.loss(h, y)
 
+    def _dropout(self, h: Tensor, p: float, channels: bool) -> Tensor:
+        """Inverted dropout (training only), mask from this block's generator.
+
+        ``channels``: one draw per feature map, mask [B, C, 1, 1] (``nn.Dropout2d``), so a
+        dropped map is zero everywhere; else one draw per value.
+        """
+        if not self.training or p <= 0:
+            return h
+        channels = channels and h.dim() == 4
+        shape = (h.size(0), h.size(1), 1, 1) if channels else h.shape
+        keep = torch.empty(shape, dtype=h.dtype, device=h.device)
+        keep.bernoulli_(1.0 - p, generator=self.generator)
+        return h * keep / (1.0 - p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The block's output: its body on the (training: input-dropped) input."""
+        return self.body(self._dropout(x, self.spec.input_dropout, channels=False))
+
     def pass_on(self, h: Tensor) -> Tensor:
-        """What the next block receives: dropout (training only), then the block's max-pool."""
-        p = self.spec.dropout
-        if self.training and p > 0:
-            keep = torch.empty_like(h).bernoulli_(1.0 - p, generator=self.generator)
-            h = h * keep / (1.0 - p)
-        if self.spec.pool > 1:
-            h = F.max_pool2d(h, self.spec.pool)
+        """What the next block receives: dropout (training only) and the block's max-pool."""
+        spec = self.spec
+        if not spec.dropout_after_pool:
+            h = self._dropout(h, spec.dropout, spec.channel_dropout)
+        if spec.pool > 1:
+            h = F.max_pool2d(h, spec.pool, spec.pool_stride or spec.pool, spec.pool_padding)
+        if spec.dropout_after_pool:
+            h = self._dropout(h, spec.dropout, spec.channel_dropout)
         return h
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -150,21 +183,25 @@ class LocalBlock(nn.Module):
         x = x.float()
         self.train(True)
         with self.autocast():  # forward and loss; backward runs outside, as autocast wants
-            h = self.body(x)
+            h = self(x)
+            if self.on_wire:  # the classifier reads the passed-on (dropped, pooled) activation
+                h = self.pass_on(h)
             loss, scores = self.local_loss(h, y, image)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.record(loss, scores, y)
-        return self.pass_on(h.detach())
+        return h.detach() if self.on_wire else self.pass_on(h.detach())
 
     @torch.no_grad()
     def eval_step(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         self.train(False)
         with self.autocast():
-            h = self.body(x.float())
-            scores = h if self.rule is None else self.rule.logits(h)
-        return self.pass_on(h), scores
+            h = self(x.float())
+            out = self.pass_on(h)
+            if self.rule is None:
+                return out, h
+            return out, self.rule.logits(out if self.on_wire else h)
 
     # ------------------------------------------------------------------ statistics
 

@@ -1,4 +1,4 @@
-"""``pipelocal``: train | eval | plan | models | rules | datasets.
+"""``pipelocal``: train | eval | plan | models | rules | datasets | recipes.
 
     pipelocal train                                   # embedded digits set, pipelined if S > 1
     pipelocal train --config my.toml --set optim.lr=3e-4 --stages 4
@@ -140,6 +140,27 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """List the paper recipes with their figures, or compare a run with one."""
+    from pipelocal.recipes import compare_run, find_recipes, load_recipe
+
+    if args.recipe and args.run:
+        print(compare_run(load_recipe(args.recipe), args.run))
+        return 0
+    import os
+
+    recipes = [load_recipe(args.recipe)] if args.recipe else find_recipes()
+    for r in recipes:
+        path = os.path.relpath(r.path)
+        figures = "  ".join(f"{rule} {r.headline(rule)}%" for rule in r.rules)
+        print(f"{r.title:<52} {figures}\n    {path}")
+        for rule in r.rules if args.recipe else ():
+            extra = "".join(f" --set {o}" for o in [f"rule.name={rule}",
+                                                     *r.rule_overrides.get(rule, [])])
+            print(f"    pipelocal train --config {path}{extra}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipelocal", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,6 +193,11 @@ def _parser() -> argparse.ArgumentParser:
     with_config(c)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_config)
+
+    r = sub.add_parser("recipes", help="the papers' table rows as configs, with their figures")
+    r.add_argument("recipe", nargs="?", help="one recipe (path or path below configs/recipes)")
+    r.add_argument("--run", help="run directory to compare with the recipe's figures")
+    r.set_defaults(func=cmd_recipes)
 
     for name in ("models", "rules", "datasets"):
         sub.add_parser(name, help=f"list the registered {name}").set_defaults(func=cmd_list)

@@ -64,6 +64,11 @@ class ModelConfig:
     """VGG: width of the hidden fully connected layer (fc1024 in the paper)."""
     dropout: float = 0.0
     """Dropout probability on every hidden block's output."""
+    conv_dropout: Literal["channel", "element"] = "channel"
+    """How conv blocks drop: whole feature maps (``nn.Dropout2d``, the authors' code) or single
+    values (``nn.Dropout``); fc blocks always drop single values."""
+    input_dropout: float = 0.0
+    """mostafa-cnn5: dropout on the input images (the paper: "after the input layer")."""
     nonlin: Literal["relu", "leaky_relu"] = "relu"
     batchnorm: bool = True
     """BatchNorm after each hidden layer (conv3x3-BN-nonlin in the paper)."""
@@ -79,6 +84,10 @@ class ModelConfig:
         _check(self.depth >= 1, "model.depth", self.depth, "an integer >= 1")
         _check(self.fc_width >= 1, "model.fc_width", self.fc_width, "an integer >= 1")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "0 <= p < 1")
+        _check(self.conv_dropout in ("channel", "element"), "model.conv_dropout",
+               self.conv_dropout, "channel, element")
+        _check(0.0 <= self.input_dropout < 1.0, "model.input_dropout", self.input_dropout,
+               "0 <= p < 1")
         _check(
             self.nonlin in ("relu", "leaky_relu"), "model.nonlin", self.nonlin, "relu, leaky_relu"
         )
@@ -152,8 +161,9 @@ class RuleConfig:
     """Registered local learning rule (``pipelocal rules`` lists them)."""
     beta: float = 0.99
     """predsim: loss = (1 - beta) * pred + beta * sim."""
-    dim_in_decoder: int = 2048
-    """pred: the activation is average-pooled until C*H*W <= this before the linear classifier."""
+    dim_in_decoder: int = 4096
+    """pred: the activation is average-pooled until C*H*W <= this before the linear classifier
+    (the authors' default 4096)."""
     target_proj_size: int = 128
     """bpf: size of the fixed random projection of the one-hot labels."""
     aux_depth: int = 2
@@ -169,6 +179,19 @@ class RuleConfig:
     linearly interpolated between them (the AugLocal authors' ResNet-32 values)."""
     infopro_ce: tuple[float, ...] = (0.05, 0.5)
     """infopro: cross-entropy weight (lambda_2) at the first and the last hidden block."""
+    similarity_std: bool = True
+    """sim: per-channel standard deviation of conv maps with H > 1 in the similarity matrix;
+    false = the authors' ``--no-similarity-std`` (flatten)."""
+    zero_init: bool = True
+    """pred: local classifier weights (bpf: and bias) start at zero, and so does the output
+    layer's weight under a local rule, as in the authors' code; false = PyTorch's default."""
+    scale_output_loss: bool = True
+    """predsim(-bpf): the output layer's cross-entropy is scaled by (1 - beta), as the authors."""
+    classifier_loss: Literal["ce", "hinge"] = "ce"
+    """sym/scfb/tlc: the fixed random classifier's loss: cross-entropy or square hinge."""
+    classifier_init: Literal["uniform", "gaussian"] = "uniform"
+    """sym/scfb/tlc: distribution of the classifier (and feedback) weights, zero mean and
+    std sqrt(2 / (fan_in + fan_out)) (Mostafa et al. 2018, eq. 7; gaussian = their GI)."""
 
     def __post_init__(self) -> None:
         from pipelocal.rules import available_rules
@@ -187,6 +210,10 @@ class RuleConfig:
         _check(
             self.target_proj_size >= 1, "rule.target_proj_size", self.target_proj_size, ">= 1"
         )
+        _check(self.classifier_loss in ("ce", "hinge"), "rule.classifier_loss",
+               self.classifier_loss, "ce, hinge")
+        _check(self.classifier_init in ("uniform", "gaussian"), "rule.classifier_init",
+               self.classifier_init, "uniform, gaussian")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -195,23 +222,30 @@ class OptimConfig:
     """Each block has its own optimiser of this kind."""
     lr: float = 5e-4
     weight_decay: float = 0.0
-    momentum: float = 0.9
-    """sgd only."""
-    nesterov: bool = True
-    """sgd only."""
+    momentum: float = 0.0
+    """sgd only; 0 as the authors' ``train.py`` (Mostafa et al.: 0.9 with nesterov)."""
+    nesterov: bool = False
+    """sgd only; needs momentum > 0."""
 
     def __post_init__(self) -> None:
         _check(self.name in ("adam", "sgd"), "optim.name", self.name, "adam, sgd")
         _check(self.lr > 0, "optim.lr", self.lr, "a learning rate > 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
         _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "0 <= momentum < 1")
+        _check(not self.nesterov or self.momentum > 0, "optim.nesterov", self.nesterov,
+               "false, or true together with optim.momentum > 0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ScheduleConfig:
     name: Literal["step", "cosine", "constant"] = "step"
-    """step: lr x gamma at each milestone (fractions of training); cosine: to 0 at the end."""
+    """step: lr x gamma at each milestone; cosine: to 0 at the end."""
     milestones: tuple[float, ...] = (0.5, 0.75, 0.89, 0.94)
+    """step: milestones as fractions of training (the paper's 50/75/89/94%); ignored when
+    ``milestone_epochs`` is set."""
+    milestone_epochs: tuple[int, ...] = ()
+    """step: milestones as epochs, as the authors' ``--lr-decay-milestones``: the factor of
+    (0-based) epoch e is gamma ** (number of milestones <= e), i.e. bisect_right."""
     gamma: float = 0.25
 
     def __post_init__(self) -> None:
@@ -227,6 +261,14 @@ class ScheduleConfig:
             "schedule.milestones",
             self.milestones,
             "increasing fractions of training in (0, 1)",
+        )
+        _check(
+            all(m >= 1 for m in self.milestone_epochs)
+            and list(self.milestone_epochs) == sorted(self.milestone_epochs),
+            "schedule.milestone_epochs",
+            self.milestone_epochs,
+            "increasing epochs >= 1 (e.g. [200, 300, 350, 375]), or [] to use the fractions "
+            "in schedule.milestones",
         )
         _check(0 < self.gamma <= 1, "schedule.gamma", self.gamma, "0 < gamma <= 1")
 
@@ -434,6 +476,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
+    data.pop("recipe", None)  # a recipe's paper figures (pipelocal.recipes), not settings
     return from_dict(apply_overrides(data, overrides or []))
 
 

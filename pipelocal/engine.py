@@ -104,7 +104,7 @@ class Engine:
         for block in self.blocks:
             block.train(True)
             with block.autocast():
-                h = block.body(x.float())
+                h = block(x.float())
                 loss, scores = block.local_loss(h, y)
             losses.append(loss)  # glob: zero for hidden blocks; glob+sim: their sim loss
             block.record(loss, scores, y)

@@ -41,7 +41,7 @@ def test_recipe_trains_one_step_at_reduced_size(name: str) -> None:
     blocks = build_blocks(cfg, specs, 10, range(len(specs)), "cpu")
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
-    out = Engine(blocks).train(x, y, epoch=0)
+    out = Engine(blocks).train_batch(x, y, epoch=0)
     assert out.shape == (4, 10)
     losses = [b.pop_stats()["loss"] for b in blocks]
     assert all(torch.isfinite(torch.tensor(v)) for v in losses), losses

@@ -61,8 +61,8 @@ def _linear_weight(block: LocalBlock) -> torch.Tensor:
 def _assert_same_state(a: LocalBlock, b: LocalBlock) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+    for k in sa:  # tensors, and the extra state (the seed of fixed random matrices)
+        assert torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k], k
 
 
 # --------------------------------------------------------------------------- seeding
@@ -90,7 +90,7 @@ def test_different_index_or_seed_gives_different_init() -> None:
     a, b, c = _block(1, spec), _block(2, spec), _block(1, spec, seed=1)
     for other in (b, c):
         assert not torch.equal(_linear_weight(a), _linear_weight(other))
-        assert not torch.equal(a.rule.decoder.weight, other.rule.decoder.weight)
+        assert not torch.equal(a.rule.decoder.bias, other.rule.decoder.bias)  # weight: zero
 
 
 def test_building_a_block_leaves_the_global_rng_alone() -> None:
@@ -217,8 +217,10 @@ def test_pop_stats_means_and_resets() -> None:
             losses.append(float(torch.nn.functional.cross_entropy(block.body(x[:n]), y[:n])))
         block.train_step(x[:n], y[:n])
     stats = block.pop_stats()
-    # The output block is a plain Linear, so eval and train forward agree exactly.
-    assert stats["loss"] == pytest.approx((16 * losses[0] + 4 * losses[1]) / 20, rel=1e-5)
+    # The output block is a plain Linear, so eval and train forward agree exactly; with
+    # predsim its cross-entropy is scaled by 1 - beta (the authors' output loss).
+    expected = (1 - 0.99) * (16 * losses[0] + 4 * losses[1]) / 20
+    assert stats["loss"] == pytest.approx(expected, rel=1e-5)
     assert 0.0 <= stats["acc"] <= 1.0
     assert block.pop_stats() == {"loss": 0.0, "acc": None}
 
@@ -248,22 +250,25 @@ def _through_disk(state: dict) -> dict:
     return torch.load(buf, weights_only=False)
 
 
-def test_checkpoint_round_trip_continues_identically() -> None:
-    a = _block(0, dropout=0.3, rule="predsim-bpf")
+@pytest.mark.parametrize("rule", ["predsim-bpf", "scfb"])
+def test_checkpoint_round_trip_continues_identically(rule: str) -> None:
+    a = _block(0, dropout=0.3, rule=rule)
     for s in range(3):
         a.set_epoch(s)
         a.train_step(*_batch(seed=s))
-    b = _block(0, dropout=0.3, rule="predsim-bpf")
+    b = _block(0, dropout=0.3, rule=rule, seed=7)  # scfb: other M, K until the seed is loaded
     b.load_checkpoint_state(_through_disk(a.checkpoint_state()))
     assert b.epoch == a.epoch == 2
     assert b.optimizer.param_groups[0]["lr"] == a.optimizer.param_groups[0]["lr"]
-    fresh = _block(0, dropout=0.3, rule="predsim-bpf")
+    fresh = _block(0, dropout=0.3, rule=rule)
     for s in range(3, 6):
         outs = [blk.train_step(*_batch(seed=s)) for blk in (a, b, fresh)]
         assert torch.equal(outs[0], outs[1])
     _assert_same_state(a, b)
     assert torch.equal(a.generator.get_state(), b.generator.get_state())
     assert not torch.equal(_linear_weight(a), _linear_weight(fresh))
+    for name, buf in a.rule.named_buffers():  # fixed matrices: regenerated, not stored
+        assert torch.equal(buf, dict(b.rule.named_buffers())[name]), name
 
 
 def test_checkpoint_state_contents() -> None:
@@ -334,3 +339,105 @@ def test_bf16_precision_autocasts_and_keeps_fp32_weights() -> None:
     state = block.optimizer.state_dict()["state"]
     assert all(v.dtype == torch.float32 for s in state.values() for k, v in s.items()
                if k != "step")
+
+
+# --------------------------------------------------------------------------- the authors' choices
+
+
+def _conv_block(dropout: float, conv_dropout: str = "channel", rule: str = "predsim") -> LocalBlock:
+    cfg = ModelConfig(name="cnn", width=0.25, fc_width=16, dropout=dropout,
+                      conv_dropout=conv_dropout)
+    spec = build_model(cfg, (1, 8, 8), NUM_CLASSES)[0]  # conv 1 -> 8 maps, 8x8, then pool 2
+    return LocalBlock(0, spec, num_classes=NUM_CLASSES, rule=RuleConfig(name=rule),
+                      optim=OptimConfig(lr=1e-2), schedule=ScheduleConfig(), epochs=2, seed=0)
+
+
+def test_conv_dropout_drops_whole_feature_maps_from_the_block_generator() -> None:
+    """The authors' conv blocks use nn.Dropout2d: a dropped map is zero at every position."""
+    block = _conv_block(0.5)
+    block.train(True)
+    h = torch.rand(6, 8, 4, 4) + 0.5  # strictly positive: a zero can only come from the mask
+    out = block.pass_on(h)  # dropout, then the 2x2 max-pool
+    zero_maps = (out == 0).all(dim=(2, 3))  # [B, C]
+    assert torch.equal(zero_maps, (out == 0).any(dim=(2, 3)))  # all or nothing per map
+    assert zero_maps.any() and not zero_maps.all()
+    kept = ~zero_maps
+    plain = torch.nn.functional.max_pool2d(h, 2)
+    assert torch.equal(out[kept], 2.0 * plain[kept])  # x 1 / (1 - p)
+    # The mask is one draw per (sample, map) from the block's own generator.
+    gen = torch.Generator().manual_seed(block_seed(0, 0) + 1)
+    keep = torch.empty(6, 8, 1, 1).bernoulli_(0.5, generator=gen)
+    assert torch.equal(kept, keep[:, :, 0, 0].bool())
+
+
+def test_element_conv_dropout_remains_an_option() -> None:
+    block = _conv_block(0.5, conv_dropout="element")
+    block.train(True)
+    out = block._dropout(torch.rand(6, 8, 4, 4) + 0.5, 0.5, block.spec.channel_dropout)
+    zeros = out == 0
+    assert not torch.equal(zeros.all(dim=(2, 3)), zeros.any(dim=(2, 3)))  # partial maps
+
+
+@pytest.mark.parametrize("rule", ["predsim", "pred", "sym"])
+def test_output_layer_weight_starts_at_zero_under_a_local_rule(rule: str) -> None:
+    out = _block(2, rule=rule)
+    assert torch.count_nonzero(out.body.weight) == 0
+    assert torch.count_nonzero(out.body.bias) > 0  # the authors zero only the weight
+
+
+@pytest.mark.parametrize("rule", ["glob", "fa"])
+def test_output_layer_keeps_the_default_init_under_backprop(rule: str) -> None:
+    assert torch.count_nonzero(_block(2, rule=rule).body.weight) > 0  # fa: a LinearFA
+
+
+@pytest.mark.parametrize(
+    ("rule", "scale"), [("predsim", 0.01), ("predsim-bpf", 0.01), ("pred", 1.0), ("sim", 1.0),
+                        ("glob+sim", 1.0), ("sym", 1.0)]
+)
+def test_output_cross_entropy_is_scaled_by_one_minus_beta_with_predsim(
+    rule: str, scale: float
+) -> None:
+    block = _block(2, rule=rule)
+    x, y = _batch((16,))
+    loss, _ = block.local_loss(block(x), y)
+    torch.testing.assert_close(loss, scale * torch.nn.functional.cross_entropy(block(x), y))
+    cfg = RuleConfig(name="predsim", scale_output_loss=False)
+    unscaled = LocalBlock(2, _specs()[2], num_classes=NUM_CLASSES, rule=cfg, optim=OptimConfig(),
+                          schedule=ScheduleConfig(), epochs=1, seed=0)
+    assert unscaled.output_scale == 1.0
+
+
+def test_step_schedule_with_milestone_epochs_is_the_authors_bisect_right() -> None:
+    """The authors: lr * fact ** bisect_right(milestones, epoch - 1) for 1-based epochs."""
+    import bisect
+
+    cfg = ScheduleConfig(name="step", milestone_epochs=(200, 300, 350, 375), gamma=0.25)
+    for epoch_1based in (1, 200, 201, 300, 301, 351, 376, 400):
+        expected = 0.25 ** bisect.bisect_right([200, 300, 350, 375], epoch_1based - 1)
+        assert lr_factor(cfg, epoch_1based - 1, 400) == expected
+    assert lr_factor(cfg, 199, 400) == 1.0 and lr_factor(cfg, 200, 400) == 0.25
+    # The epochs are absolute: a shorter run keeps them (only the fractions scale).
+    assert lr_factor(cfg, 250, 1000) == 0.25
+
+
+def test_milestone_epochs_are_validated() -> None:
+    from pipelocal.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"schedule\.milestone_epochs"):
+        ScheduleConfig(milestone_epochs=(300, 200))
+    with pytest.raises(ConfigError, match=r"increasing epochs >= 1"):
+        ScheduleConfig(milestone_epochs=(0,))
+
+
+def test_sgd_defaults_are_the_authors_plain_sgd() -> None:
+    cfg = OptimConfig(name="sgd", lr=0.1)
+    assert cfg.momentum == 0.0 and not cfg.nesterov
+    from pipelocal.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optim\.nesterov"):
+        OptimConfig(name="sgd", nesterov=True)
+    block = LocalBlock(0, _specs()[0], num_classes=NUM_CLASSES, rule=RuleConfig(),
+                       optim=OptimConfig(name="sgd", momentum=0.9, nesterov=True),
+                       schedule=ScheduleConfig(), epochs=1, seed=0)
+    group = block.optimizer.param_groups[0]
+    assert group["momentum"] == 0.9 and group["nesterov"]

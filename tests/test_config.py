@@ -66,7 +66,7 @@ def test_overrides_beat_file_beat_defaults(tmp_path: Path) -> None:
     cfg = load_config(path, ["optim.lr=3e-4", "pipeline.partition=[2,2]", "run.name=abc"])
     assert cfg.optim.lr == 3e-4  # override > file
     assert cfg.optim.weight_decay == 0.1  # file > default
-    assert cfg.optim.momentum == 0.9  # default
+    assert cfg.optim.momentum == 0.0  # default (the authors' train.py)
     assert cfg.pipeline.stages == 2 and cfg.pipeline.partition == (2, 2)
     assert cfg.run.name == "abc"  # a bare word is taken as a string
 

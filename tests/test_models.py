@@ -19,6 +19,8 @@ CASES: dict[str, tuple[dict, list[tuple[int, int, int]]]] = {
     "cnn": ({"width": 0.25, "fc_width": 16}, [(1, 8, 8)]),
     "vgg8b": ({"width": 0.0625, "fc_width": 32}, [(1, 28, 28)]),
     "vgg11b": ({"width": 0.0625, "fc_width": 32}, [(1, 28, 28), (3, 96, 96)]),
+    "mostafa-cnn5": ({"width": 0.0625, "dropout": 0.2, "input_dropout": 0.1}, [(3, 32, 32)]),
+    "mostafa-cnn10": ({"width": 0.0625, "dropout": 0.2}, [(3, 32, 32)]),
 }
 _DEFAULT_CASE = ({"width": 0.0625, "fc_width": 32}, [(1, 28, 28)])
 
@@ -50,7 +52,8 @@ def test_every_model_builds_with_consistent_shapes(name: str, shape: tuple[int, 
         body = spec.make().eval()
         h = body(x)
         assert tuple(h.shape[1:]) == spec.out_shape, spec.name
-        x = nn.functional.max_pool2d(h, spec.pool) if spec.pool > 1 else h
+        pool = (spec.pool, spec.pool_stride or spec.pool, spec.pool_padding)
+        x = nn.functional.max_pool2d(h, *pool) if spec.pool > 1 else h
         assert tuple(x.shape[1:]) == spec.wire_shape, spec.name
 
 
@@ -134,3 +137,34 @@ def test_unknown_model_lists_the_available_ones() -> None:
     assert "'resnet'" in msg and "available" in msg
     assert all(name in msg for name in available_models())
     assert {"mlp", "cnn", "vgg8b", "vgg11b"} <= set(available_models())
+
+
+def test_vgg_uses_the_7x7_first_layer_above_64_pixels_as_the_authors() -> None:
+    """The authors' test is ``input_dim > 64``: 72x72 inputs get it, 64x64 ones do not."""
+    for side, kernel in ((72, 7), (64, 3)):
+        specs = build_model(_model_cfg("vgg8b"), (3, side, side), NUM_CLASSES)
+        conv = next(m for m in specs[0].make().modules() if isinstance(m, nn.Conv2d))
+        assert conv.kernel_size == (kernel, kernel), side
+
+
+def test_mostafa_nets_match_the_papers_sizes() -> None:
+    """The paper's Fig. 6 counts: parameters (without the output layer) and activations."""
+    import math
+
+    for name, params, acts in (("mostafa-cnn5", 13_716_512, 40_960),
+                               ("mostafa-cnn10", 9_402_048, 156_160)):
+        specs = build_model(ModelConfig(name=name), (3, 32, 32), NUM_CLASSES)
+        weights = sum(p.numel() for s in specs[:-1] for p in s.make().parameters() if p.dim() > 1)
+        assert weights == params, name
+        assert sum(math.prod(s.wire_shape) for s in specs[:-1]) == acts, name
+    cnn5 = build_model(ModelConfig(name="mostafa-cnn5", dropout=0.5, input_dropout=0.2),
+                       (3, 32, 32), NUM_CLASSES)
+    assert [s.pool for s in cnn5[:3]] == [3, 3, 3] and cnn5[0].pool_stride == 2
+    assert all(s.dropout_after_pool and s.dropout == 0.5 for s in cnn5[:3])
+    assert cnn5[0].input_dropout == 0.2 and cnn5[1].input_dropout == 0.0
+    assert [s.out_shape for s in cnn5[3:5]] == [(2048,), (2048,)]
+
+
+def test_mostafa_cnn10_rejects_inputs_too_small_for_five_pools() -> None:
+    with pytest.raises(ValueError, match="too small"):
+        build_model(ModelConfig(name="mostafa-cnn10"), (1, 28, 28), NUM_CLASSES)

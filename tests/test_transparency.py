@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelocal.config import Config
 from pipelocal.launch import train
 from tests.conftest import MNIST_10K, assert_identical, checkpoint_tensors, tiny_config
 
@@ -24,76 +23,69 @@ pytestmark = pytest.mark.slow
 
 _reference_cache: dict[tuple[str, ...], dict] = {}
 
-_CASES = [(rule, stages, ()) for rule in ("predsim", "pred-bpf", "sim") for stages in (2, 3, 4)]
-_CASES += [
+
+def _reference(tmp_path_factory: pytest.TempPathFactory, overrides: tuple[str, ...]) -> dict:
+    if overrides not in _reference_cache:
+        tmp = tmp_path_factory.mktemp("ref")
+        result = train(tiny_config(tmp, *overrides, "pipeline.stages=1"))
+        _reference_cache[overrides] = {"state": checkpoint_tensors(result["run_dir"]),
+                                       "result": result}
+    return _reference_cache[overrides]
+
+
+_CNN5 = ("model.name=mostafa-cnn5", "model.width=0.0625", "model.input_dropout=0.1")
+_MNIST = ("data.name=mnist-10k", f"data.data_dir={MNIST_10K}")
+# Deep models: 2 steps (128 samples in batches of 64), tiny widths.
+_DEEP = ("model.width=0.25", "model.dropout=0.0", "run.epochs=1", "data.train_limit=128")
+
+
+def _case(overrides: tuple[str, ...], stages: int, name: str, split: tuple[int, ...] = ()):
+    """A pipelined run (``split``: its partition) against the same config in one process."""
+    return pytest.param(overrides, stages, split, id=name)
+
+
+# The original rules over 2-4 stages; each newer rule and model over 2 stages (CPU time).
+_CASES = [
+    *[_case((f"rule.name={r}",), s, f"{r}-S{s}")
+      for r in ("predsim", "pred-bpf", "sim") for s in (2, 3, 4)],
+    *[_case((f"rule.name={r}", *extra), 2, f"{r}-S2")
+      for r, extra in (("sym", ()), ("scfb", ("rule.classifier_loss=hinge",)), ("tlc", ()))],
+    _case(("rule.name=tlc", *_CNN5), 2, "tlc-mostafa-cnn5-S2"),
+    _case(("rule.name=predsim", *_CNN5), 2, "predsim-mostafa-cnn5-S2"),
     # bf16 autocast: the wire carries bf16 (pipeline.wire_dtype = auto), exactly what the next
     # block would have received in one process.
-    ("predsim", 2, ("run.precision=bf16",)),
-    ("pred-bpf", 3, ("run.precision=bf16",)),
+    _case(("rule.name=predsim", "run.precision=bf16"), 2, "predsim-bf16-S2"),
+    _case(("rule.name=pred-bpf", "run.precision=bf16"), 3, "pred-bpf-bf16-S3"),
+    # Every auxiliary-net rule and deep model once; InfoPro's input image travels with the
+    # activation.
+    _case(("rule.name=auglocal", "model.name=resnet32", "rule.aux_depth=4", *_DEEP), 2,
+          "auglocal-resnet32-S2", (7, 9)),
+    _case(("rule.name=auglocal", "model.name=resnet110", *_DEEP, "model.width=0.0625"), 2,
+          "auglocal-resnet110-S2", (20, 35)),
+    _case(("rule.name=infopro", "model.name=resnet34", *_DEEP, "model.width=0.0625"), 2,
+          "infopro-resnet34-S2", (8, 9)),
+    _case(("rule.name=dgl", "model.name=resnet101", *_DEEP, "model.width=0.03125"), 2,
+          "dgl-resnet101-S2", (17, 17)),
+    _case(("rule.name=auglocal", "model.name=vgg19", *_DEEP, "model.width=0.0625", *_MNIST), 2,
+          "auglocal-vgg19-S2", (8, 8)),
+    _case(("rule.name=dgl", "model.name=vgg13", *_DEEP, "model.width=0.0625",
+           "model.fc_width=16", *_MNIST), 2, "dgl-vgg13-S2", (5, 5)),
 ]
 
 
-def _reference(tmp_path_factory: pytest.TempPathFactory, rule: str, extra: tuple[str, ...]) -> dict:
-    key = (rule, *extra)
-    if key not in _reference_cache:
-        tmp = tmp_path_factory.mktemp(f"ref-{rule}")
-        result = train(tiny_config(tmp, f"rule.name={rule}", "pipeline.stages=1", *extra))
-        _reference_cache[key] = {"state": checkpoint_tensors(result["run_dir"]),
-                                 "result": result}
-    return _reference_cache[key]
-
-
-# (rule, model overrides): every auxiliary-net rule and every deep model once, 2 stages, tiny
-# widths. InfoPro checks the image path (the input travels with the activation).
-_DEEP_CASES = {
-    "auglocal-resnet32": ("auglocal", ["model.name=resnet32", "rule.aux_depth=4",
-                                       "pipeline.partition=[7,9]"]),
-    "auglocal-resnet110": ("auglocal", ["model.name=resnet110", "model.width=0.0625",
-                                        "pipeline.partition=[20,35]"]),
-    "infopro-resnet34": ("infopro", ["model.name=resnet34", "model.width=0.0625",
-                                     "pipeline.partition=[8,9]"]),
-    "dgl-resnet101": ("dgl", ["model.name=resnet101", "model.width=0.03125",
-                              "pipeline.partition=[17,17]"]),
-    "auglocal-vgg19": ("auglocal", ["model.name=vgg19", "model.width=0.0625",
-                                    "data.name=mnist-10k", f"data.data_dir={MNIST_10K}",
-                                    "pipeline.partition=[8,8]"]),
-    "dgl-vgg13": ("dgl", ["model.name=vgg13", "model.width=0.0625", "model.fc_width=16",
-                          "data.name=mnist-10k", f"data.data_dir={MNIST_10K}",
-                          "pipeline.partition=[5,5]"]),
-}
-# 2 steps: 128 training samples in batches of 64.
-_DEEP_BASE = ["model.width=0.25", "model.dropout=0.0", "run.epochs=1", "data.train_limit=128"]
-
-
-def _deep_config(tmp_path: Path, case: str, *overrides: str) -> Config:
-    rule, extra = _DEEP_CASES[case]
-    return tiny_config(tmp_path, *_DEEP_BASE, f"rule.name={rule}", *extra, *overrides)
-
-
-@pytest.mark.parametrize("case", sorted(_DEEP_CASES))
-def test_aux_net_rules_and_deep_models_pipeline_equals_single_process(
-    tmp_path: Path, case: str
-) -> None:
-    if "mnist-10k" in str(_DEEP_CASES[case]) and not MNIST_10K.is_dir():
-        pytest.skip(f"real MNIST test split not found at {MNIST_10K}")
-    ref = train(_deep_config(tmp_path / "ref", case, "pipeline.stages=1",
-                             "pipeline.partition=[]"))
-    result = train(_deep_config(tmp_path / "pipe", case, "pipeline.stages=2"))
-    assert result["step"] == ref["step"] == 2
-    assert_identical(checkpoint_tensors(result["run_dir"]), checkpoint_tensors(ref["run_dir"]))
-    assert result["test/acc_local"] == ref["test/acc_local"]
-
-
-@pytest.mark.parametrize(("rule", "stages", "extra"), _CASES)
+@pytest.mark.parametrize(("overrides", "stages", "split"), _CASES)
 def test_pipeline_equals_single_process(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, rule: str, stages: int,
-    extra: tuple[str, ...],
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, overrides: tuple[str, ...],
+    stages: int, split: tuple[int, ...],
 ) -> None:
-    ref = _reference(tmp_path_factory, rule, extra)
-    result = train(tiny_config(tmp_path, f"rule.name={rule}", f"pipeline.stages={stages}",
-                               *extra))
-    # 2 epochs of 5 batches (the last one 44 rows), dropout and batch norm in every hidden block.
-    assert result["step"] == ref["result"]["step"] == 10
+    if any("mnist-10k" in o for o in overrides) and not MNIST_10K.is_dir():
+        pytest.skip(f"real MNIST test split not found at {MNIST_10K}")
+    ref = _reference(tmp_path_factory, overrides)
+    partition = [f"pipeline.partition=[{','.join(map(str, split))}]"] if split else []
+    result = train(tiny_config(tmp_path, *overrides, f"pipeline.stages={stages}", *partition))
+    # Tiny configs: 2 epochs of 5 batches (the last one 44 rows), dropout and batch norm in
+    # every hidden block; deep ones: 2 batches.
+    assert result["step"] == ref["result"]["step"] == (2 if split else 10)
     assert_identical(checkpoint_tensors(result["run_dir"]), ref["state"])
     assert result["test/acc"] == ref["result"]["test/acc"]
     assert result["test/acc_local"] == ref["result"]["test/acc_local"]

@@ -1,7 +1,13 @@
 """Models as ordered lists of blocks, by registered name (``pipelocal models`` lists them)."""
 
 from pipelocal.config import ModelConfig
-from pipelocal.models import mlp, resnet, vgg, vgg_deep  # noqa: F401  (registers the models)
+from pipelocal.models import (  # noqa: F401  (registers the models)
+    mlp,
+    mostafa,
+    resnet,
+    vgg,
+    vgg_deep,
+)
 from pipelocal.models.base import MODELS, BlockSpec
 
 __all__ = ["MODELS", "BlockSpec", "available_models", "build_model"]

@@ -34,8 +34,9 @@ class BlockSpec:
 
     ``make()`` builds the body (layers up to and including the nonlinearity); the block's local
     rule sees the body's output, of per-sample shape ``out_shape``. What the block passes on is
-    ``maxpool(dropout(output.detach()))``, of shape ``wire_shape``. The output block's body
-    ends in the class scores and is trained with cross-entropy.
+    ``maxpool(dropout(output.detach()))`` (``dropout(maxpool(...))`` if ``dropout_after_pool``),
+    of shape ``wire_shape``. The output block's body ends in the class scores and is trained
+    with cross-entropy.
     """
 
     name: str
@@ -44,17 +45,28 @@ class BlockSpec:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     pool: int = 1
-    """Max-pool kernel (and stride) applied to the output before it is passed on; 1 = none."""
+    """Max-pool kernel applied to the output before it is passed on; 1 = none."""
+    pool_stride: int = 0
+    """Max-pool stride; 0 = the kernel (non-overlapping windows)."""
+    pool_padding: int = 0
     dropout: float = 0.0
     template: LayerTemplate | None = None
     """Copyable feature layer, for rules whose auxiliary nets reuse later blocks (AugLocal)."""
+    channel_dropout: bool = False
+    """Drop whole feature maps (mask [B, C, 1, 1], as ``nn.Dropout2d``) instead of single values;
+    the authors' conv blocks do this."""
+    dropout_after_pool: bool = False
+    """Dropout after the max-pool instead of before it (Mostafa et al.'s placement)."""
+    input_dropout: float = 0.0
+    """Dropout on the block's input (Mostafa et al.'s dropout after the input layer)."""
 
     @property
     def wire_shape(self) -> tuple[int, ...]:
         if self.pool == 1:
             return self.out_shape
         c, h, w = self.out_shape
-        return (c, h // self.pool, w // self.pool)
+        k, s, p = self.pool, self.pool_stride or self.pool, self.pool_padding
+        return (c, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
 
 
 ModelBuilder = Callable[[ModelConfig, tuple[int, ...], int], list[BlockSpec]]

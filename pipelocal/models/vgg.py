@@ -6,7 +6,9 @@
 
 Each conv block is conv3x3-BN-nonlin(-dropout); a max-pool 2x2 following a conv is applied by
 that block to what it passes on. ``model.width`` scales every conv's channels (2.0 = the
-paper's (2x) variant). Inputs of 96x96 and more (STL-10) start with a 7x7 stride-2 conv.
+paper's (2x) variant). Inputs larger than 64x64 (STL-10) start with a 7x7 stride-2 conv, as
+the authors' code (``input_dim > 64``). Conv blocks drop whole feature maps unless
+``model.conv_dropout = "element"``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import nn
 from pipelocal.config import ConfigError, ModelConfig
 from pipelocal.models.base import BlockSpec, flat_size, nonlinearity, register_model
 
-__all__ = ["VGG_LAYOUTS", "build_vgg"]
+__all__ = ["VGG_LAYOUTS", "build_vgg", "conv_block", "fc_block"]
 
 VGG_LAYOUTS: dict[str, list[int | str]] = {
     # A small conv net in the same style for 8x8+ inputs (the embedded digits set, tests).
@@ -26,7 +28,10 @@ VGG_LAYOUTS: dict[str, list[int | str]] = {
 }
 
 
-def _conv(c_in: int, c_out: int, kernel: int, stride: int, cfg: ModelConfig) -> nn.Sequential:
+def conv_block(
+    c_in: int, c_out: int, kernel: int, stride: int, cfg: ModelConfig
+) -> nn.Sequential:
+    """conv(kernel, stride, same padding)-BN-nonlin (no conv bias under BN)."""
     layers: list[nn.Module] = [
         nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=not cfg.batchnorm)
     ]
@@ -36,7 +41,8 @@ def _conv(c_in: int, c_out: int, kernel: int, stride: int, cfg: ModelConfig) -> 
     return nn.Sequential(*layers)
 
 
-def _fc(d_in: int, d_out: int, cfg: ModelConfig) -> nn.Sequential:
+def fc_block(d_in: int, d_out: int, cfg: ModelConfig) -> nn.Sequential:
+    """flatten-linear-BN-nonlin (no linear bias under BN)."""
     layers: list[nn.Module] = [nn.Flatten(), nn.Linear(d_in, d_out, bias=not cfg.batchnorm)]
     if cfg.batchnorm:
         layers.append(nn.BatchNorm1d(d_out))
@@ -56,7 +62,7 @@ def build_vgg(
         if item == "M":
             continue
         c_out = max(1, round(int(item) * cfg.width))
-        kernel, stride = (7, 2) if first and min(h, w) >= 96 else (3, 1)
+        kernel, stride = (7, 2) if first and min(h, w) > 64 else (3, 1)
         first = False
         pool = 2 if i + 1 < len(layout) and layout[i + 1] == "M" else 1
         h_out, w_out = (h + stride - 1) // stride, (w + stride - 1) // stride
@@ -70,11 +76,14 @@ def build_vgg(
             BlockSpec(
                 name=f"conv{len(specs) + 1}",
                 kind="conv",
-                make=lambda c=c, c_out=c_out, k=kernel, s=stride: _conv(c, c_out, k, s, cfg),
+                make=lambda c=c, c_out=c_out, k=kernel, s=stride: conv_block(
+                    c, c_out, k, s, cfg
+                ),
                 in_shape=(c, h, w),
                 out_shape=(c_out, h_out, w_out),
                 pool=pool,
                 dropout=cfg.dropout,
+                channel_dropout=cfg.conv_dropout == "channel",
             )
         )
         c, h, w = specs[-1].wire_shape
@@ -83,7 +92,7 @@ def build_vgg(
         BlockSpec(
             name="fc1",
             kind="fc",
-            make=lambda: _fc(d_in, cfg.fc_width, cfg),
+            make=lambda: fc_block(d_in, cfg.fc_width, cfg),
             in_shape=(c, h, w),
             out_shape=(cfg.fc_width,),
             dropout=cfg.dropout,

@@ -4,6 +4,8 @@ from pipelocal.config import RuleConfig
 from pipelocal.rules import (  # noqa: F401  (registers the rules)
     auglocal,
     dgl,
+    fa,
+    fixed,
     glob,
     infopro,
     predsim,

@@ -34,6 +34,19 @@ class LocalRule(nn.Module):
         self.num_classes = num_classes
         self.cfg = cfg
 
+    on_wire: ClassVar[bool] = False
+    """True for rules whose classifier reads what the block passes on (after dropout and
+    max-pool, as Mostafa et al. place it) rather than the block's output."""
+
+    feedback_alignment: ClassVar[bool] = False
+    """True for ``fa``: every weight layer of every block sends its error down through a fixed
+    random matrix instead of its transposed weight."""
+
+    @classmethod
+    def output_loss_scale(cls, cfg: RuleConfig) -> float:
+        """Factor on the output layer's cross-entropy under this rule (1 unless overridden)."""
+        return 1.0
+
     def loss(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
 
@@ -43,19 +56,33 @@ class LocalRule(nn.Module):
 
 
 class Pooling(nn.Module):
-    """Average pooling of conv features to the paper's decoder input size, then flatten."""
+    """The authors' average pooling of conv features to at most ``dim`` features, then flatten.
+
+    ``avg_pool2d`` with the window of :func:`~pipelocal.rules.functional.pool_window`, stride =
+    window and zero padding counted in the mean (``count_include_pad=True``), as the authors'
+    ``nn.AvgPool2d``. ``adaptive_avg_pool2d`` gives the same output size but other values (its
+    windows overlap and never include padding); it is also the wrong choice on GPUs: its CUDA
+    backward accumulates with atomic adds and is not deterministic, while ``avg_pool2d``'s
+    CUDA backward is (each input gradient is gathered from its own windows), which the
+    bitwise-exact pipeline needs. ``map(h)`` returns the pooled 4-D map, ``forward`` flattens.
+    """
 
     def __init__(self, shape: tuple[int, ...], dim: int) -> None:
         super().__init__()
-        from pipelocal.rules.functional import pooled_size
+        from pipelocal.rules.functional import pool_window, pooled_size
 
         self.size = pooled_size(shape, dim)
         self.pool = len(shape) == 3 and self.size != tuple(shape)
+        self.window, self.padding = pool_window(shape, dim) if self.pool else ((1, 1), (0, 0))
         self.out_features = 1
         for d in self.size:
             self.out_features *= d
 
+    def map(self, h: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, C, H', W'] (fc features [B, D] pass unchanged)."""
+        if not self.pool:
+            return h
+        return F.avg_pool2d(h, self.window, self.window, self.padding, count_include_pad=True)
+
     def forward(self, h: Tensor) -> Tensor:
-        if self.pool:
-            h = F.adaptive_avg_pool2d(h, self.size[1:])
-        return h.flatten(1)
+        return self.map(h).flatten(1)

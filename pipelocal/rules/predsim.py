@@ -9,12 +9,20 @@ One class computes ``(1 - beta) * pred + beta * sim`` and each registered rule f
 | predsim       | both, beta = rule.beta                  |                                   |
 | pred-bpf      | avg-pool, feedback-alignment linear,    | -                                 |
 |               | BCE against binarised label projection  |                                   |
-| sim-bpf       | -                                       | no head: pooled activations vs    |
+| sim-bpf       | -                                       | no head: pooled 4-D map vs        |
 |               |                                         | random projection of the labels   |
 | predsim-bpf   | both bpf heads, beta = rule.beta        |                                   |
+
+As in the authors' code (anokland/local-loss ``train.py``): the classifier's weight starts at
+zero (a bpf classifier's bias too), unless ``rule.zero_init = false``; the similarity matrix
+of a conv map uses per-channel standard deviations unless ``rule.similarity_std = false``;
+with both losses the output layer's cross-entropy is scaled by (1 - beta)
+(:meth:`PredSimRule.output_loss_scale`).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,6 +38,8 @@ class PredSimRule(LocalRule):
     pred_weight: float = 0.0
     sim_weight: float = 0.0
     bpf: bool = False
+    combined: ClassVar[bool] = False
+    """True for predsim and predsim-bpf: (1 - beta) pred + beta sim."""
 
     def __init__(self, shape: tuple[int, ...], num_classes: int, cfg: RuleConfig) -> None:
         super().__init__(shape, num_classes, cfg)
@@ -42,11 +52,20 @@ class PredSimRule(LocalRule):
             out = cfg.target_proj_size if self.bpf else num_classes
             linear = LinearFA if self.bpf else nn.Linear
             self.decoder = linear(self.pool.out_features, out)
+            if cfg.zero_init:  # the authors' decoder_y.weight.data.zero_(); LinearFA: bias 0 too
+                nn.init.zeros_(self.decoder.weight)
+                if self.bpf:
+                    nn.init.zeros_(self.decoder.bias)
         if self.sim_weight > 0 and not self.bpf:
             if len(shape) == 3:
                 self.sim_head: nn.Module = nn.Conv2d(shape[0], shape[0], 3, padding=1, bias=False)
             else:
                 self.sim_head = nn.Linear(shape[0], shape[0], bias=False)
+
+    @classmethod
+    def output_loss_scale(cls, cfg: RuleConfig) -> float:
+        """The authors scale the output layer's cross-entropy by (1 - beta) with predsim(-bpf)."""
+        return 1.0 - cfg.beta if cls.combined and cfg.scale_output_loss else 1.0
 
     def _codes(self) -> Tensor:
         """bpf: binarised projected label of every class, [classes, proj] in {0, 1}."""
@@ -69,11 +88,13 @@ class PredSimRule(LocalRule):
 
     def _sim(self, h: Tensor, y: Tensor) -> Tensor:
         onehot = label_onehot(y, self.num_classes)
+        use_std = self.cfg.similarity_std
         if self.bpf:
-            rh = similarity_matrix(self.pool(h))
+            # The authors' --bio sim: the pooled map stays 4-D, so its per-channel spread counts.
+            rh = similarity_matrix(self.pool.map(h), use_std=use_std)
             ry = similarity_matrix(onehot @ self.label_proj.t())
         else:
-            rh = similarity_matrix(self.sim_head(h))
+            rh = similarity_matrix(self.sim_head(h), use_std=use_std)
             ry = similarity_matrix(onehot)
         return F.mse_loss(rh, ry)
 
@@ -97,6 +118,8 @@ def _variant(name: str, *, pred: float | None, sim: float | None, bpf: bool) -> 
     """Register a PredSimRule subclass; None weights mean (1 - beta, beta) from the config."""
 
     class Rule(PredSimRule):
+        combined = pred is None and sim is None
+
         def __init__(self, shape: tuple[int, ...], num_classes: int, cfg: RuleConfig) -> None:
             self.pred_weight = 1.0 - cfg.beta if pred is None else pred
             self.sim_weight = cfg.beta if sim is None else sim

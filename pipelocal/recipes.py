@@ -1,0 +1,120 @@
+"""Recipes: one TOML file per row of the papers' main result tables, with the reported errors.
+
+A recipe is an ordinary config file (``pipelocal train --config RECIPE``) plus a ``[recipe]``
+table that the config loader ignores::
+
+    [recipe]
+    title = "Table 4 VGG11B(3x) CIFAR-10"
+    paper = "Nøkland & Eidnes 2019"
+    input = [3, 32, 32]            # what the dataset feeds the model
+    classes = 10
+    reported_error = {glob = 5.02, pred = 7.37, sim = 9.34, predsim = 3.97}   # test error, %
+    [recipe.rule_overrides]        # per rule column, e.g. the paper's ReLU for glob/pred
+    glob = ["model.nonlin=relu"]
+
+``pipelocal recipes`` lists them; ``pipelocal recipes RECIPE --run RUN_DIR`` prints the
+paper's figure beside the run's. Errors per layer (Mostafa et al.'s tables) are dicts
+``{layer name: error}`` under ``reported_error.<rule>``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelocal.config import Config, ConfigError, apply_overrides, from_dict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["RECIPES_DIR", "Recipe", "compare_run", "find_recipes", "load_recipe"]
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs" / "recipes"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Recipe:
+    path: Path
+    title: str
+    paper: str
+    input: tuple[int, int, int]
+    classes: int
+    reported_error: dict[str, Any]
+    """rule -> test error in % (a number, or {layer: error} for per-layer tables)."""
+    rule_overrides: dict[str, list[str]] = field(default_factory=dict)
+    note: str = ""
+    body: dict[str, Any] = field(default_factory=dict)
+    """The config sections of the file."""
+
+    @property
+    def rules(self) -> list[str]:
+        return list(self.reported_error)
+
+    def config(self, rule: str | None = None, overrides: list[str] | None = None) -> Config:
+        """The validated config of rule column ``rule`` (default: the file's rule)."""
+        data = json.loads(json.dumps(self.body))
+        if rule is not None:
+            data = apply_overrides(data, [f"rule.name={rule}", *self.rule_overrides.get(rule, [])])
+        return from_dict(apply_overrides(data, overrides or []))
+
+    def headline(self, rule: str) -> float | None:
+        """One error per rule: the number, or the last layer's of a per-layer row."""
+        err = self.reported_error.get(rule)
+        if isinstance(err, dict):
+            return list(err.values())[-1] if err else None
+        return err
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    p = Path(path)
+    if not p.is_file() and (RECIPES_DIR / p).is_file():
+        p = RECIPES_DIR / p
+    if not p.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist; `pipelocal recipes` lists them")
+    data = tomllib.loads(p.read_text())
+    meta = data.pop("recipe", None)
+    if not isinstance(meta, dict):
+        raise ConfigError(f"recipe {str(p)!r} has no [recipe] table; add title, paper, input, "
+                          "classes and reported_error")
+    missing = {"title", "paper", "input", "classes", "reported_error"} - set(meta)
+    if missing:
+        raise ConfigError(f"recipe {str(p)!r}: [recipe] lacks {', '.join(sorted(missing))}")
+    return Recipe(
+        path=p, title=meta["title"], paper=meta["paper"], input=tuple(meta["input"]),
+        classes=meta["classes"], reported_error=meta["reported_error"],
+        rule_overrides=meta.get("rule_overrides", {}), note=meta.get("note", ""), body=data,
+    )
+
+
+def find_recipes(folder: Path = RECIPES_DIR) -> list[Recipe]:
+    """Every recipe below ``folder``, sorted by path (paper folder, then table and row)."""
+    return [load_recipe(p) for p in sorted(folder.rglob("*.toml"))]
+
+
+def compare_run(recipe: Recipe, run_dir: str | Path) -> str:
+    """The paper's test error beside the run's (last epoch), output and local classifiers."""
+    run = Path(run_dir)
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines() if s.strip()]
+    if not lines:
+        raise ConfigError(f"run {str(run)!r} has no epoch in metrics.jsonl yet")
+    last = lines[-1]
+    rule = tomllib.loads((run / "config.toml").read_text())["rule"]["name"]
+    paper = recipe.reported_error.get(rule)
+    out = [f"{recipe.title} ({recipe.paper}), rule {rule}, after epoch {last['epoch']}:"]
+
+    def err(acc: float | None) -> str:
+        return "-" if acc is None else f"{100 * (1 - acc):.2f}%"
+
+    if isinstance(paper, dict):
+        local = last.get("test/acc_local", {})
+        for layer, reported in paper.items():
+            out.append(f"  {layer:<8} paper {reported:.2f}%   this run {err(local.get(layer))}")
+    head = recipe.headline(rule)
+    out.append(f"  output   paper {'-' if head is None else f'{head:.2f}%'}   "
+               f"this run {err(last['test/acc'])}")
+    return "\n".join(out)
