@@ -139,7 +139,7 @@ def _supervise(ctx: Any, talk: Path) -> BaseException | None:
             try:
                 if ctx.join(timeout=0.5, grace_period=_GRACE_S):
                     return None
-            except tmp.ProcessExitedException as exc:
+            except tmp.ProcessException as exc:  # exited, or raised outside our own reporting
                 return exc
     finally:
         for s, handler in previous.items():
@@ -165,6 +165,9 @@ def _outcome(ctx: Any, talk: Path, failure: BaseException | None) -> dict[str, A
     first_dead = None
     if isinstance(failure, tmp.ProcessExitedException) and failure.exit_code < 0:
         first_dead = failure.error_index
+    if isinstance(failure, tmp.ProcessRaisedException) and not reports:
+        # Failed before run_rank could report (e.g. unpickling the set-up): torch's own report.
+        raise PipelineError(f"stage {failure.error_index} failed at start-up: {failure}")
     raise PipelineError(_describe(ctx.processes, reports, first_dead))
 
 
