@@ -146,3 +146,11 @@ def test_torch_pipelining_peer_gives_the_single_device_loss():
         assert len(losses) == 4
         assert sum(losses) / 4 == pytest.approx(expected, rel=1e-5)
     assert [r["blocks"] for r in ranks] == [["fc1", "fc2"], ["fc3", "out"]]
+
+
+def test_cli_hands_every_argument_to_the_script():
+    from pipelocal.cli import _parser, cmd_bench
+
+    args = _parser().parse_args(["bench", "--quick", "--models", "mlp", "--set", "a.b=1"])
+    assert args.func is cmd_bench
+    assert args.args == ["--quick", "--models", "mlp", "--set", "a.b=1"]
