@@ -127,10 +127,12 @@ def _tiny_config():
 
 @pytest.mark.timeout(120)
 def test_torch_pipelining_peer_gives_the_single_device_loss():
-    """One step of (d), both schedules, equals single-device backprop on the same batch.
+    """Steps of (d) equal single-device backprop on the same batch, loss for loss.
 
-    Without BatchNorm (whose statistics are per micro-batch) and dropout: the mean of the
-    micro-batch losses is the full batch's cross-entropy.
+    Both settings run one step on batch 0, one after the other in the same processes: GPipe
+    sees the initial weights, 1F1B the weights after GPipe's Adam step. Without BatchNorm (whose
+    statistics are per micro-batch) and dropout, the mean of the 4 micro-batch losses is the
+    full batch's cross-entropy, and the scaled micro-batch gradients are the full batch's.
     """
     from peers import build_all
     from torchpipe import BlockChain, run_torchpipe
@@ -138,14 +140,22 @@ def test_torch_pipelining_peer_gives_the_single_device_loss():
     cfg = _tiny_config()
     ranks = run_torchpipe(cfg, [2, 2], [("gpipe", 4), ("1f1b", 4)], warmup=0, steps=1,
                           threads=1, transport_rounds=0)
-    blocks, batches = build_all(cfg)
-    x, y = batches[0]
-    expected = F.cross_entropy(BlockChain(blocks)(x), y).item()
-    for setting in ranks[-1]["settings"]:
-        losses = setting["last_losses"]
-        assert len(losses) == 4
-        assert sum(losses) / 4 == pytest.approx(expected, rel=1e-5)
     assert [r["blocks"] for r in ranks] == [["fc1", "fc2"], ["fc3", "out"]]
+    blocks, batches = build_all(cfg)
+    model = BlockChain(blocks)
+    x, y = batches[0]
+    expected = []
+    for _ in range(2):  # the loss, then one single-device backprop step with each block's Adam
+        loss = F.cross_entropy(model(x), y)
+        expected.append(loss.item())
+        loss.backward()
+        for b in blocks:
+            b.optimizer.step()
+            b.optimizer.zero_grad(set_to_none=True)
+    got = [sum(s["last_losses"]) / 4 for s in ranks[-1]["settings"]]
+    assert [len(s["last_losses"]) for s in ranks[-1]["settings"]] == [4, 4]
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert expected[1] < expected[0]  # the step did something
 
 
 def test_cli_hands_every_argument_to_the_script():
