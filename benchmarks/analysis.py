@@ -141,10 +141,10 @@ def analyse_model(raw: dict[str, Any]) -> dict[str, Any]:
         }
     for name in peers:
         if name != "a glob":
-            ratios[f"{name} / a glob"] = _ratio(reps, raw, name, "a glob")
+            ratios[f"{name} / a glob"] = _ratio(reps, name, "a glob")
     for rule in rules:
-        ratios[f"c {rule} / d 1f1b"] = _ratio(reps, raw, f"c {rule}", "d 1f1b")
-        ratios[f"c {rule} / d gpipe"] = _ratio(reps, raw, f"c {rule}", "d gpipe")
+        ratios[f"c {rule} / d 1f1b"] = _ratio(reps, f"c {rule}", "d 1f1b")
+        ratios[f"c {rule} / d gpipe"] = _ratio(reps, f"c {rule}", "d gpipe")
     out = {"peers": peers, "ratios": ratios, "efficiency": efficiency,
            "transport": reps[0]["d"][0]["transport"]}
     out["targets"] = _targets(out, rules, s)
@@ -163,7 +163,7 @@ def _throughput(rep: dict[str, Any], name: str) -> float:
     return _best_setting(rep["d"], which)["throughput(samples/s)"]
 
 
-def _ratio(reps: list[dict[str, Any]], raw: dict[str, Any], num: str, den: str) -> dict:
+def _ratio(reps: list[dict[str, Any]], num: str, den: str) -> dict[str, Any]:
     return stat([_throughput(r, num) / _throughput(r, den) for r in reps])
 
 

@@ -23,9 +23,12 @@ The committed headline result (2-core CPU; see the JSON for the machine and its 
 
     python benchmarks/bench.py
 
-A smoke test in about two minutes (tiny models, writes to /tmp):
+A smoke test (tiny models, one model, writes to /tmp; a few minutes on an idle 2-core CPU):
 
-    python benchmarks/bench.py --quick --out-dir /tmp/bench
+    python benchmarks/bench.py --quick --models mlp --repeats 2 --out-dir /tmp/bench
+
+CPU only: every peer runs on the CPU (gloo, torch threads per process); there is no GPU path
+yet (``memory.gpu_memory`` holds the CUDA / NVML read-out for it, not exercised here).
 """
 
 from __future__ import annotations
@@ -331,9 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine_note": note,
         "settings": {k: v for k, v in vars(args).items()},
         "definitions": DEFINITIONS,
-        "gpu_path": "no GPU on this machine: no GPU figure is measured; on a GPU machine "
-        "pipelocal's stages report torch.cuda.max_memory_allocated (memory.gpu_memory adds "
-        "NVML's figures)",
+        "gpu_path": "not measured: the benchmark runs every peer on the CPU and this machine "
+        "has no GPU; GPU figures would come from the scaling model fed with per-block costs "
+        "measured on that GPU",
         "models": models,
     }
     path = write_result(prov, payload, out_dir / f"{args.name}.json")
