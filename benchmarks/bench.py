@@ -314,25 +314,39 @@ def measure_model(args: argparse.Namespace, name: str, root: Path) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from analysis import DEFINITIONS, analyse_model
-    from report import markdown, plot
+    from analysis import analyse_model
 
     args = parse_args(argv)
     require_mnist_10k(args.data_dir, "bench")
     prov = Provenance(args.name)
+    names = args.models.split(",")
     models: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="pipelocal-bench-") as tmp:
         root = Path(args.runs_dir) if args.runs_dir else Path(tmp)
-        for name in args.models.split(","):
+        for name in names:
             raw = measure_model(args, name, root)
             models[name] = {"raw": raw, **analyse_model(raw)}
-    load = prov.load_before[0] if prov.load_before else 0.0
-    note = args.note or ("machine shared with other jobs (1-minute load average before the "
-                         f"run: {load})" if load > 0.5 else "machine quiet at the start")
+            # Written after every model, so that a stopped run keeps what it measured.
+            path = write_outputs(args, prov, models, complete=len(models) == len(names))
+    _log(f"wrote {path} and the .md and .png beside it")
+    return 0
+
+
+def write_outputs(args: argparse.Namespace, prov: Provenance, models: dict[str, Any], *,
+                  complete: bool) -> Path:
+    from analysis import DEFINITIONS
+    from report import markdown, plot
+
+    # 1-minute load average before the run and now; above ~0.5 other work shared the cores.
+    loads = [prov.load_before[0] if prov.load_before else 0.0, os.getloadavg()[0]]
+    note = args.note or (f"machine shared with other jobs (1-minute load average {loads[0]:.1f} "
+                         f"before the run, {loads[1]:.1f} at the end)" if max(loads) > 0.5
+                         else "machine quiet (1-minute load average <= 0.5 before and after)")
     out_dir = Path(args.out_dir)
     payload = {
+        "complete": complete,
         "machine_note": note,
-        "settings": {k: v for k, v in vars(args).items()},
+        "settings": dict(vars(args)),
         "definitions": DEFINITIONS,
         "gpu_path": "not measured: the benchmark runs every peer on the CPU and this machine "
         "has no GPU; GPU figures would come from the scaling model fed with per-block costs "
@@ -341,12 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = write_result(prov, payload, out_dir / f"{args.name}.json")
     result = json.loads(path.read_text())
-    (out_dir / f"{args.name}.md").write_text(markdown(result))
+    text = markdown(result)
+    (out_dir / f"{args.name}.md").write_text(text)
     plot(result, out_dir / f"{args.name}.png")
-    print(markdown(result))
-    _log(f"wrote {path}, {args.name}.md, {args.name}.png")
-    return 0
-
+    print(text, flush=True)
+    return path
 
 if __name__ == "__main__":
     sys.exit(main())

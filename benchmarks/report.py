@@ -19,6 +19,9 @@ def _list(xs: list[float] | None, digits: int = 1) -> str:
     return "-" if xs is None else " / ".join(f"{x:.{digits}f}" for x in xs)
 
 
+_SCHED = {"gpipe": "GPipe", "1f1b": "1F1B"}
+
+
 def _peer_rows(m: dict[str, Any], s: int) -> list[list[str]]:
     rows = []
     for name, p in m["peers"].items():
@@ -26,7 +29,7 @@ def _peer_rows(m: dict[str, Any], s: int) -> list[list[str]]:
         eff = m["efficiency"].get(name[2:]) if name.startswith("c ") else None
         label = {"a": "(a) backprop, 1 device", "b": f"(b) {name[2:]}, 1 device",
                  "c": f"(c) pipelocal {name[2:]}, S={s}",
-                 "d": f"(d) torch {name[2:].upper()} M={p.get('microbatches')}, S={s}"}[name[0]]
+                 "d": f"(d) torch {_SCHED.get(name[2:])} M={p.get('microbatches')}, S={s}"}[name[0]]
         rows.append([
             label,
             _range(p["throughput(samples/s)"]),
@@ -57,7 +60,9 @@ def markdown(result: dict[str, Any]) -> str:
                  f"{' (dirty)' if result['git']['dirty'] else ''}; load average before/after "
                  f"{result['load_avg_1_5_15']['before']} / {result['load_avg_1_5_15']['after']}."
                  f" {result['machine_note']}\n")
-    lines.append(f"Command: `{result['command']}` ({result['duration(s)']:.0f} s)\n")
+    lines.append(f"Command: `{result['command']}` ({result['duration(s)']:.0f} s"
+                 + ("" if result["complete"] else "; INCOMPLETE: stopped before every model "
+                    "was measured") + ")\n")
     for m in result["models"].values():
         raw = m["raw"]
         s = raw["stages"]
