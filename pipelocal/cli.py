@@ -1,4 +1,4 @@
-"""``pipelocal``: train | eval | plan | models | rules | datasets | recipes.
+"""``pipelocal``: train | eval | plan | bench | models | rules | datasets | recipes.
 
     pipelocal train                                   # embedded digits set, pipelined if S > 1
     pipelocal train --config my.toml --set optim.lr=3e-4 --stages 4
@@ -7,6 +7,7 @@
     pipelocal eval runs/NAME                          # test accuracy of a checkpoint
     pipelocal plan --config my.toml --stages 4        # profile blocks, propose a partition
     torchrun --nproc-per-node 4 -m pipelocal train --config my.toml   # one rank per stage
+    pipelocal bench --models mlp                      # the headline benchmark (source checkout)
 """
 
 from __future__ import annotations
@@ -132,6 +133,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the headline benchmark script of a source checkout with the given arguments."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"pipelocal bench runs {script}, which is not there; run it "
+                                "from a source checkout of pipelocal")
+    return subprocess.call([sys.executable, str(script), *args.args])
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from pipelocal.config import to_toml
 
@@ -188,6 +201,12 @@ def _parser() -> argparse.ArgumentParser:
     with_config(pl)
     pl.add_argument("--stages", type=int, help="number of stages to plan for")
     pl.set_defaults(func=cmd_plan)
+
+    # '+' prefix: every argument, --options included, goes on to benchmarks/bench.py.
+    b = sub.add_parser("bench", prefix_chars="+", add_help=False,
+                       help="headline benchmark (benchmarks/bench.py; bench --help)")
+    b.add_argument("args", nargs="*")
+    b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("config", help="print the resolved config")
     with_config(c)

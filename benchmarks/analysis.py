@@ -1,0 +1,317 @@
+"""From the raw measurements of one model to the figures the report shows.
+
+Every figure over repeats is ``{"median", "min", "max", "n", "values"}``; ratios are taken
+within a repeat (peers measured back to back) and then summarised. Definitions are in
+:data:`DEFINITIONS`, which the JSON carries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from scaling import (
+    BlockCost,
+    Link,
+    predict_backprop,
+    predict_pipelocal,
+    predict_torchpipe,
+    stage_ranges,
+)
+
+__all__ = ["DEFINITIONS", "analyse_model", "stat", "time_to_accuracy"]
+
+MIB = 2**20
+
+DEFINITIONS = {
+    "throughput": "samples/s of training steps after warm-up; (a), (b), (d): N timed steps; "
+    "(c): the second epoch's samples / time/epoch(s) (fill and drain included)",
+    "activation": "peak bytes autograd holds for backward (saved_tensors_hooks), per device; "
+    "(c): per stage, the largest of its blocks' peaks (measured alone) + in-flight buffers "
+    "(channel_depth x (input + output wire bytes))",
+    "state": "parameter + gradient + optimiser-state bytes per device",
+    "model_memory": "activation + state bytes, largest device",
+    "peak_rss": "peak resident set size of the device's process (MiB; ~0.7 GiB is torch itself)",
+    "busy_fraction": "(c): stage busy(s) / wall(s) from metrics.jsonl; (d): process CPU "
+    "seconds / (wall x threads)",
+    "efficiency_vs_ideal": "(c) / (batch / slowest stage's step time measured alone)",
+    "efficiency_vs_Sb": "(c) / (S x (b)), same repeat",
+    "ratio": "within one repeat, then median over repeats",
+    "scaling_error": "predicted / measured - 1",
+}
+
+
+def stat(values: Sequence[float]) -> dict[str, Any]:
+    xs = [float(v) for v in values]
+    return {"median": _median(xs), "min": min(xs), "max": max(xs), "n": len(xs), "values": xs}
+
+
+def _median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def _state(d: dict[str, Any]) -> int:
+    return d["params(B)"] + d["grads(B)"] + d["optimizer(B)"]
+
+
+def _single(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "throughput(samples/s)": stat([r["throughput(samples/s)"] for r in reps]),
+        "activation(MiB)": [max(r["activation_peak(B)"] for r in reps) / MIB],
+        "state(MiB)": [_state(reps[0]) / MIB],
+        "peak_rss(MiB)": [max(r["peak_rss(MiB)"] for r in reps)],
+        "busy_fraction": None,
+    }
+
+
+def _pipelocal_memory(profile: dict[str, Any], partition: list[int],
+                      depth: int) -> list[dict[str, float]]:
+    blocks = profile["blocks"]
+    out = []
+    for k, r in enumerate(stage_ranges(partition)):
+        wire_in = blocks[r.start - 1]["wire_bytes"] if k > 0 else 0
+        wire_out = blocks[r[-1]]["wire_bytes"] if k < len(partition) - 1 else 0
+        out.append({
+            "activation": max(blocks[i]["saved_local_bytes"] for i in r),
+            "in_flight": depth * (wire_in + wire_out),
+            "state": sum(blocks[i]["state_local_bytes"] for i in r),
+        })
+    return out
+
+
+def _best_setting(ranks: list[dict[str, Any]], schedule: str) -> dict[str, Any]:
+    """The schedule's fastest micro-batch count in this run; throughput = slowest rank's."""
+    rows = []
+    for i, s in enumerate(ranks[0]["settings"]):
+        if s["schedule"] != schedule:
+            continue
+        per_rank = [r["settings"][i] for r in ranks]
+        rows.append({
+            "microbatches": s["microbatches"],
+            "throughput(samples/s)": min(p["throughput(samples/s)"] for p in per_rank),
+            "activation(B)": [p["activation_peak(B)"] for p in per_rank],
+            "state(B)": [_state(p) for p in per_rank],
+            "peak_rss(MiB)": [p["peak_rss(MiB)"] for p in per_rank],
+            "busy_fraction": [p["busy_fraction"] for p in per_rank],
+        })
+    return max(rows, key=lambda x: x["throughput(samples/s)"]) | {"sweep": rows}
+
+
+def analyse_model(raw: dict[str, Any]) -> dict[str, Any]:
+    reps, rules, part = raw["repeats"], raw["rules"], raw["partition"]
+    s, depth, batch = raw["stages"], raw["channel_depth"], raw["batch_size"]
+    peers: dict[str, Any] = {"a glob": _single([r["a"] for r in reps])}
+    for rule in rules:
+        peers[f"b {rule}"] = _single([r["b"][rule] for r in reps])
+    ratios: dict[str, Any] = {}
+    efficiency: dict[str, Any] = {}
+    for sched in ("gpipe", "1f1b"):
+        best = [_best_setting(r["d"], sched) for r in reps]
+        peers[f"d {sched}"] = {
+            "throughput(samples/s)": stat([b["throughput(samples/s)"] for b in best]),
+            "microbatches": best[0]["microbatches"],
+            "activation(MiB)": [v / MIB for v in best[0]["activation(B)"]],
+            "state(MiB)": [v / MIB for v in best[0]["state(B)"]],
+            "peak_rss(MiB)": best[0]["peak_rss(MiB)"],
+            "busy_fraction": [_median(col) for col in zip(*(b["busy_fraction"] for b in best))],
+            "sweep": best[0]["sweep"],
+        }
+    for rule in rules:
+        cs = [r["c"][rule] for r in reps]
+        mem = _pipelocal_memory(reps[0]["profile"]["rules"][rule], part, depth)
+        peers[f"c {rule}"] = {
+            "throughput(samples/s)": stat([c["throughput(samples/s)"] for c in cs]),
+            "activation(MiB)": [m["activation"] / MIB for m in mem],
+            "in_flight(MiB)": [m["in_flight"] / MIB for m in mem],
+            "state(MiB)": [m["state"] / MIB for m in mem],
+            "peak_rss(MiB)": [max(col) for col in zip(*(c["peak_rss(MiB)"] for c in cs))],
+            "busy_fraction": [_median(col) for col in zip(*(c["busy_fraction"] for c in cs))],
+        }
+        ideal = [batch / max(r["profile"]["rules"][rule]["stage_alone(s)"]) for r in reps]
+        efficiency[rule] = {
+            "ideal_alone(samples/s)": stat(ideal),
+            "vs_ideal_alone": stat([c["throughput(samples/s)"] / i for c, i in zip(cs, ideal)]),
+            "vs_S_x_b": stat([c["throughput(samples/s)"] / (s * r["b"][rule][
+                "throughput(samples/s)"]) for c, r in zip(cs, reps)]),
+            "stage_alone(s)": [_median(col) for col in zip(
+                *(r["profile"]["rules"][rule]["stage_alone(s)"] for r in reps))],
+        }
+    for name in peers:
+        if name != "a glob":
+            ratios[f"{name} / a glob"] = _ratio(reps, name, "a glob")
+    for rule in rules:
+        ratios[f"c {rule} / d 1f1b"] = _ratio(reps, f"c {rule}", "d 1f1b")
+        ratios[f"c {rule} / d gpipe"] = _ratio(reps, f"c {rule}", "d gpipe")
+    out = {"peers": peers, "ratios": ratios, "efficiency": efficiency,
+           "transport": reps[0]["d"][0]["transport"]}
+    out["targets"] = _targets(out, rules, s)
+    out["scaling"] = _scaling(raw, out)
+    return out
+
+
+def _throughput(rep: dict[str, Any], name: str) -> float:
+    kind, _, which = name.partition(" ")
+    if kind == "a":
+        return rep["a"]["throughput(samples/s)"]
+    if kind == "b":
+        return rep["b"][which]["throughput(samples/s)"]
+    if kind == "c":
+        return rep["c"][which]["throughput(samples/s)"]
+    return _best_setting(rep["d"], which)["throughput(samples/s)"]
+
+
+def _ratio(reps: list[dict[str, Any]], num: str, den: str) -> dict[str, Any]:
+    return stat([_throughput(r, num) / _throughput(r, den) for r in reps])
+
+
+def model_memory(peer: dict[str, Any]) -> float:
+    """Largest device's activation (+ in-flight) + state, MiB."""
+    flight = peer.get("in_flight(MiB)") or [0.0] * len(peer["activation(MiB)"])
+    return max(a + f + st for a, f, st in zip(peer["activation(MiB)"], flight,
+                                              peer["state(MiB)"]))
+
+
+def _targets(out: dict[str, Any], rules: list[str], s: int) -> list[dict[str, Any]]:
+    peers, rows = out["peers"], []
+    act_a = peers["a glob"]["activation(MiB)"][0]
+    d = peers["d 1f1b"]
+    for rule in rules:
+        c = peers[f"c {rule}"]
+        bound = [act_a / s + f for f in c["in_flight(MiB)"]]
+        rows.append({
+            "target": f"c {rule}: peak activation per stage <= 1/S of (a)'s + in-flight buffers",
+            "measured": [round(a + f, 3) for a, f in zip(c["activation(MiB)"],
+                                                         c["in_flight(MiB)"])],
+            "bound": [round(b, 3) for b in bound],
+            "met": all(a + f <= b for a, f, b in zip(c["activation(MiB)"], c["in_flight(MiB)"],
+                                                     bound)),
+        })
+        eff = out["efficiency"][rule]["vs_ideal_alone"]["median"]
+        rows.append({"target": f"c {rule}: throughput >= 0.9 x ideal measured alone",
+                     "measured": round(eff, 3), "bound": 0.9, "met": eff >= 0.9})
+        ct, dt = (p["throughput(samples/s)"]["median"] for p in (c, d))
+        rows.append({"target": f"c {rule} faster than d 1F1B (best micro-batches), same S",
+                     "measured": round(ct, 1), "bound": round(dt, 1), "met": ct > dt})
+        cm, dm = model_memory(c), model_memory(d)
+        rows.append({"target": f"c {rule} less model memory per device than d 1F1B "
+                     "(activation + in-flight + state, largest device, MiB)",
+                     "measured": round(cm, 2), "bound": round(dm, 2), "met": cm < dm})
+    return rows
+
+
+# --------------------------------------------------------------------------- scaling model
+
+
+def cost_table(raw: dict[str, Any], rule: str) -> list[BlockCost]:
+    """Per-block costs: local times = median over the repeats' profiles; backprop: the plan's."""
+    reps = raw["repeats"]
+    glob = raw["plan_profile"]["glob_blocks"]
+    rows = []
+    for i, g in enumerate(glob):
+        local = [r["profile"]["rules"][rule]["blocks"][i] for r in reps]
+        rows.append(BlockCost(
+            name=local[0]["name"],
+            local_s=_median([b["local_s"] for b in local]),
+            glob_s=g["glob_s"],
+            wire_bytes=local[0]["wire_bytes"],
+            saved_local_bytes=local[0]["saved_local_bytes"],
+            saved_glob_bytes=g["saved_glob_bytes"],
+            state_local_bytes=local[0]["state_local_bytes"],
+            state_glob_bytes=g["state_glob_bytes"],
+        ))
+    return rows
+
+
+def link_of(transport: dict[str, Any]) -> Link:
+    """Latency from the 4-byte message, bandwidth from the rest of the large one's time.
+
+    Noise guard: on a busy machine the small message can take as long as the large one, so the
+    latency is capped at half the large message's time.
+    """
+    one_way = transport["gloo_one_way(s)"]
+    latency = min(transport["gloo_latency(s)"], one_way / 2)
+    return Link(latency_s=latency, bytes_per_s=transport["bytes"] / (one_way - latency))
+
+
+def _err(pred: float, meas: float) -> float:
+    return pred / meas - 1 if meas else math.nan
+
+
+def _scaling(raw: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    s, batch, part, depth = raw["stages"], raw["batch_size"], raw["partition"], \
+        raw["channel_depth"]
+    link = link_of(out["transport"])
+    peers = out["peers"]
+    glob_table = cost_table(raw, raw["rules"][0])
+    a = predict_backprop(glob_table, batch)
+    val = [{"peer": "a glob", "S": 1,
+            "predicted(samples/s)": a["throughput(samples/s)"],
+            "measured(samples/s)": peers["a glob"]["throughput(samples/s)"]["median"],
+            "predicted_activation(MiB)": a["activation(B)"] / MIB,
+            "measured_activation(MiB)": peers["a glob"]["activation(MiB)"][0]}]
+    curves: dict[str, list[Any]] = {"S": [], "a glob": []}
+    n = len(glob_table)
+    top = min(raw["scale_max"], n)
+    for rule in raw["rules"]:
+        table = cost_table(raw, rule)
+        for peer, stages, kw in ((f"b {rule}", 1, {"partition": [n]}),
+                                 (f"c {rule}", s, {"partition": part})):
+            pred = predict_pipelocal(table, stages, batch_size=batch,
+                                     batches=raw["pipe_batches"] if stages > 1 else 10**6,
+                                     link=link, channel_depth=depth, **kw)
+            val.append({"peer": peer, "S": stages,
+                        "predicted(samples/s)": pred["throughput(samples/s)"],
+                        "measured(samples/s)": peers[peer]["throughput(samples/s)"]["median"]})
+        curves[f"c {rule}"] = [
+            predict_pipelocal(table, k, batch_size=batch, batches=raw["batches_per_epoch"],
+                              link=link, channel_depth=depth) for k in range(1, top + 1)]
+    for sched in ("gpipe", "1f1b"):
+        meas = peers[f"d {sched}"]
+        pred = predict_torchpipe(glob_table, s, schedule=sched, microbatches=meas["microbatches"],
+                                 batch_size=batch, link=link, partition=part)
+        val.append({"peer": f"d {sched}", "S": s, "microbatches": meas["microbatches"],
+                    "predicted(samples/s)": pred["throughput(samples/s)"],
+                    "measured(samples/s)": meas["throughput(samples/s)"]["median"],
+                    "predicted_activation(MiB)": pred["activation_per_device(B)"] / MIB,
+                    "measured_activation(MiB)": max(meas["activation(MiB)"])})
+        curves[f"d {sched}"] = [
+            max((predict_torchpipe(glob_table, k, schedule=sched, microbatches=f * k,
+                                   batch_size=batch, link=link) for f in raw["mb_factors"]),
+                key=lambda p: p["throughput(samples/s)"])
+            for k in range(1, top + 1)]
+    curves["S"] = list(range(1, top + 1))
+    curves["a glob"] = [a] * top
+    for row in val:
+        row["error"] = _err(row["predicted(samples/s)"], row["measured(samples/s)"])
+        if "measured_activation(MiB)" in row:
+            row["activation_error"] = _err(row["predicted_activation(MiB)"],
+                                           row["measured_activation(MiB)"])
+    return {"link": {"latency(s)": link.latency_s, "bytes/s": link.bytes_per_s},
+            "validation": val, "curves": curves,
+            "limit": f"S <= {n}: the model has {n} blocks" if raw["scale_max"] > n else None}
+
+
+# --------------------------------------------------------------------------- time to accuracy
+
+
+def time_to_accuracy(runs: dict[str, list[dict[str, Any]]], margin: float) -> dict[str, Any]:
+    """Training seconds (sum of time/epoch(s)) each run needs to first reach a common accuracy.
+
+    The common accuracy is the best test accuracy of the first run (glob) minus ``margin``.
+    """
+    curves = {}
+    for name, records in runs.items():
+        t, pts = 0.0, []
+        for r in records:
+            t += r["time/epoch(s)"]
+            pts.append({"epoch": r["epoch"], "train_time(s)": t, "test/acc": r["test/acc"]})
+        curves[name] = pts
+    first = next(iter(curves.values()))
+    target = max(p["test/acc"] for p in first) - margin
+    reach = {name: next((p["train_time(s)"] for p in pts if p["test/acc"] >= target), None)
+             for name, pts in curves.items()}
+    return {"target_acc": target, "margin": margin, "time_to_target(s)": reach,
+            "curves": curves}

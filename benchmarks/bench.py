@@ -1,0 +1,365 @@
+"""The headline benchmark: pipelocal against single-device backprop and torch's own pipelining.
+
+For each model (same data, batch size, Adam, and ``--threads-per-stage`` torch threads in every
+process), in one invocation, with the peers interleaved within each repeat so that machine
+noise hits them alike:
+
+    (a) single-device end-to-end backprop (rule glob)                  peers.py, fresh process
+    (b) single-device sequential local learning, per rule (pred, predsim)   peers.py
+    (c) pipelocal with S stages, per rule: ``python -m pipelocal train --stages S`` (the CLI),
+        read back from ``<run_dir>/metrics.jsonl``; its first epoch is warm-up, the second
+        is measured (``throughput(samples/s)`` = samples / ``time/epoch(s)``)
+    (d) backprop pipelined by torch.distributed.pipelining over the same split: ScheduleGPipe
+        and Schedule1F1B, micro-batches 2S, 4S, 8S swept in the first repeat, the best of each
+        schedule in the others                                         torchpipe.py
+    ideal of (c): each stage's blocks timed ALONE in a fresh process    peers.py profile
+
+then the memory figures (memory.py), the transport against a plain copy, the scaling model
+(scaling.py) for S = 1..16 checked against the measured S, and the time to a common test
+accuracy of glob on one device and pipelocal with S stages. Writes ``<name>.json``,
+``<name>.md`` and ``<name>.png`` to ``--out-dir`` (default benchmarks/results).
+
+The committed headline result (2-core CPU; see the JSON for the machine and its load):
+
+    python benchmarks/bench.py
+
+A smoke test (tiny models, one model, writes to /tmp; a few minutes on an idle 2-core CPU):
+
+    python benchmarks/bench.py --quick --models mlp --repeats 2 --out-dir /tmp/bench
+
+CPU only: every peer runs on the CPU (gloo, torch threads per process); there is no GPU path
+yet (``memory.gpu_memory`` holds the CUDA / NVML read-out for it, not exercised here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import (
+    MNIST_10K_DIR,
+    REPO_ROOT,
+    RESULTS_DIR,
+    Provenance,
+    read_metrics,
+    read_run_config,
+    require_mnist_10k,
+    write_result,
+)
+
+from pipelocal.config import Config, load_config
+
+__all__ = ["PRESETS", "Preset", "main"]
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preset:
+    """One benchmarked model and how long each peer runs on it."""
+
+    label: str
+    overrides: tuple[str, ...]
+    warmup: int
+    """Untimed steps before the timed ones (single-device peers, torch pipelining, profile)."""
+    steps: int
+    """Timed steps per measurement."""
+    pipe_batches: int
+    """Batches in each pipelocal epoch (data.train_limit = this x batch size); 2 epochs, the
+    first is warm-up. Pipeline fill and drain happen once per epoch and count against it."""
+    tta_epochs: int = 0
+    """Epochs of the time-to-accuracy runs (0 = not run for this model)."""
+    tta_batches: int = 0
+    """Batches per epoch in those runs (0 = the whole training split)."""
+
+
+PRESETS: dict[str, Preset] = {
+    "mlp": Preset(
+        label="MLP 4x1024",
+        overrides=("model.name=mlp", "model.hidden=1024", "model.depth=4"),
+        warmup=3, steps=20, pipe_batches=40, tta_epochs=6,
+    ),
+    "vgg8b": Preset(
+        label="VGG8B width 0.25",
+        overrides=("model.name=vgg8b", "model.width=0.25"),
+        warmup=2, steps=6, pipe_batches=16,
+    ),
+}
+QUICK = {  # --quick: tiny sizes to test the whole command
+    "mlp": ("model.hidden=64", "model.depth=3"),
+    "vgg8b": ("model.width=0.0625", "model.fc_width=64"),
+}
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="mlp,vgg8b", help=f"of {', '.join(PRESETS)}")
+    p.add_argument("--stages", type=int, default=2, help="S (default 2)")
+    p.add_argument("--threads-per-stage", type=int, default=0,
+                   help="torch threads in every process of every peer (default cores // S)")
+    p.add_argument("--rules", default="pred,predsim", help="local rules for (b) and (c)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--data-dir", default=str(MNIST_10K_DIR), help="mnist-10k folder")
+    p.add_argument("--tta-rule", default="predsim", help="pipelocal's rule in the TTA runs")
+    p.add_argument("--scale-max", type=int, default=16, help="scaling model for S = 1..this")
+    p.add_argument("--quick", action="store_true", help="tiny models and runs (a smoke test)")
+    p.add_argument("--note", default="", help="free text stored in the JSON (machine state)")
+    p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    p.add_argument("--name", default="bench", help="file stem of the outputs")
+    p.add_argument("--runs-dir", default=None, help="keep pipelocal run dirs here")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="extra config override (repeatable)")
+    return p.parse_args(argv)
+
+
+def preset_for(name: str, quick: bool) -> Preset:
+    if name not in PRESETS:
+        sys.exit(f"bench: model {name!r} has no preset; available: {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    if not quick:
+        return p
+    return Preset(label=p.label + " (quick)", overrides=p.overrides + QUICK[name], warmup=1,
+                  steps=2, pipe_batches=4, tta_epochs=2 if p.tta_epochs else 0,
+                  tta_batches=8)
+
+
+# --------------------------------------------------------------------------- running peers
+
+
+class Runner:
+    """Runs every peer of one model in fresh processes; knows the shared settings."""
+
+    def __init__(self, args: argparse.Namespace, preset: Preset, root: Path) -> None:
+        self.args, self.preset, self.root = args, preset, root
+        self.threads = args.threads_per_stage or max(1, (os.cpu_count() or 1) // args.stages)
+        self.base = [
+            "data.name=mnist-10k",
+            f"data.data_dir={args.data_dir!r}",
+            f"data.batch_size={args.batch_size}",
+            "run.device=cpu",
+            *preset.overrides,
+            *args.overrides,
+        ]
+        self.env = {**os.environ,
+                    "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(HERE),
+                                                   os.environ.get("PYTHONPATH", "")])}
+
+    def config(self, rule: str, extra: list[str] | None = None) -> Config:
+        return load_config(None, [*self.base, f"rule.name={rule!r}", *(extra or [])])
+
+    def peer(self, task: str, rule: str, **spec: Any) -> dict[str, Any]:
+        """(a), (b) or the profile, in a fresh process (its own peak RSS)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            spec_path, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+            spec_path.write_text(json.dumps({
+                "task": task, "threads": self.threads, "warmup": self.preset.warmup,
+                "steps": self.preset.steps, "overrides": [*self.base, f"rule.name={rule!r}"],
+                **spec,
+            }))
+            self._run([sys.executable, str(HERE / "peers.py"), str(spec_path), str(out)])
+            return json.loads(out.read_text())
+
+    def pipelocal(self, rule: str, name: str, epochs: int, batches: int,
+                  partition: list[int]) -> dict[str, Any]:
+        """(c) through the CLI; returns the run's records and resolved config."""
+        sets = [
+            *self.base,
+            f"rule.name={rule!r}",
+            f"run.epochs={epochs}",
+            f"run.checkpoint_every={epochs}",
+            "run.progress=false",
+            f"run.out_dir={str(self.root)!r}",
+            f"run.name={name!r}",
+            f"pipeline.threads_per_stage={self.threads}",
+            f"pipeline.partition={partition}",
+            f"data.train_limit={batches * self.args.batch_size}",  # 0 = all
+        ]
+        cmd = [sys.executable, "-m", "pipelocal", "train", "--stages", str(len(partition))]
+        for s in sets:
+            cmd += ["--set", s]
+        self._run(cmd)
+        run_dir = self.root / name
+        return {"records": read_metrics(run_dir), "config": read_run_config(run_dir),
+                "command": cmd}
+
+    def single_cli(self, rule: str, name: str, epochs: int, batches: int) -> dict[str, Any]:
+        """Glob (or any rule) on one device through the CLI, for time to accuracy."""
+        sets = [*self.base, f"rule.name={rule!r}", f"run.epochs={epochs}",
+                f"data.train_limit={batches * self.args.batch_size}",
+                f"run.checkpoint_every={epochs}", "run.progress=false",
+                f"run.out_dir={str(self.root)!r}", f"run.name={name!r}",
+                f"run.threads={self.threads}"]
+        cmd = [sys.executable, "-m", "pipelocal", "train", "--stages", "1"]
+        for s in sets:
+            cmd += ["--set", s]
+        self._run(cmd)
+        return {"records": read_metrics(self.root / name), "command": cmd}
+
+    def _run(self, cmd: list[str]) -> None:
+        proc = subprocess.run(cmd, env=self.env, cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=1800)
+        if proc.returncode:
+            raise RuntimeError(f"bench: {' '.join(cmd[:4])} ... failed with status "
+                               f"{proc.returncode}:\n{proc.stderr[-3000:]}")
+
+
+def pipelocal_stats(run: dict[str, Any], stages: int) -> dict[str, Any]:
+    """The measured (second) epoch of a pipelocal run."""
+    rec = run["records"][-1]
+    return {
+        "throughput(samples/s)": rec["throughput(samples/s)"],
+        "time/epoch(s)": rec["time/epoch(s)"],
+        "samples": rec["stage0/samples"],
+        "busy_fraction": [rec[f"stage{k}/busy(s)"] / rec[f"stage{k}/wall(s)"]
+                          for k in range(stages)],
+        "busy(s)": [rec[f"stage{k}/busy(s)"] for k in range(stages)],
+        "recv_wait(s)": [rec[f"stage{k}/recv_wait(s)"] for k in range(stages)],
+        "send_wait(s)": [rec[f"stage{k}/send_wait(s)"] for k in range(stages)],
+        "peak_rss(MiB)": [rec[f"stage{k}/peak_mem(MiB)"] for k in range(stages)],
+        "record": rec,
+        "command": run["command"],
+    }
+
+
+# --------------------------------------------------------------------------- one model
+
+
+def _num_blocks(cfg: Config) -> int:
+    from pipelocal.data import load_dataset
+    from pipelocal.models import build_model
+
+    ds = load_dataset(cfg.data)
+    return len(build_model(cfg.model, ds.in_shape, ds.num_classes))
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+def measure_model(args: argparse.Namespace, name: str, root: Path) -> dict[str, Any]:
+    """Every peer of one model, ``--repeats`` times interleaved, and the time-to-accuracy runs."""
+    from analysis import time_to_accuracy
+    from scaling import balanced_partition
+    from torchpipe import run_torchpipe
+
+    preset = preset_for(name, args.quick)
+    run = Runner(args, preset, root)
+    rules, s = args.rules.split(","), args.stages
+    factors = [2, 4, 8]
+    cfg = run.config("glob")
+    n = _num_blocks(cfg)
+    _log(f"{name}: profiling each of the {n} blocks alone ({run.threads} thread(s))")
+    plan = run.peer("profile", rules[-1], rules=rules, partition=[1] * n, glob=True)
+    # One split for (c) and (d): balanced on the last rule's local step times (predsim's).
+    partition = balanced_partition([b["local_s"] for b in plan["rules"][rules[-1]]["blocks"]], s)
+    sweep = [(sched, f * s) for sched in ("gpipe", "1f1b") for f in factors
+             if args.batch_size % (f * s) == 0]
+    reps: list[dict[str, Any]] = []
+    for i in range(args.repeats):
+        rep: dict[str, Any] = {}
+        _log(f"{name} repeat {i + 1}/{args.repeats}: (a) glob, (b) {rules} on one device")
+        rep["a"] = run.peer("single", "glob")
+        rep["b"] = {rule: run.peer("single", rule) for rule in rules}
+        _log(f"{name} repeat {i + 1}: (c) pipelocal S={s} partition {partition}")
+        rep["c"] = {rule: pipelocal_stats(run.pipelocal(rule, f"{name}-{rule}-r{i}", 2,
+                                                        preset.pipe_batches, partition), s)
+                    for rule in rules}
+        settings = sweep if i == 0 else [
+            (sched, max((x for x in reps[0]["d"][0]["settings"] if x["schedule"] == sched),
+                        key=lambda x: x["throughput(samples/s)"])["microbatches"])
+            for sched in ("gpipe", "1f1b")]
+        _log(f"{name} repeat {i + 1}: (d) torch.distributed.pipelining {settings}")
+        rep["d"] = run_torchpipe(cfg, partition, settings, warmup=preset.warmup,
+                                 steps=preset.steps, threads=run.threads,
+                                 transport_rounds=20 if i == 0 else 0)
+        _log(f"{name} repeat {i + 1}: each stage's blocks alone")
+        rep["profile"] = run.peer("profile", rules[-1], rules=rules, partition=partition,
+                                  glob=False)
+        reps.append(rep)
+    raw = {
+        "label": preset.label, "preset": preset.__dict__ | {"quick": args.quick},
+        "overrides": run.base, "stages": s, "threads_per_process": run.threads,
+        "rules": rules, "batch_size": args.batch_size, "partition": partition,
+        "channel_depth": cfg.pipeline.channel_depth, "pipe_batches": preset.pipe_batches,
+        "batches_per_epoch": -(-8000 // args.batch_size), "mb_factors": factors,
+        "scale_max": args.scale_max, "plan_profile": plan, "repeats": reps,
+        "pipelocal_command": reps[0]["c"][rules[-1]].get("command"),
+    }
+    if preset.tta_epochs:
+        _log(f"{name}: time to accuracy, {preset.tta_epochs} epochs each")
+        glob = run.single_cli("glob", f"{name}-tta-glob", preset.tta_epochs,
+                              preset.tta_batches)
+        pipe = run.pipelocal(args.tta_rule, f"{name}-tta-{args.tta_rule}", preset.tta_epochs,
+                             preset.tta_batches, partition)
+        raw["tta"] = time_to_accuracy(
+            {"a glob (1 device)": glob["records"],
+             f"c {args.tta_rule} (S={s})": pipe["records"]}, margin=0.01)
+        raw["tta"]["commands"] = [glob["command"], pipe["command"]]
+    return raw
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    from analysis import analyse_model
+
+    args = parse_args(argv)
+    require_mnist_10k(args.data_dir, "bench")
+    prov = Provenance(args.name)
+    names = args.models.split(",")
+    models: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="pipelocal-bench-") as tmp:
+        root = Path(args.runs_dir) if args.runs_dir else Path(tmp)
+        for name in names:
+            raw = measure_model(args, name, root)
+            models[name] = {"raw": raw, **analyse_model(raw)}
+            # Written after every model, so that a stopped run keeps what it measured.
+            path = write_outputs(args, prov, models, complete=len(models) == len(names))
+    _log(f"wrote {path} and the .md and .png beside it")
+    return 0
+
+
+def write_outputs(args: argparse.Namespace, prov: Provenance, models: dict[str, Any], *,
+                  complete: bool) -> Path:
+    from analysis import DEFINITIONS
+    from report import markdown, plot
+
+    # 1-minute load average before the run and now; above ~0.5 other work shared the cores.
+    loads = [prov.load_before[0] if prov.load_before else 0.0, os.getloadavg()[0]]
+    note = args.note or (f"machine shared with other jobs (1-minute load average {loads[0]:.1f} "
+                         f"before the run, {loads[1]:.1f} at the end)" if max(loads) > 0.5
+                         else "machine quiet (1-minute load average <= 0.5 before and after)")
+    out_dir = Path(args.out_dir)
+    payload = {
+        "complete": complete,
+        "machine_note": note,
+        "settings": dict(vars(args)),
+        "definitions": DEFINITIONS,
+        "gpu_path": "not measured: the benchmark runs every peer on the CPU and this machine "
+        "has no GPU; GPU figures would come from the scaling model fed with per-block costs "
+        "measured on that GPU",
+        "models": models,
+    }
+    path = write_result(prov, payload, out_dir / f"{args.name}.json")
+    result = json.loads(path.read_text())
+    text = markdown(result)
+    (out_dir / f"{args.name}.md").write_text(text)
+    plot(result, out_dir / f"{args.name}.png")
+    print(text, flush=True)
+    return path
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The single-process peers of the headline benchmark, each run in a fresh process.
+
+    python benchmarks/peers.py SPEC.json OUT.json
+
+``SPEC`` is written by ``bench.py``: ``{"task": "single" | "profile", "overrides": [...],
+"threads": T, "warmup": W, "steps": N}``, and for a profile ``"rules", "partition", "glob"``.
+A fresh process per measurement keeps its peak RSS its own. Batches are built before the clock
+starts (pipelocal's stage 0 builds its own inside its timing: a small cost next to a step).
+
+* ``single``: (a) backprop (``rule.name = glob``) or (b) sequential local learning, the whole
+  model in one :class:`pipelocal.engine.Engine`; samples/s over N steps after W warm-up steps;
+  then one more step under a :class:`memory.SavedTensorMeter` for the activation peak.
+* ``profile``: for each local rule, each stage's blocks timed ALONE (an engine over that
+  stage's blocks only, inputs made beforehand by the blocks before it) with per-block times,
+  saved-for-backward and state bytes; and each block's share of a backprop step, timed alone
+  on a random output gradient. The ideal of (c) and the scaling model's cost table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from memory import SavedTensorMeter, peak_rss_mib, state_bytes
+from torch import Tensor
+
+from pipelocal.block import LocalBlock
+from pipelocal.config import Config, load_config
+from pipelocal.data import load_dataset, make_loaders
+from pipelocal.engine import Engine, build_blocks
+from pipelocal.models import build_model
+
+__all__ = ["build_all", "profile", "single_device"]
+
+Batch = tuple[Tensor, Tensor]
+
+
+def build_all(cfg: Config) -> tuple[list[LocalBlock], list[Batch]]:
+    """Every block of the model and enough training batches for a run (cycled if few)."""
+    dataset = load_dataset(cfg.data)
+    specs = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
+    blocks = build_blocks(cfg, specs, dataset.num_classes, range(len(specs)), "cpu")
+    train_loader, _ = make_loaders(dataset, cfg.data, cfg.run.seed)
+    batches = [train_loader.batch(0, i) for i in range(train_loader.num_batches(0))]
+    # Full batches only: a short last batch would change the per-step cost.
+    return blocks, [b for b in batches if len(b[1]) == cfg.data.batch_size]
+
+
+def _cycle(batches: list[Batch], n: int) -> list[Batch]:
+    return [batches[i % len(batches)] for i in range(n)]
+
+
+def single_device(cfg: Config, warmup: int, steps: int) -> dict[str, Any]:
+    blocks, batches = build_all(cfg)
+    engine = Engine(blocks)
+    for x, y in _cycle(batches, warmup):
+        engine.train(x, y, 0)
+    timed = _cycle(batches[warmup:] or batches, steps)
+    step_s = []
+    for x, y in timed:
+        t0 = time.perf_counter()
+        engine.train(x, y, 0)
+        step_s.append(time.perf_counter() - t0)
+    with SavedTensorMeter(blocks) as meter:
+        engine.train(*batches[0], 0)
+    n = cfg.data.batch_size * steps
+    return {
+        "throughput(samples/s)": n / sum(step_s),
+        "step(s)": step_s,
+        "activation_peak(B)": meter.peak,
+        **state_bytes(blocks, [b.optimizer for b in blocks]),
+        "peak_rss(MiB)": peak_rss_mib(),
+    }
+
+
+def _glob_block_step(block: LocalBlock, x: Tensor, y: Tensor) -> None:
+    """One block's part of a backprop step on input x: forward, backward, optimiser step."""
+    block.train(True)
+    out = block.pass_on(block.body(x))
+    block.optimizer.zero_grad(set_to_none=True)
+    if block.is_output:
+        F.cross_entropy(out, y).backward()
+    else:
+        # The gradient arriving from the blocks after it: same size as what it passes on.
+        out.backward(torch.ones_like(out) / out.numel())
+    block.optimizer.step()
+
+
+def _glob_saved_bytes(blocks: list[LocalBlock], x: Tensor) -> list[int]:
+    """Bytes each block's forward adds to what one end-to-end forward holds for backward.
+
+    Measured in one graph, so a tensor saved by two blocks (one's output, the next one's
+    input) counts once, for the first.
+    """
+    added = []
+    with SavedTensorMeter(blocks) as meter:
+        for block in blocks:
+            before = meter.live
+            x = block.pass_on(block.body(x))
+            added.append(meter.live - before)
+    return added
+
+
+def _profile_glob(cfg: Config, warmup: int, steps: int) -> list[dict[str, Any]]:
+    blocks, batches = build_all(cfg.replace(rule={"name": "glob"}))
+    data = _cycle(batches, warmup + steps)
+    out = []
+    for block in blocks:
+        times = []
+        for j, (x, y) in enumerate(data):
+            t0 = time.perf_counter()
+            _glob_block_step(block, x, y)
+            if j >= warmup:
+                times.append(time.perf_counter() - t0)
+        with torch.no_grad():  # this block's output: the next block's inputs
+            data = [(block.pass_on(block.body(x)), y) for x, y in data]
+        out.append({
+            "glob_s": _median(times),
+            "state_glob_bytes": sum(state_bytes([block], [block.optimizer]).values()),
+        })
+    for row, saved in zip(out, _glob_saved_bytes(blocks, batches[0][0])):
+        row["saved_glob_bytes"] = saved
+    return out
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def _profile_local(cfg: Config, partition: list[int], warmup: int,
+                   steps: int) -> dict[str, Any]:
+    blocks, batches = build_all(cfg)
+    data = _cycle(batches, warmup + steps)
+    stage_s: list[float] = []
+    per_block: list[dict[str, Any]] = []
+    start = 0
+    for size in partition:
+        stage = blocks[start:start + size]
+        start += size
+        step_s, block_s = [], [[] for _ in stage]
+        meter = SavedTensorMeter(blocks)
+        peaks = [0] * len(stage)
+        outputs = []
+        with meter:
+            for j, (x, y) in enumerate(data):
+                t0 = time.perf_counter()
+                h = x
+                for b, block in enumerate(stage):
+                    tb = time.perf_counter()
+                    meter.reset_peak()
+                    h = block.train_step(h, y)
+                    peaks[b] = max(peaks[b], meter.peak)
+                    if j >= warmup:
+                        block_s[b].append(time.perf_counter() - tb)
+                if j >= warmup:
+                    step_s.append(time.perf_counter() - t0)
+                outputs.append((h, y))
+        data = outputs  # this stage's outputs are the next stage's inputs
+        stage_s.append(_median(step_s))
+        for b, block in enumerate(stage):
+            per_block.append({
+                "name": block.spec.name,
+                "local_s": _median(block_s[b]),
+                "saved_local_bytes": peaks[b],
+                "state_local_bytes": sum(state_bytes([block], [block.optimizer]).values()),
+                "wire_bytes": cfg.data.batch_size * 4 * _prod(block.spec.wire_shape),
+            })
+    return {"stage_alone(s)": stage_s, "blocks": per_block}
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def profile(cfg: Config, rules: list[str], partition: list[int], warmup: int,
+            steps: int, glob: bool) -> dict[str, Any]:
+    """Stage-alone times per rule, and (``glob``) each block's share of a backprop step."""
+    out: dict[str, Any] = {"rules": {}}
+    for rule in rules:
+        out["rules"][rule] = _profile_local(cfg.replace(rule={"name": rule}), partition,
+                                            warmup, steps)
+    if glob:
+        out["glob_blocks"] = _profile_glob(cfg, warmup, steps)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    torch.set_num_threads(spec["threads"])
+    cfg = load_config(None, spec["overrides"])
+    if spec["task"] == "single":
+        result = single_device(cfg, spec["warmup"], spec["steps"])
+    else:
+        result = profile(cfg, spec["rules"], spec["partition"], spec["warmup"], spec["steps"],
+                         spec["glob"])
+    result["threads"] = torch.get_num_threads()
+    Path(argv[1]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,160 @@
+"""The markdown table and the PNG plot of a headline benchmark result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from analysis import MIB, model_memory
+from common import markdown_table
+
+__all__ = ["markdown", "plot"]
+
+
+def _range(s: dict[str, Any], digits: int = 0) -> str:
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+
+def _list(xs: list[float] | None, digits: int = 1) -> str:
+    return "-" if xs is None else " / ".join(f"{x:.{digits}f}" for x in xs)
+
+
+_SCHED = {"gpipe": "GPipe", "1f1b": "1F1B"}
+
+
+def _peer_rows(m: dict[str, Any], s: int) -> list[list[str]]:
+    rows = []
+    for name, p in m["peers"].items():
+        ratio = m["ratios"].get(f"{name} / a glob")
+        eff = m["efficiency"].get(name[2:]) if name.startswith("c ") else None
+        label = {"a": "(a) backprop, 1 device", "b": f"(b) {name[2:]}, 1 device",
+                 "c": f"(c) pipelocal {name[2:]}, S={s}",
+                 "d": f"(d) torch {_SCHED.get(name[2:])} M={p.get('microbatches')}, S={s}"}[name[0]]
+        rows.append([
+            label,
+            _range(p["throughput(samples/s)"]),
+            "1" if ratio is None else f"{ratio['median']:.2f}",
+            _list(p["activation(MiB)"]) + (f" (+{_list(p['in_flight(MiB)'])} in flight)"
+                                           if p.get("in_flight(MiB)") else ""),
+            _list(p["state(MiB)"]),
+            f"{model_memory(p):.1f}",
+            _list(p["peak_rss(MiB)"], 0),
+            _list([100 * b for b in p["busy_fraction"]], 0) if p["busy_fraction"] else "-",
+            f"{eff['vs_ideal_alone']['median']:.2f} / {eff['vs_S_x_b']['median']:.2f}"
+            if eff else "-",
+        ])
+    return rows
+
+
+HEADERS = ["peer", "samples/s median [min-max]", "x (a)", "activation MiB per device",
+           "state MiB per device", "model memory MiB (max device)", "peak RSS MiB per device",
+           "busy % per stage", "efficiency: vs ideal alone / vs S x (b)"]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    hw, lines = result["hardware"], []
+    lines.append(f"# Headline benchmark ({result['started']})\n")
+    lines.append(f"Hardware: {hw['cpu_model']}, {hw['cpu_cores_usable']} cores, "
+                 f"{hw['ram_gib']} GiB RAM, GPUs: {hw['gpus'] or 'none'}; torch "
+                 f"{result['versions']['torch']}; git {str(result['git']['commit'])[:10]}"
+                 f"{' (dirty)' if result['git']['dirty'] else ''}; load average before/after "
+                 f"{result['load_avg_1_5_15']['before']} / {result['load_avg_1_5_15']['after']}."
+                 f" {result['machine_note']}\n")
+    lines.append(f"Command: `{result['command']}` ({result['duration(s)']:.0f} s"
+                 + ("" if result["complete"] else "; INCOMPLETE: stopped before every model "
+                    "was measured") + ")\n")
+    for m in result["models"].values():
+        raw = m["raw"]
+        s = raw["stages"]
+        lines.append(f"## {raw['label']}, mnist-10k 28x28, batch {raw['batch_size']}, "
+                     f"S={s}, split {raw['partition']}, {raw['threads_per_process']} thread(s) "
+                     f"per process, {len(raw['repeats'])} repeats\n")
+        lines.append(markdown_table(HEADERS, _peer_rows(m, s)) + "\n")
+        ratios = ", ".join(f"{k} = {v['median']:.2f}" for k, v in m["ratios"].items()
+                           if "/ d" in k)
+        lines.append(f"Ratios (median of per-repeat ratios): {ratios}.\n")
+        lines.append("Targets:\n")
+        lines.append(markdown_table(["target", "measured", "bound", "met"],
+                                    [[t["target"], t["measured"], t["bound"],
+                                      "met" if t["met"] else "NOT met"] for t in m["targets"]])
+                     + "\n")
+        sweep = m["peers"]["d 1f1b"]["sweep"] + m["peers"]["d gpipe"]["sweep"]
+        lines.append("torch.distributed.pipelining micro-batch sweep (repeat 1): " + ", ".join(
+            f"{'1F1B' if r in m['peers']['d 1f1b']['sweep'] else 'GPipe'} M={r['microbatches']}"
+            f": {r['throughput(samples/s)']:.0f}" for r in sweep) + " samples/s.\n")
+        t = m["transport"]
+        if t:
+            lines.append(f"Transport: gloo one-way {t['bytes'] / MIB:.2f} MiB in "
+                         f"{1e3 * t['gloo_one_way(s)']:.2f} ms = {t['gloo(GB/s)']:.2f} GB/s "
+                         f"(latency {1e6 * t['gloo_latency(s)']:.0f} us) vs a plain copy "
+                         f"{t['copy(GB/s)']:.2f} GB/s: {t['gloo_vs_copy']:.3f} of it.\n")
+        lines.append("Scaling model at the measured S (predicted / measured - 1):\n")
+        lines.append(markdown_table(
+            ["peer", "S", "predicted samples/s", "measured", "error", "activation error"],
+            [[v["peer"], v["S"], f"{v['predicted(samples/s)']:.0f}",
+              f"{v['measured(samples/s)']:.0f}", f"{100 * v['error']:+.0f}%",
+              f"{100 * v['activation_error']:+.0f}%" if "activation_error" in v else "-"]
+             for v in m["scaling"]["validation"]]) + "\n")
+        if raw.get("tta"):
+            tta = raw["tta"]
+            lines.append(f"Time to {100 * tta['target_acc']:.1f}% test accuracy (glob's best "
+                         f"- {100 * tta['margin']:.0f} pt), training seconds: " + ", ".join(
+                             f"{k}: {'not reached' if v is None else f'{v:.1f} s'}"
+                             for k, v in tta["time_to_target(s)"].items()) + ".\n")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = result["models"]
+    tta = [(n, m["raw"]["tta"]) for n, m in models.items() if m["raw"].get("tta")]
+    rows = len(models) + (1 if tta else 0)
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 4 * rows), squeeze=False)
+    for row, m in zip(axes, models.values()):
+        _plot_model(row, m)
+    if tta:
+        ax = axes[-1][0]
+        for name, t in tta:
+            for peer, pts in t["curves"].items():
+                ax.plot([p["train_time(s)"] for p in pts], [100 * p["test/acc"] for p in pts],
+                        marker="o", label=f"{name}: {peer}")
+            ax.axhline(100 * t["target_acc"], ls=":", c="grey")
+        ax.set(xlabel="training time (s)", ylabel="test accuracy (%)",
+               title="time to accuracy, mnist-10k (dotted: common target)")
+        ax.legend(fontsize=8)
+        axes[-1][1].axis("off")
+    hw = result["hardware"]
+    fig.suptitle(f"pipelocal headline benchmark: {hw['cpu_model']}, {hw['cpu_cores_usable']} "
+                 f"cores, torch {result['versions']['torch']}, {result['started'][:10]}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_model(row: Any, m: dict[str, Any]) -> None:
+    curves, peers, raw = m["scaling"]["curves"], m["peers"], m["raw"]
+    s_axis, s = curves["S"], raw["stages"]
+    ax_t, ax_m = row
+    for name, pts in curves.items():
+        if name == "S":
+            continue
+        line = ax_t.plot(s_axis, [p["throughput(samples/s)"] for p in pts], label=name,
+                         ls="--" if name.startswith("a") else "-")[0]
+        ax_m.plot(s_axis, [p["memory_per_device(B)"] / MIB for p in pts], label=name,
+                  color=line.get_color(), ls=line.get_linestyle())
+        meas = {"a": [(1, name)], "c": [(s, name), (1, "b " + name[2:])], "d": [(s, name)]}
+        for at, peer in meas[name[0]]:
+            if peer in peers:
+                ax_t.plot([at], [peers[peer]["throughput(samples/s)"]["median"]], "o",
+                          color=line.get_color())
+                ax_m.plot([at], [model_memory(peers[peer])], "o", color=line.get_color())
+    ax_t.set(xlabel="devices S", ylabel="samples/s", yscale="log",
+             title=f"{raw['label']}: throughput (lines: model, dots: measured)")
+    ax_m.set(xlabel="devices S", ylabel="MiB (activation + state, largest device)",
+             yscale="log", title=f"{raw['label']}: model memory per device")
+    ax_t.legend(fontsize=7)

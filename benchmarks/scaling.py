@@ -1,0 +1,212 @@
+"""A scaling model: throughput and per-device memory of the three peers for S = 1..16 devices.
+
+Inputs, all measured on the target device by the benchmark (or by hand from ``pipelocal plan``):
+per block, the time of its local training step and of its share of a backprop step, the bytes it
+passes on, the bytes autograd saves for its backward and its parameter + gradient + optimiser
+bytes; the link's latency and bandwidth. Assumptions, each visible in the error against the
+measured S:
+
+* a stage's work per batch is the sum of its blocks' times measured alone (no contention);
+* a message costs ``latency + bytes / bandwidth`` on both ends and does not overlap compute;
+* pipelocal (c): S stages over a balanced contiguous split; an epoch of n batches takes
+  ``sum_k t_k + (n - 1) * max_k t_k`` (fill and drain once per epoch); memory per device =
+  state + the largest saved-for-backward of one of its blocks + ``channel_depth`` batches in
+  flight on each side;
+* torch pipelining (d), M micro-batches: one step takes ``(M + S - 1) * max_k t_k / M``
+  (the GPipe and 1F1B bubble), a micro-batch costing 1/M of the batch (no per-micro-batch
+  overhead: small micro-batches run less efficiently, so the model is optimistic for large M);
+  activations held: all M micro-batches for GPipe, ``min(M, S - k)`` of them for 1F1B stage k;
+* backprop on one device (a): the sum of the blocks' backprop times, all activations held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "BlockCost",
+    "Link",
+    "balanced_partition",
+    "predict_backprop",
+    "predict_pipelocal",
+    "predict_torchpipe",
+    "stage_ranges",
+]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BlockCost:
+    """One block's measured costs for one batch (times in seconds, sizes in bytes)."""
+
+    name: str
+    local_s: float
+    """Its local training step (forward, local loss, backward, optimiser step), alone."""
+    glob_s: float
+    """Its forward + backward + optimiser step inside an end-to-end backprop step."""
+    wire_bytes: int
+    """What it passes on to the next block (its gradient has the same size)."""
+    saved_local_bytes: int
+    """Peak bytes saved for backward during its local step."""
+    saved_glob_bytes: int
+    """Bytes its forward saves for backward under backprop (held until the backward)."""
+    state_local_bytes: int
+    """Parameters + gradients + optimiser state, with its local-loss heads."""
+    state_glob_bytes: int
+    """The same without local heads."""
+
+    def __post_init__(self) -> None:
+        if min(self.local_s, self.glob_s) < 0:
+            raise ValueError(f"block {self.name}: negative time {self.local_s}, {self.glob_s}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Link:
+    """Point-to-point transport between two devices."""
+
+    latency_s: float
+    bytes_per_s: float
+
+    def cost(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.bytes_per_s if nbytes else 0.0
+
+
+def balanced_partition(costs: Sequence[float], stages: int) -> list[int]:
+    """Blocks per stage of the contiguous split that minimises the largest stage sum.
+
+    Exact dynamic programme, O(S n^2). Ties go to the split with the earlier (smaller) first
+    stages. Raises if there are fewer blocks than stages.
+    """
+    n = len(costs)
+    if not 1 <= stages <= n:
+        raise ValueError(f"cannot split {n} blocks into {stages} stages; use 1..{n} stages")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[s][i]: smallest max stage sum splitting the first i blocks into s stages
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for i in range(s, n + 1):
+            for j in range(s - 1, i):
+                value = max(best[s - 1][j], prefix[i] - prefix[j])
+                if value < best[s][i] - 1e-12:
+                    best[s][i], cut[s][i] = value, j
+    sizes, i = [], n
+    for s in range(stages, 0, -1):
+        j = cut[s][i]
+        sizes.append(i - j)
+        i = j
+    return sizes[::-1]
+
+
+def stage_ranges(partition: Sequence[int]) -> list[range]:
+    """Block indices of each stage: [2, 3] -> [range(0, 2), range(2, 5)]."""
+    out, start = [], 0
+    for size in partition:
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def _stage_comm(blocks: Sequence[BlockCost], ranges: list[range], k: int, link: Link,
+                scale: float = 1.0, both_ways: bool = False) -> float:
+    """Seconds stage k spends receiving its input and sending its output (x2: gradients too)."""
+    ways = 2 if both_ways else 1
+    t = 0.0
+    if k > 0:
+        t += ways * link.cost(scale * blocks[ranges[k].start - 1].wire_bytes)
+    if k < len(ranges) - 1:
+        t += ways * link.cost(scale * blocks[ranges[k][-1]].wire_bytes)
+    return t
+
+
+def predict_backprop(blocks: Sequence[BlockCost], batch_size: int) -> dict[str, Any]:
+    """(a) End-to-end backprop on one device."""
+    step = sum(b.glob_s for b in blocks)
+    act = sum(b.saved_glob_bytes for b in blocks)
+    state = sum(b.state_glob_bytes for b in blocks)
+    return {
+        "throughput(samples/s)": batch_size / step,
+        "activation(B)": act,
+        "state(B)": state,
+        "memory_per_device(B)": act + state,
+    }
+
+
+def predict_pipelocal(
+    blocks: Sequence[BlockCost],
+    stages: int,
+    *,
+    batch_size: int,
+    batches: int,
+    link: Link,
+    channel_depth: int,
+    partition: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """(c) pipelocal with ``stages`` stages over ``batches`` batches per epoch."""
+    part = list(partition or balanced_partition([b.local_s for b in blocks], stages))
+    ranges = stage_ranges(part)
+    t = [
+        sum(blocks[i].local_s for i in r) + _stage_comm(blocks, ranges, k, link)
+        for k, r in enumerate(ranges)
+    ]
+    epoch = sum(t) + (batches - 1) * max(t)
+    mem = []
+    for k, r in enumerate(ranges):
+        wire_in = blocks[r.start - 1].wire_bytes if k > 0 else 0
+        wire_out = blocks[r[-1]].wire_bytes if k < len(ranges) - 1 else 0
+        act = max(blocks[i].saved_local_bytes for i in r)
+        inflight = channel_depth * (wire_in + wire_out)
+        state = sum(blocks[i].state_local_bytes for i in r)
+        mem.append({"activation(B)": act, "in_flight(B)": inflight, "state(B)": state,
+                    "total(B)": act + inflight + state})
+    return {
+        "partition": part,
+        "stage_time(s)": t,
+        "throughput(samples/s)": batches * batch_size / epoch,
+        "memory_per_stage": mem,
+        "memory_per_device(B)": max(m["total(B)"] for m in mem),
+        "activation_per_device(B)": max(m["activation(B)"] for m in mem),
+    }
+
+
+def predict_torchpipe(
+    blocks: Sequence[BlockCost],
+    stages: int,
+    *,
+    schedule: str,
+    microbatches: int,
+    batch_size: int,
+    link: Link,
+    partition: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """(d) Backprop pipelined over ``stages`` stages, GPipe or 1F1B, ``microbatches`` per batch."""
+    if schedule not in ("gpipe", "1f1b"):
+        raise ValueError(f"schedule {schedule!r} is unknown; accepted: gpipe, 1f1b")
+    m = microbatches
+    part = list(partition or balanced_partition([b.glob_s for b in blocks], stages))
+    ranges = stage_ranges(part)
+    per_mb = [
+        sum(blocks[i].glob_s for i in r) / m
+        + _stage_comm(blocks, ranges, k, link, scale=1 / m, both_ways=True)
+        for k, r in enumerate(ranges)
+    ]
+    step = (m + stages - 1) * max(per_mb)
+    mem = []
+    for k, r in enumerate(ranges):
+        held = m if schedule == "gpipe" else min(m, stages - k)
+        act = sum(blocks[i].saved_glob_bytes for i in r) * held / m
+        state = sum(blocks[i].state_glob_bytes for i in r)
+        mem.append({"activation(B)": act, "state(B)": state, "total(B)": act + state})
+    return {
+        "partition": part,
+        "microbatches": m,
+        "throughput(samples/s)": batch_size / step,
+        "memory_per_stage": mem,
+        "memory_per_device(B)": max(x["total(B)"] for x in mem),
+        "activation_per_device(B)": max(x["activation(B)"] for x in mem),
+    }

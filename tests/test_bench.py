@@ -1,0 +1,166 @@
+"""The headline benchmark's measurement helpers (benchmarks/): memory, scaling model, peer (d).
+
+Timings are not tested; what turns them into figures is.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from memory import SavedTensorMeter, state_bytes
+from scaling import (
+    BlockCost,
+    Link,
+    balanced_partition,
+    predict_backprop,
+    predict_pipelocal,
+    predict_torchpipe,
+)
+
+F32 = 4  # bytes
+
+
+def test_saved_bytes_match_a_hand_count():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    x = torch.randn(5, 4)  # no grad: saved only as the first matmul's input
+    with SavedTensorMeter([model]) as meter:
+        loss = model(x).sum()
+        # Linear(4,3) saves x [5,4]; ReLU saves its output [5,3], which Linear(3,2) saves as
+        # its input too (one storage, counted once); sum saves nothing. Weights are excluded.
+        expected = F32 * (5 * 4 + 5 * 3)
+        assert meter.live == expected
+        loss.backward()
+        del loss
+    assert meter.peak == expected
+    assert meter.live == 0  # released by backward
+
+
+def test_saved_bytes_count_parameters_when_not_excluded():
+    lin = nn.Linear(4, 3, bias=False)
+    x = torch.randn(2, 4, requires_grad=True)
+    with SavedTensorMeter() as meter:
+        out = lin(x).sum()
+    # x (for the weight's gradient) and the weight (for x's gradient).
+    assert meter.peak == F32 * (2 * 4 + 3 * 4)
+    out.backward()
+
+
+def test_state_bytes_after_an_adam_step():
+    lin = nn.Linear(10, 5)  # 55 parameters
+    opt = torch.optim.Adam(lin.parameters())
+    assert state_bytes([lin], [opt]) == {"params(B)": 220, "grads(B)": 0, "optimizer(B)": 0}
+    lin(torch.randn(3, 10)).sum().backward()
+    opt.step()
+    got = state_bytes([lin], [opt])
+    # exp_avg + exp_avg_sq (55 floats each) + one float32 "step" scalar per parameter tensor.
+    assert got == {"params(B)": 220, "grads(B)": 220, "optimizer(B)": 2 * 220 + 2 * F32}
+
+
+def _block(name: str, t: float, *, wire: int = 0, saved: int = 0, state: int = 0) -> BlockCost:
+    return BlockCost(name=name, local_s=t, glob_s=t, wire_bytes=wire, saved_local_bytes=saved,
+                     saved_glob_bytes=saved, state_local_bytes=state, state_glob_bytes=state)
+
+
+def test_balanced_partition_minimises_the_slowest_stage():
+    # [1 | 2 3 4] = 9, [1 2 | 3 4] = 7, [1 2 3 | 4] = 6: the last is best.
+    assert balanced_partition([1, 2, 3, 4], 2) == [3, 1]
+    assert balanced_partition([1, 2, 3, 4], 4) == [1, 1, 1, 1]
+    assert balanced_partition([5, 1, 1, 1, 1, 1], 2) == [1, 5]
+    with pytest.raises(ValueError, match="cannot split 2 blocks into 3"):
+        balanced_partition([1, 1], 3)
+
+
+def test_scaling_model_on_a_synthetic_cost_table():
+    blocks = [_block("b0", 1.0, wire=100, saved=10, state=1000),
+              _block("b1", 2.0, wire=200, saved=30, state=1000),
+              _block("b2", 3.0, wire=300, saved=20, state=1000),
+              _block("b3", 4.0, wire=40, saved=50, state=1000)]
+    link = Link(latency_s=0.5, bytes_per_s=100.0)
+    a = predict_backprop(blocks, batch_size=8)
+    assert a["throughput(samples/s)"] == pytest.approx(8 / 10)
+    assert a["memory_per_device(B)"] == 110 + 4000
+
+    # S = 2 over [3, 1]: stage 0 computes 6 s and sends 300 B (0.5 + 3 s); stage 1 computes
+    # 4 s and receives the same 3.5 s. Stage times 9.5 and 7.5; 10 batches take
+    # 9.5 + 7.5 + 9 * 9.5 = 102.5 s.
+    c = predict_pipelocal(blocks, 2, batch_size=8, batches=10, link=link, channel_depth=2)
+    assert c["partition"] == [3, 1]
+    assert c["stage_time(s)"] == pytest.approx([9.5, 7.5])
+    assert c["throughput(samples/s)"] == pytest.approx(80 / 102.5)
+    # Stage 0: largest block peak 30, two 300 B messages in flight, 3 blocks of state.
+    assert c["memory_per_stage"][0]["total(B)"] == 30 + 600 + 3000
+    assert c["memory_per_stage"][1]["total(B)"] == 50 + 600 + 1000
+
+    # 1F1B, S = 2 over [2, 2], M = 4: per micro-batch stage 0 computes 3/4 s and moves 50 B
+    # each way (2 x (0.5 + 0.5) = 2 s); stage 1 computes 7/4 s + 2 s. Step = (4 + 1) x 3.75.
+    d = predict_torchpipe(blocks, 2, schedule="1f1b", microbatches=4, batch_size=8, link=link,
+                          partition=[2, 2])
+    assert d["throughput(samples/s)"] == pytest.approx(8 / (5 * 3.75))
+    # Stage 0 holds min(4, 2) = 2 of 4 micro-batches of its 40 B, stage 1 one of 4 of 70 B.
+    assert [m["activation(B)"] for m in d["memory_per_stage"]] == [20, 17.5]
+    g = predict_torchpipe(blocks, 2, schedule="gpipe", microbatches=4, batch_size=8, link=link,
+                          partition=[2, 2])
+    assert [m["activation(B)"] for m in g["memory_per_stage"]] == [40, 70]
+
+
+def _tiny_config():
+    from pipelocal.config import load_config
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-10k"
+    if not data.is_dir():
+        pytest.skip(f"mnist-10k not at {data}")
+    return load_config(None, [
+        "data.name=mnist-10k", f"data.data_dir={str(data)!r}", "data.batch_size=32",
+        "model.name=mlp", "model.hidden=32", "model.depth=3", "model.batchnorm=false",
+        "rule.name='glob'", "pipeline.timeout_s=60",
+    ])
+
+
+@pytest.mark.timeout(120)
+def test_torch_pipelining_peer_gives_the_single_device_loss():
+    """Steps of (d) equal single-device backprop on the same batch, loss for loss.
+
+    Both settings run one step on batch 0, one after the other in the same processes: GPipe
+    sees the initial weights, 1F1B the weights after GPipe's Adam step. Without BatchNorm (whose
+    statistics are per micro-batch) and dropout, the mean of the 4 micro-batch losses is the
+    full batch's cross-entropy, and the scaled micro-batch gradients are the full batch's.
+    """
+    from peers import build_all
+    from torchpipe import BlockChain, run_torchpipe
+
+    cfg = _tiny_config()
+    ranks = run_torchpipe(cfg, [2, 2], [("gpipe", 4), ("1f1b", 4)], warmup=0, steps=1,
+                          threads=1, transport_rounds=0)
+    assert [r["blocks"] for r in ranks] == [["fc1", "fc2"], ["fc3", "out"]]
+    blocks, batches = build_all(cfg)
+    model = BlockChain(blocks)
+    x, y = batches[0]
+    expected = []
+    for _ in range(2):  # the loss, then one single-device backprop step with each block's Adam
+        loss = F.cross_entropy(model(x), y)
+        expected.append(loss.item())
+        loss.backward()
+        for b in blocks:
+            b.optimizer.step()
+            b.optimizer.zero_grad(set_to_none=True)
+    got = [sum(s["last_losses"]) / 4 for s in ranks[-1]["settings"]]
+    assert [len(s["last_losses"]) for s in ranks[-1]["settings"]] == [4, 4]
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert expected[1] < expected[0]  # the step did something
+
+
+def test_cli_hands_every_argument_to_the_script():
+    from pipelocal.cli import _parser, cmd_bench
+
+    args = _parser().parse_args(["bench", "--quick", "--models", "mlp", "--set", "a.b=1"])
+    assert args.func is cmd_bench
+    assert args.args == ["--quick", "--models", "mlp", "--set", "a.b=1"]
