@@ -6,6 +6,7 @@
     pipelocal eval runs/NAME                          # test accuracy of a checkpoint
     pipelocal plan --config my.toml --stages 4        # profile blocks, propose a partition
     torchrun --nproc-per-node 4 -m pipelocal train --config my.toml   # one rank per stage
+    pipelocal train --backend ray --stages 3          # one Ray actor per stage
 """
 
 from __future__ import annotations
@@ -39,16 +40,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and not args.config:
         # Resume with the checkpoint's own config, then apply this command's overrides.
         saved = read_manifest(args.resume)["config"]
-        cfg = from_dict(apply_overrides(saved, list(args.set or [])
-                                        + ([f"pipeline.stages={args.stages}"]
-                                           if args.stages else [])))
+        cfg = from_dict(apply_overrides(saved, list(args.set or []) + _train_flags(args)))
     else:
-        cfg = _config(args, [f"pipeline.stages={args.stages}"] if args.stages else [])
+        cfg = _config(args, _train_flags(args))
     result = train(cfg, resume=args.resume)
     if result is None:  # a torchrun rank other than 0
         return 0
     _print_result(result)
     return EXIT_INTERRUPTED if result.get("stopped") == "interrupted" else 0
+
+
+def _train_flags(args: argparse.Namespace) -> list[str]:
+    """--stages and --backend as overrides (they win over --set, like any flag)."""
+    flags = [f"pipeline.stages={args.stages}"] if args.stages else []
+    return flags + ([f"pipeline.launcher={args.backend}"] if args.backend else [])
 
 
 def _print_result(result: dict[str, Any]) -> None:
@@ -125,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     with_config(t)
     t.add_argument("--stages", type=int, help="pipeline stages (= pipeline.stages)")
     t.add_argument("--resume", help="run directory or checkpoint to continue from")
+    t.add_argument("--backend", choices=("spawn", "ray"),
+                   help="where the stages run: processes started here (spawn) or Ray actors "
+                        "(ray); = pipeline.launcher")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="test accuracy of a checkpoint (single process)")

@@ -2,7 +2,8 @@
 
 Local learning sends nothing backward between blocks, so splitting the blocks over S processes
 changes when work happens, never what is computed. Parameters, BN buffers, optimiser state and
-random generators after training must be bitwise identical (torch.equal) for S = 1..4.
+random generators after training must be bitwise identical (torch.equal) for S = 1..4, with
+the stages as spawned processes, torchrun ranks or Ray actors.
 """
 
 from __future__ import annotations
@@ -16,19 +17,23 @@ import pytest
 import torch
 
 from pipelocal.launch import train
-from tests.conftest import assert_identical, checkpoint_tensors, tiny_config
+from tests.conftest import assert_identical, checkpoint_tensors, needs_ray, tiny_config
 
 pytestmark = pytest.mark.slow
 
 _reference_cache: dict[tuple[str, ...], dict] = {}
 
-_CASES = [(rule, stages, ()) for rule in ("predsim", "pred-bpf", "sim") for stages in (2, 3, 4)]
+_CASES = [(rule, stages, (), "spawn") for rule in ("predsim", "pred-bpf", "sim")
+          for stages in (2, 3, 4)]
 _CASES += [
     # bf16 autocast: the wire carries bf16 (pipeline.wire_dtype = auto), exactly what the next
     # block would have received in one process.
-    ("predsim", 2, ("run.precision=bf16",)),
-    ("pred-bpf", 3, ("run.precision=bf16",)),
+    ("predsim", 2, ("run.precision=bf16",), "spawn"),
+    ("pred-bpf", 3, ("run.precision=bf16",), "spawn"),
 ]
+# The same worker body as Ray actors (one local Ray instance for the session).
+_CASES += [pytest.param("predsim", 3, (), "ray", marks=needs_ray, id="predsim-3-ray"),
+           pytest.param("pred-bpf", 2, (), "ray", marks=needs_ray, id="pred-bpf-2-ray")]
 
 
 def _reference(tmp_path_factory: pytest.TempPathFactory, rule: str, extra: tuple[str, ...]) -> dict:
@@ -41,14 +46,16 @@ def _reference(tmp_path_factory: pytest.TempPathFactory, rule: str, extra: tuple
     return _reference_cache[key]
 
 
-@pytest.mark.parametrize(("rule", "stages", "extra"), _CASES)
+@pytest.mark.parametrize(("rule", "stages", "extra", "launcher"), _CASES)
 def test_pipeline_equals_single_process(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, rule: str, stages: int,
-    extra: tuple[str, ...],
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
+    rule: str, stages: int, extra: tuple[str, ...], launcher: str,
 ) -> None:
+    if launcher == "ray":
+        request.getfixturevalue("ray_cluster")
     ref = _reference(tmp_path_factory, rule, extra)
     result = train(tiny_config(tmp_path, f"rule.name={rule}", f"pipeline.stages={stages}",
-                               *extra))
+                               f"pipeline.launcher={launcher}", *extra))
     # 2 epochs of 5 batches (the last one 44 rows), dropout and batch norm in every hidden block.
     assert result["step"] == ref["result"]["step"] == 10
     assert_identical(checkpoint_tensors(result["run_dir"]), ref["state"])
