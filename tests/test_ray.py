@@ -32,7 +32,8 @@ from tests.conftest import (
     tiny_config,
 )
 
-pytestmark = [needs_ray, pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
+pytestmark = needs_ray
+on_cluster = pytest.mark.usefixtures("ray_cluster")
 
 
 def _stage_actors() -> list[dict[str, str]]:
@@ -105,6 +106,8 @@ def _exists(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").exists() and " Z " not in Path(f"/proc/{pid}/stat").read_text()
 
 
+@pytest.mark.slow
+@on_cluster
 @pytest.mark.parametrize(
     ("fault", "kill", "expected"),
     [
@@ -139,6 +142,8 @@ def test_stage_failure_ends_the_run_and_cleans_up(
     _assert_nothing_left(watcher.pids)
 
 
+@pytest.mark.slow
+@on_cluster
 def test_resume_across_backends(tmp_path: Path) -> None:
     """Written under Ray (2 actors), resumed as 3 spawned stages; and the other way round."""
     straight = checkpoint_tensors(train(tiny_config(tmp_path / "ref", "pipeline.stages=1"))[
@@ -158,6 +163,7 @@ def test_resume_across_backends(tmp_path: Path) -> None:
     _assert_nothing_left([])
 
 
+@on_cluster
 def test_more_stages_than_cluster_cpus_fails_before_any_actor(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, "pipeline.stages=3", "pipeline.launcher=ray",
                       "ray.cpus_per_stage=2")
@@ -167,16 +173,19 @@ def test_more_stages_than_cluster_cpus_fails_before_any_actor(tmp_path: Path) ->
     assert _stage_actors() == [] and _live_groups() == []
 
 
+@pytest.mark.slow
+@on_cluster
 def test_driver_interrupt_checkpoints_and_leaves_no_actor(tmp_path: Path) -> None:
-    """SIGINT to a `pipelocal train --backend ray` driver joined to the running cluster:
-    rank 0 checkpoints, the driver exits 130, no actor is left; the run resumes."""
+    """SIGINT to the ``ray submit`` entry point (launch/ray_train.py = ``pipelocal train
+    --backend ray``) joined to the running cluster: rank 0 checkpoints, the driver exits 130,
+    no actor is left."""
     import ray
 
     from pipelocal.checkpoint import read_manifest
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
            "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "pipelocal", "train", "--backend", "ray", "--stages", "2",
+    cmd = [sys.executable, str(REPO / "launch" / "ray_train.py"), "--stages", "2",
            "--set", f"run.out_dir={tmp_path}", "--set", "run.name=int",
            "--set", "run.epochs=500"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -229,6 +238,7 @@ def ray_head(tmp_path: Path) -> Any:
                 head.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_ray_job_submit_runs_and_writes_its_run_directory(tmp_path: Path, ray_head: Any) -> None:
     head, address, env = ray_head
     out_dir = tmp_path / "runs"
@@ -253,3 +263,17 @@ def test_ray_job_submit_runs_and_writes_its_run_directory(tmp_path: Path, ray_he
     assert "pipelined over 2 stages" in out, out[-4000:]
     run = out_dir / "job"
     assert (run / "metrics.jsonl").exists() and (run / "checkpoints" / "latest").exists()
+
+
+def test_cluster_yaml_is_valid_for_ray_up() -> None:
+    """launch/ray_cluster.yaml passes the checks `ray up` makes (defaults filled, schema)."""
+    import copy
+
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / "launch" / "ray_cluster.yaml").read_text())
+    config = prepare_config(copy.deepcopy(raw))
+    validate_config(config)
+    assert config["provider"]["type"] == "local"
+    assert len(raw["provider"]["worker_ips"]) == config["max_workers"]
