@@ -76,7 +76,7 @@ def ray_cluster() -> Iterator[None]:
     """A local Ray instance started once (about 20 s here) and shut down after the session."""
     import ray
 
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

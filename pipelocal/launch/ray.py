@@ -129,7 +129,7 @@ def _connect(cfg: Config) -> bool:
     # as under --stages S) and the GPUs this process sees.
     stages = cfg.pipeline.stages or len(cfg.pipeline.partition) or 2
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    ray.init(num_cpus=max(cores or 1, math.ceil(stages * cfg.ray.cpus_per_stage)),
+    ray.init(address="local", num_cpus=max(cores or 1, math.ceil(stages * cfg.ray.cpus_per_stage)),
              num_gpus=torch.cuda.device_count() if cfg.run.device != "cpu" else 0)
     return True
 
