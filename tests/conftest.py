@@ -76,7 +76,15 @@ def ray_cluster() -> Iterator[None]:
     """A local Ray instance started once (about 20 s here) and shut down after the session."""
     import ray
 
-    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    for attempt in (1, 2):  # Ray gives its raylet a fixed 30 s to register: a busy machine
+        try:                # can miss that once
+            ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False,
+                     log_to_driver=False)
+            break
+        except Exception as exc:
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
     yield
     ray.shutdown()
 
