@@ -61,6 +61,28 @@ def assert_identical(a: Any, b: Any, where: str = "") -> None:
         assert a == b, f"values differ at {where}: {a!r} vs {b!r}"
 
 
+def interrupt_after_checkpoint(cmd: list[str], run_dir: Path, **popen: Any) -> tuple[int, str]:
+    """Start ``cmd`` (a training run writing ``run_dir``), send it SIGINT once its first
+    checkpoint exists, and return its exit status and output."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    if not latest.exists():
+        proc.kill()
+        out, _ = proc.communicate(timeout=60)
+        raise AssertionError(f"no checkpoint was written:\n{out[-3000:]}")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, out
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread() -> Iterator[None]:
     """One intra-op thread per process: exactness needs the same count in reference and stages,

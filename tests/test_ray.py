@@ -28,6 +28,7 @@ from tests.conftest import (
     REPO,
     assert_identical,
     checkpoint_tensors,
+    interrupt_after_checkpoint,
     needs_ray,
     tiny_config,
 )
@@ -188,16 +189,8 @@ def test_driver_interrupt_checkpoints_and_leaves_no_actor(tmp_path: Path) -> Non
     cmd = [sys.executable, str(REPO / "launch" / "ray_train.py"), "--stages", "2",
            "--set", f"run.out_dir={tmp_path}", "--set", "run.name=int",
            "--set", "run.epochs=500"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=tmp_path)
-    latest = tmp_path / "int" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 240
-    while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert latest.exists(), "no checkpoint was written"
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out
+    code, out = interrupt_after_checkpoint(cmd, tmp_path / "int", env=env, cwd=tmp_path)
+    assert code == 130, out
     assert "stopped (interrupted)" in out, out
     assert f"at step {read_manifest(tmp_path / 'int')['step']};" in out, out
     _assert_nothing_left([])
