@@ -61,9 +61,11 @@ def assert_identical(a: Any, b: Any, where: str = "") -> None:
         assert a == b, f"values differ at {where}: {a!r} vs {b!r}"
 
 
-def interrupt_after_checkpoint(cmd: list[str], run_dir: Path, **popen: Any) -> tuple[int, str]:
-    """Start ``cmd`` (a training run writing ``run_dir``), send it SIGINT once its first
-    checkpoint exists, and return its exit status and output."""
+def interrupt_after_checkpoint(
+    cmd: list[str], run_dir: Path, sig: int = 2, **popen: Any
+) -> tuple[int, str]:
+    """Start ``cmd`` (a training run writing ``run_dir``), send it ``sig`` (SIGINT) once its
+    first checkpoint exists, and return its exit status and output."""
     import signal
     import subprocess
     import time
@@ -78,7 +80,7 @@ def interrupt_after_checkpoint(cmd: list[str], run_dir: Path, **popen: Any) -> t
         proc.kill()
         out, _ = proc.communicate(timeout=60)
         raise AssertionError(f"no checkpoint was written:\n{out[-3000:]}")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.Signals(sig))
     out, _ = proc.communicate(timeout=120)
     return proc.returncode, out
 

@@ -196,6 +196,24 @@ def test_driver_interrupt_checkpoints_and_leaves_no_actor(tmp_path: Path) -> Non
     _assert_nothing_left([])
 
 
+@pytest.mark.slow
+@on_cluster
+def test_killed_driver_leaves_no_actor(tmp_path: Path) -> None:
+    """SIGKILL of the driver: Ray ends the actors of its job (they are owned by the driver)."""
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "pipelocal", "train", "--backend", "ray", "--stages", "2",
+           "--set", f"run.out_dir={tmp_path}", "--set", "run.name=k", "--set", "run.epochs=500"]
+    code, out = interrupt_after_checkpoint(cmd, tmp_path / "k", sig=signal.SIGKILL, env=env)
+    assert code == -signal.SIGKILL, out
+    deadline = time.monotonic() + 60
+    while (_stage_actors() or _live_groups()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    _assert_nothing_left([])
+
+
 # --------------------------------------------------------------------------- ray job submit
 
 
