@@ -55,13 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     import ray
 
+    from pipelocal.launch.ray import start_local
+
     args = parse_args(argv)
     if args.epochs < 2:
         sys.exit(f"{NAME}: --epochs {args.epochs} leaves nothing to measure; use 2 or more")
     check_data(args)
     prov = Provenance(NAME)
-    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False,
-             log_to_driver=False)
+    start_local(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False,
+                log_to_driver=False)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in LAUNCHERS}
     try:
         with run_root(args.runs_dir) as root:

@@ -100,15 +100,9 @@ def ray_cluster() -> Iterator[None]:
     """A local Ray instance started once (about 20 s here) and shut down after the session."""
     import ray
 
-    for attempt in (1, 2):  # Ray gives its raylet a fixed 30 s to register: a busy machine
-        try:                # can miss that once
-            ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False,
-                     log_to_driver=False)
-            break
-        except Exception as exc:
-            ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(exc):
-                raise
+    from pipelocal.launch.ray import start_local
+
+    start_local(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -51,7 +51,7 @@ from pipelocal.pipeline.worker import run_rank
 from pipelocal.setup import Setup
 from pipelocal.trainer import clear_stop, request_stop, stop_requested
 
-__all__ = ["ACTOR_PREFIX", "StageActor", "ray_train"]
+__all__ = ["ACTOR_PREFIX", "StageActor", "ray_train", "start_local"]
 
 ACTOR_PREFIX = "pipelocal-stage"
 """Actors are named ``pipelocal-stage<r>-<run id>`` (``ray list actors`` shows them)."""
@@ -129,9 +129,22 @@ def _connect(cfg: Config) -> bool:
     # as under --stages S) and the GPUs this process sees.
     stages = cfg.pipeline.stages or len(cfg.pipeline.partition) or 2
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    ray.init(address="local", num_cpus=max(cores or 1, math.ceil(stages * cfg.ray.cpus_per_stage)),
-             num_gpus=torch.cuda.device_count() if cfg.run.device != "cpu" else 0)
+    start_local(num_cpus=max(cores or 1, math.ceil(stages * cfg.ray.cpus_per_stage)),
+                num_gpus=torch.cuda.device_count() if cfg.run.device != "cpu" else 0)
     return True
+
+
+def start_local(**options: Any) -> None:
+    """``ray.init`` of a new local instance; tried twice, because Ray gives its raylet a fixed
+    30 s to register with the GCS, which a busy machine can miss once."""
+    for attempt in (1, 2):
+        try:
+            ray.init(address="local", **options)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for this timeout
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
 
 
 def _plan(setup: Setup) -> int:
