@@ -11,10 +11,11 @@
 Ray places the actors, owns their lifecycle and detects their death; the data path is the same
 torch.distributed channel as under ``--stages S`` and torchrun (gloo on CPU, NCCL between GPU
 actors), set up as Ray Train does for its workers: rank 0 hosts the store, the driver hands its
-address to the others. A Ray channel would carry every activation through Ray's object store
-(a Ray Compiled Graph CPU channel measured about 0.19 GB/s here against about 2.3 GB/s for gloo
-on loopback); for GPU tensors Ray's Direct Transport is alpha and Compiled Graphs are in
-maintenance, so a torch.distributed NCCL group is the conservative choice.
+address to the others. A Ray channel would carry every activation through Ray's own transport
+(issue 11 reports a Ray Compiled Graph CPU channel at about 0.19 GB/s against about 2.3 GB/s
+for gloo on loopback on the development machine); for GPU tensors Ray's Direct Transport is
+alpha and Compiled Graphs are in maintenance, so a torch.distributed NCCL group is the
+conservative choice.
 
 **Why the coordinator lives in rank 0's actor, not in the driver.** The coordinator feeds stage
 0 every batch; in the driver that would be a Ray call (or a transfer) per batch, which the
