@@ -241,3 +241,15 @@ def test_determinism_flags_are_set_in_every_worker(tmp_path: Path, deterministic
     record = json.loads((Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
     assert record["stage0/deterministic"] is deterministic
     assert record["stage1/deterministic"] is deterministic
+
+
+def test_ray_launcher_without_ray_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    monkeypatch.delitem(sys.modules, "pipelocal.launch.ray", raising=False)
+    with pytest.raises(ConfigError, match=r'pip install -e "\.\[ray\]"'):
+        train(tiny_config(tmp_path, "pipeline.launcher=ray"))
+    assert not any(tmp_path.iterdir())
