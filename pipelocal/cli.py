@@ -8,6 +8,7 @@
     pipelocal plan --config my.toml --stages 4        # profile blocks, propose a partition
     torchrun --nproc-per-node 4 -m pipelocal train --config my.toml   # one rank per stage
     pipelocal bench --models mlp                      # the headline benchmark (source checkout)
+    pipelocal train --backend ray --stages 3          # one Ray actor per stage
 """
 
 from __future__ import annotations
@@ -41,11 +42,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and not args.config:
         # Resume with the checkpoint's own config, then apply this command's overrides.
         saved = read_manifest(args.resume)["config"]
-        cfg = from_dict(apply_overrides(saved, list(args.set or [])
-                                        + ([f"pipeline.stages={args.stages}"]
-                                           if args.stages else [])))
+        cfg = from_dict(apply_overrides(saved, list(args.set or []) + _train_flags(args)))
     else:
-        cfg = _config(args, [f"pipeline.stages={args.stages}"] if args.stages else [])
+        cfg = _config(args, _train_flags(args))
     if args.dry_run:
         return _dry_run(cfg, args.resume)
     result = train(cfg, resume=args.resume)
@@ -79,6 +78,12 @@ def _dry_run(cfg: Config, resume: str | None) -> int:
         print(f"  stage {s}: {', '.join(specs[i].name for i in r)}  "
               f"in {list(specs[r.start].in_shape)} -> out {list(specs[r.stop - 1].wire_shape)}")
     return 0
+
+
+def _train_flags(args: argparse.Namespace) -> list[str]:
+    """--stages and --backend as overrides (they win over --set, like any flag)."""
+    flags = [f"pipeline.stages={args.stages}"] if args.stages else []
+    return flags + ([f"pipeline.launcher={args.backend}"] if args.backend else [])
 
 
 def _print_result(result: dict[str, Any]) -> None:
@@ -190,6 +195,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", help="run directory or checkpoint to continue from")
     t.add_argument("--dry-run", action="store_true",
                    help="validate config, partition and stage shapes, then exit without training")
+    t.add_argument("--backend", choices=("spawn", "ray"),
+                   help="where the stages run: processes started here (spawn) or Ray actors "
+                        "(ray); = pipeline.launcher")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="test accuracy of a checkpoint (single process)")

@@ -28,6 +28,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "PipelineConfig",
+    "RayConfig",
     "RuleConfig",
     "RunConfig",
     "ScheduleConfig",
@@ -291,6 +292,9 @@ class PipelineConfig:
     """Longest any blocking wait (receive, send, collective) may take before the run fails."""
     memory_cap_gib: float = 0.0
     """plan / automatic partition: per-stage memory cap in GiB (0 = none)."""
+    launcher: Literal["spawn", "ray"] = "spawn"
+    """Where the stages run: spawn = processes started here; ray = Ray actors (section [ray]);
+    ``pipelocal train --backend`` sets it. Under torchrun, torchrun's processes are the stages."""
 
     def __post_init__(self) -> None:
         _check(self.stages >= 0, "pipeline.stages", self.stages, "an integer >= 0 (0 = auto)")
@@ -318,6 +322,33 @@ class PipelineConfig:
                "an integer >= 0")
         _check(self.timeout_s > 0, "pipeline.timeout_s", self.timeout_s, "seconds > 0")
         _check(self.memory_cap_gib >= 0, "pipeline.memory_cap_gib", self.memory_cap_gib, ">= 0")
+        _check(self.launcher in ("spawn", "ray"), "pipeline.launcher", self.launcher,
+               "spawn, ray")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RayConfig:
+    """The Ray launcher (``pipeline.launcher = "ray"``): one actor per stage."""
+
+    address: str = ""
+    """Cluster to join: "" = $RAY_ADDRESS if set, else start a local Ray instance; "auto" = the
+    running cluster on this machine; or a GCS address such as "10.0.0.1:6379"."""
+    cpus_per_stage: float = 1.0
+    """CPUs Ray reserves for each stage actor (also its torch threads when
+    pipeline.threads_per_stage = 0)."""
+    gpus_per_stage: int = -1
+    """GPUs per stage actor: 1 or 0; -1 = 1 if the cluster has GPUs and run.device is not cpu."""
+    placement: Literal["pack", "spread"] = "pack"
+    """Placement group strategy: pack = as few nodes as possible; spread = one stage per node
+    where possible."""
+
+    def __post_init__(self) -> None:
+        _check(self.cpus_per_stage > 0, "ray.cpus_per_stage", self.cpus_per_stage, "a number > 0")
+        _check(self.gpus_per_stage in (-1, 0, 1), "ray.gpus_per_stage", self.gpus_per_stage,
+               "-1 (auto), 0 or 1: a stage uses one device, and NCCL cannot share a GPU "
+               "between two ranks")
+        _check(self.placement in ("pack", "spread"), "ray.placement", self.placement,
+               "pack, spread")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -368,6 +399,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def replace(self, **sections: Any) -> Config:

@@ -1,7 +1,9 @@
-"""Shared helpers: tiny configs that run in seconds on CPU, and checkpoint comparison."""
+"""Shared helpers: tiny configs that run in seconds on CPU, checkpoint comparison, and one local
+Ray instance for the whole session (tests marked ``ray`` use it; skipped when Ray is missing)."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,10 @@ from pipelocal.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_10K = REPO.parent / "shared" / "data" / "mnist-10k"
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+needs_ray = pytest.mark.skipif(not HAVE_RAY, reason='needs Ray: pip install -e ".[ray]"')
+RAY_CPUS = 4
+"""Logical CPUs of the test Ray instance: room for 3 one-CPU stage actors and one spare."""
 
 
 def tiny_config(tmp_path: Path, *overrides: str) -> Config:
@@ -55,6 +61,30 @@ def assert_identical(a: Any, b: Any, where: str = "") -> None:
         assert a == b, f"values differ at {where}: {a!r} vs {b!r}"
 
 
+def interrupt_after_checkpoint(
+    cmd: list[str], run_dir: Path, sig: int = 2, **popen: Any
+) -> tuple[int, str]:
+    """Start ``cmd`` (a training run writing ``run_dir``), send it ``sig`` (SIGINT) once its
+    first checkpoint exists, and return its exit status and output."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    if not latest.exists():
+        proc.kill()
+        out, _ = proc.communicate(timeout=60)
+        raise AssertionError(f"no checkpoint was written:\n{out[-3000:]}")
+    proc.send_signal(signal.Signals(sig))
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, out
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread() -> Iterator[None]:
     """One intra-op thread per process: exactness needs the same count in reference and stages,
@@ -63,6 +93,18 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """A local Ray instance started once (about 20 s here) and shut down after the session."""
+    import ray
+
+    from pipelocal.launch.ray import start_local
+
+    start_local(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -107,7 +107,7 @@ def test_unknown_section_names_it_and_lists_the_sections() -> None:
         load_config(None, ["optimizer.lr=0.1"])
     msg = str(err.value)
     assert "optimizer" in msg
-    for section in ("model", "data", "rule", "optim", "schedule", "pipeline", "run"):
+    for section in ("model", "data", "rule", "optim", "schedule", "pipeline", "ray", "run"):
         assert section in msg
 
 
@@ -181,6 +181,10 @@ def test_wrong_type(override: str, key: str, value: str, accepted: str) -> None:
             "1 entries for pipeline.stages = 1",
         ),
         (["pipeline.stages=-1"], "pipeline.stages", "-1", ">= 0"),
+        (["pipeline.launcher=dask"], "pipeline.launcher", "dask", "spawn, ray"),
+        (["ray.gpus_per_stage=2"], "ray.gpus_per_stage", "2", "NCCL cannot share a GPU"),
+        (["ray.cpus_per_stage=0"], "ray.cpus_per_stage", "0", "> 0"),
+        (["ray.placement=strict"], "ray.placement", "strict", "pack, spread"),
         (
             ["pipeline.stages=2", "pipeline.partition=[0, 3]"],
             "pipeline.partition",
@@ -261,4 +265,5 @@ def test_config_to_dict_writes_tuples_as_lists() -> None:
     data = config_to_dict(Config(pipeline=PipelineConfig(stages=2, partition=(1, 2))))
     assert data["pipeline"]["partition"] == [1, 2]
     assert data["schedule"]["milestones"] == [0.5, 0.75, 0.89, 0.94]
-    assert set(data) == {"model", "data", "rule", "optim", "schedule", "pipeline", "run"}
+    assert set(data) == {"model", "data", "rule", "optim", "schedule", "pipeline", "ray",
+                         "run"}

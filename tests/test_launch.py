@@ -15,7 +15,7 @@ from pipelocal.checkpoint import resolve_checkpoint
 from pipelocal.config import ConfigError
 from pipelocal.launch import PipelineError, train
 from pipelocal.pipeline.stage import FAULT_ENV
-from tests.conftest import tiny_config
+from tests.conftest import interrupt_after_checkpoint, tiny_config
 
 
 def _workers() -> set[int]:
@@ -136,8 +136,6 @@ def test_stage_shape_mismatch_between_stages(
 @pytest.mark.parametrize("stages", [1, 2])
 def test_ctrl_c_checkpoints_and_stops(tmp_path: Path, stages: int) -> None:
     """SIGINT to `pipelocal train`: checkpoint at the current step, exit 130, resumable."""
-    import signal
-    import subprocess
     import sys
 
     from pipelocal.checkpoint import read_manifest
@@ -145,15 +143,8 @@ def test_ctrl_c_checkpoints_and_stops(tmp_path: Path, stages: int) -> None:
     cmd = [sys.executable, "-m", "pipelocal", "train", "--stages", str(stages),
            "--set", f"run.out_dir={tmp_path}", "--set", "run.name=int",
            "--set", "run.progress=false", "--set", "run.epochs=500"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    latest = tmp_path / "int" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 120
-    while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert latest.exists(), "no checkpoint was written"
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out  # "interrupted", not success
+    code, out = interrupt_after_checkpoint(cmd, tmp_path / "int")
+    assert code == 130, out  # "interrupted", not success
     assert "stopped (interrupted)" in out, out
     manifest = read_manifest(tmp_path / "int")
     assert f"at step {manifest['step']};" in out
@@ -250,3 +241,15 @@ def test_determinism_flags_are_set_in_every_worker(tmp_path: Path, deterministic
     record = json.loads((Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
     assert record["stage0/deterministic"] is deterministic
     assert record["stage1/deterministic"] is deterministic
+
+
+def test_ray_launcher_without_ray_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    monkeypatch.delitem(sys.modules, "pipelocal.launch.ray", raising=False)
+    with pytest.raises(ConfigError, match=r'pip install -e "\.\[ray\]"'):
+        train(tiny_config(tmp_path, "pipeline.launcher=ray"))
+    assert not any(tmp_path.iterdir())

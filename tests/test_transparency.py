@@ -2,7 +2,8 @@
 
 Local learning sends nothing backward between blocks, so splitting the blocks over S processes
 changes when work happens, never what is computed. Parameters, BN buffers, optimiser state and
-random generators after training must be bitwise identical (torch.equal) for S = 1..4.
+random generators after training must be bitwise identical (torch.equal) for S = 1..4, with
+the stages as spawned processes, torchrun ranks or Ray actors.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from pipelocal.launch import train
-from tests.conftest import MNIST_10K, assert_identical, checkpoint_tensors, tiny_config
+from tests.conftest import MNIST_10K, assert_identical, checkpoint_tensors, needs_ray, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -39,9 +40,11 @@ _MNIST = ("data.name=mnist-10k", f"data.data_dir={MNIST_10K}")
 _DEEP = ("model.width=0.25", "model.dropout=0.0", "run.epochs=1", "data.train_limit=128")
 
 
-def _case(overrides: tuple[str, ...], stages: int, name: str, split: tuple[int, ...] = ()):
+def _case(overrides: tuple[str, ...], stages: int, name: str, split: tuple[int, ...] = (),
+          launcher: str = "spawn"):
     """A pipelined run (``split``: its partition) against the same config in one process."""
-    return pytest.param(overrides, stages, split, id=name)
+    marks = [needs_ray] if launcher == "ray" else []
+    return pytest.param(overrides, stages, split, launcher, id=name, marks=marks)
 
 
 # The original rules over 2-4 stages; each newer rule and model over 2 stages (CPU time).
@@ -70,19 +73,28 @@ _CASES = [
           "auglocal-vgg19-S2", (8, 8)),
     _case(("rule.name=dgl", "model.name=vgg13", *_DEEP, "model.width=0.0625",
            "model.fc_width=16", *_MNIST), 2, "dgl-vgg13-S2", (5, 5)),
+    # The same worker body as Ray actors (one local Ray instance for the session).
+    _case(("rule.name=predsim",), 3, "predsim-S3-ray", launcher="ray"),
+    _case(("rule.name=pred-bpf",), 2, "pred-bpf-S2-ray", launcher="ray"),
 ]
+# The same worker body as Ray actors (one local Ray instance for the session).
+_CASES += [pytest.param("predsim", 3, (), "ray", marks=needs_ray, id="predsim-3-ray"),
+           pytest.param("pred-bpf", 2, (), "ray", marks=needs_ray, id="pred-bpf-2-ray")]
 
 
-@pytest.mark.parametrize(("overrides", "stages", "split"), _CASES)
+@pytest.mark.parametrize(("overrides", "stages", "split", "launcher"), _CASES)
 def test_pipeline_equals_single_process(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, overrides: tuple[str, ...],
-    stages: int, split: tuple[int, ...],
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
+    overrides: tuple[str, ...], stages: int, split: tuple[int, ...], launcher: str,
 ) -> None:
     if any("mnist-10k" in o for o in overrides) and not MNIST_10K.is_dir():
         pytest.skip(f"real MNIST test split not found at {MNIST_10K}")
+    if launcher == "ray":
+        request.getfixturevalue("ray_cluster")
     ref = _reference(tmp_path_factory, overrides)
     partition = [f"pipeline.partition=[{','.join(map(str, split))}]"] if split else []
-    result = train(tiny_config(tmp_path, *overrides, f"pipeline.stages={stages}", *partition))
+    result = train(tiny_config(tmp_path, *overrides, f"pipeline.stages={stages}", *partition,
+                               f"pipeline.launcher={launcher}"))
     # Tiny configs: 2 epochs of 5 batches (the last one 44 rows), dropout and batch norm in
     # every hidden block; deep ones: 2 batches.
     assert result["step"] == ref["result"]["step"] == (2 if split else 10)

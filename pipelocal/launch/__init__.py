@@ -1,5 +1,6 @@
 """Launching a run: ``train(cfg)`` validates everything it can, then runs the single-process
-engine, spawned pipeline workers (:mod:`.spawn`) or this torchrun rank (:mod:`.torchrun`).
+engine, spawned pipeline workers (:mod:`.spawn`), Ray actors (:mod:`.ray`, with
+``pipeline.launcher = "ray"``) or this torchrun rank (:mod:`.torchrun`).
 Every pipelined path runs the same worker body, :func:`pipelocal.pipeline.worker.run_rank`.
 """
 
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from pipelocal.checkpoint import read_manifest, resolve_checkpoint
-from pipelocal.config import Config, apply_overrides, from_dict
+from pipelocal.config import Config, ConfigError, apply_overrides, from_dict
 from pipelocal.device import configure_determinism, place_stage, visible_gpus
 from pipelocal.engine import Engine, LocalPipe, build_blocks
 from pipelocal.launch.preflight import finalise, plan_stages, prepare, validate
@@ -31,6 +32,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any] | Non
     """
     if under_torchrun():
         return torchrun_worker(cfg, resume)
+    if cfg.pipeline.launcher == "ray":
+        return _ray_train(cfg, resume)
     clear_stop()
     setup, _ = prepare(cfg, resume)
     plan_stages(setup)
@@ -39,6 +42,17 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any] | Non
         finalise(setup, partition)
         return _single(setup)
     return spawn(setup, partition)
+
+
+def _ray_train(cfg: Config, resume: str | Path | None) -> dict[str, Any]:
+    try:
+        from pipelocal.launch.ray import ray_train
+    except ImportError as exc:
+        raise ConfigError(
+            f"pipeline.launcher = 'ray' needs Ray ({exc}); install it with "
+            "pip install -e \".[ray]\" or use pipeline.launcher = 'spawn'"
+        ) from exc
+    return ray_train(cfg, resume)
 
 
 def _engine(setup: Setup) -> Engine:

@@ -15,8 +15,6 @@ import os
 import pickle
 import signal
 import tempfile
-import threading
-import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,17 +23,15 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp
 
 from pipelocal.launch.preflight import finalise
-from pipelocal.pipeline.channel import PeerError
-from pipelocal.pipeline.stage import Stage
+from pipelocal.launch.report import Death, describe_failure, failure_report, forward_stop_signals
 from pipelocal.pipeline.worker import run_rank
 from pipelocal.setup import Setup
-from pipelocal.trainer import request_stop, stop_requested, watch_stop_file
+from pipelocal.trainer import stop_requested, watch_stop_file
 
 __all__ = ["Interrupted", "PipelineError", "die_with_parent", "spawn"]
 
 _GRACE_S = 2.0
 """After the first failure: how long the other workers get to report before they are killed."""
-_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -58,22 +54,6 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _report(rank: int, stage_box: list[Stage], exc: BaseException) -> dict[str, Any]:
-    stage = stage_box[0] if stage_box else None
-    epoch, step = stage.current if stage else (-1, -1)
-    text = f"{type(exc).__name__}: {exc}"
-    return {
-        "rank": rank,
-        "pid": os.getpid(),
-        "epoch": epoch,
-        "step": step,
-        "phase": stage.phase if stage else "start-up",
-        "error": text,
-        "traceback": "".join(traceback.format_exception(exc)),
-        "secondary": isinstance(exc, PeerError) or any(s in text for s in _SECONDARY),
-    }
-
-
 def _write(path: Path, obj: Any) -> None:
     tmp_path = path.with_suffix(".tmp")
     tmp_path.write_bytes(pickle.dumps(obj))
@@ -94,7 +74,7 @@ def _worker_main(rank: int, setup: Setup, port: int, parent: int, talk: str) -> 
         if rank == 0:
             _write(talk_dir / "result.pkl", result)
     except BaseException as exc:  # reported to the supervisor, which raises it
-        _write(talk_dir / f"error{rank}.pkl", _report(rank, stage_box, exc))
+        _write(talk_dir / f"error{rank}.pkl", failure_report(rank, stage_box, exc))
         os._exit(1)  # the process group may hold transfers that can never complete
 
 
@@ -113,38 +93,22 @@ def spawn(setup: Setup, partition: list[int]) -> dict[str, Any]:
 
 def _supervise(ctx: Any, talk: Path) -> BaseException | None:
     """Wait for the workers; forward one stop request; a second one kills them."""
-    signals = (signal.SIGINT, signal.SIGTERM)
-    main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.getsignal(s) for s in signals} if main else {}
-    hits = [0]
-
-    def on_signal(signum: int, frame: Any) -> None:
-        hits[0] += 1
-        if hits[0] == 1:
-            name = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
-            print(f"\n{name}: writing a checkpoint, then stopping (Ctrl-C again to abort)",
-                  flush=True)
-            request_stop()
-
-    for s in previous:
-        signal.signal(s, on_signal)
-    try:
-        while True:
-            if stop_requested() and not (talk / "stop").exists():
-                (talk / "stop").touch()  # rank 0 checks it before every batch
-            if hits[0] > 1:
-                _kill(ctx)
-                return Interrupted("aborted by a second interrupt before the checkpoint; the "
-                                   "last complete checkpoint is still usable")
-            try:
-                if ctx.join(timeout=0.5, grace_period=_GRACE_S):
-                    return None
-            except tmp.ProcessException as exc:  # exited, or raised outside our own reporting
-                return exc
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        _kill(ctx)
+    with forward_stop_signals() as hits:
+        try:
+            while True:
+                if stop_requested() and not (talk / "stop").exists():
+                    (talk / "stop").touch()  # rank 0 checks it before every batch
+                if hits[0] > 1:
+                    _kill(ctx)
+                    return Interrupted("aborted by a second interrupt before the checkpoint; "
+                                       "the last complete checkpoint is still usable")
+                try:
+                    if ctx.join(timeout=0.5, grace_period=_GRACE_S):
+                        return None
+                except tmp.ProcessException as exc:  # exited, or raised before it could report
+                    return exc
+        finally:
+            _kill(ctx)
 
 
 def _kill(ctx: Any) -> None:
@@ -162,41 +126,14 @@ def _outcome(ctx: Any, talk: Path, failure: BaseException | None) -> dict[str, A
     result_file = talk / "result.pkl"
     if failure is None and not reports and result_file.exists():
         return pickle.loads(result_file.read_bytes())
-    first_dead = None
+    dead = None
     if isinstance(failure, tmp.ProcessExitedException) and failure.exit_code < 0:
-        first_dead = failure.error_index
+        rank = failure.error_index
+        p = ctx.processes[rank]
+        dead = Death(rank, p.pid, f"killed by signal {signal.Signals(-p.exitcode).name}")
     if isinstance(failure, tmp.ProcessRaisedException) and not reports:
         # Failed before run_rank could report (e.g. unpickling the set-up): torch's own report.
         raise PipelineError(f"stage {failure.error_index} failed at start-up: {failure}")
-    raise PipelineError(_describe(ctx.processes, reports, first_dead))
-
-
-def _describe(procs: list[Any], reports: list[dict[str, Any]], first_dead: int | None) -> str:
-    primary = [r for r in reports if not r["secondary"]]
-    if primary:
-        r = min(primary, key=lambda r: r["rank"])
-        where = f"epoch {r['epoch']}, batch {r['step']}" if r["step"] >= 0 else r["phase"]
-        return (
-            f"stage {r['rank']} (rank {r['rank']}, pid {r['pid']}) failed at {where}: "
-            f"{r['error']}\n--- original traceback of stage {r['rank']} ---\n{r['traceback']}"
-        )
-    if first_dead is not None:
-        rank, p = first_dead, procs[first_dead]
-        # Downstream stages had finished batches before the lost one, upstream ones had sent it.
-        down = [r["step"] + 1 for r in reports if r["rank"] > rank and r["step"] >= 0]
-        up = [r["step"] for r in reports if r["rank"] < rank and r["step"] >= 0]
-        near = ""
-        if down or up:
-            lo, hi = (max(down) if down else 0), (max(up) if up else max(down))
-            near = f" at batch {lo}" if lo >= hi else f" between batches {lo} and {hi}"
-        name = signal.Signals(-p.exitcode).name
-        return (
-            f"stage {rank} (rank {rank}, pid {p.pid}) died, killed by signal {name}{near}; "
-            "the other stages were stopped. The last complete checkpoint is still usable."
-        )
-    if reports:
-        r = reports[0]
-        return (f"stage {r['rank']} (rank {r['rank']}) failed during {r['phase']} at batch "
-                f"{r['step']}: {r['error']}\n{r['traceback']}")
-    codes = {rank: p.exitcode for rank, p in enumerate(procs)}
-    return f"pipeline workers ended without a result (exit codes by stage: {codes})"
+    codes = {rank: p.exitcode for rank, p in enumerate(ctx.processes)}
+    raise PipelineError(describe_failure(
+        reports, dead, f"pipeline workers ended without a result (exit codes by stage: {codes})"))
