@@ -77,9 +77,6 @@ _CASES = [
     _case(("rule.name=predsim",), 3, "predsim-S3-ray", launcher="ray"),
     _case(("rule.name=pred-bpf",), 2, "pred-bpf-S2-ray", launcher="ray"),
 ]
-# The same worker body as Ray actors (one local Ray instance for the session).
-_CASES += [pytest.param("predsim", 3, (), "ray", marks=needs_ray, id="predsim-3-ray"),
-           pytest.param("pred-bpf", 2, (), "ray", marks=needs_ray, id="pred-bpf-2-ray")]
 
 
 @pytest.mark.parametrize(("overrides", "stages", "split", "launcher"), _CASES)

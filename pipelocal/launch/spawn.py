@@ -21,6 +21,11 @@ from typing import Any
 
 import torch.distributed as dist
 import torch.multiprocessing as tmp
+from torch.multiprocessing.spawn import (
+    ProcessException,
+    ProcessExitedException,
+    ProcessRaisedException,
+)
 
 from pipelocal.launch.preflight import finalise
 from pipelocal.launch.report import Death, describe_failure, failure_report, forward_stop_signals
@@ -105,7 +110,7 @@ def _supervise(ctx: Any, talk: Path) -> BaseException | None:
                 try:
                     if ctx.join(timeout=0.5, grace_period=_GRACE_S):
                         return None
-                except tmp.ProcessException as exc:  # exited, or raised before it could report
+                except ProcessException as exc:  # exited, or raised before it could report
                     return exc
         finally:
             _kill(ctx)
@@ -127,11 +132,11 @@ def _outcome(ctx: Any, talk: Path, failure: BaseException | None) -> dict[str, A
     if failure is None and not reports and result_file.exists():
         return pickle.loads(result_file.read_bytes())
     dead = None
-    if isinstance(failure, tmp.ProcessExitedException) and failure.exit_code < 0:
+    if isinstance(failure, ProcessExitedException) and failure.exit_code < 0:
         rank = failure.error_index
         p = ctx.processes[rank]
         dead = Death(rank, p.pid, f"killed by signal {signal.Signals(-p.exitcode).name}")
-    if isinstance(failure, tmp.ProcessRaisedException) and not reports:
+    if isinstance(failure, ProcessRaisedException) and not reports:
         # Failed before run_rank could report (e.g. unpickling the set-up): torch's own report.
         raise PipelineError(f"stage {failure.error_index} failed at start-up: {failure}")
     codes = {rank: p.exitcode for rank, p in enumerate(ctx.processes)}
