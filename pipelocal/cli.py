@@ -15,12 +15,14 @@ import json
 import sys
 from typing import Any
 
-from pipelocal.config import Config, ConfigError, apply_overrides, config_to_dict, from_dict
+from pipelocal.config import Config, ConfigError, config_to_dict
 
-__all__ = ["EXIT_INTERRUPTED", "main"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NONFINITE", "main"]
 
 EXIT_INTERRUPTED = 130
 """Exit status of a run stopped by Ctrl-C or SIGTERM (after its checkpoint): 128 + SIGINT."""
+EXIT_NONFINITE = 3
+"""Exit status of a run stopped by a NaN/Inf loss (1 = a failure, 2 = a config error)."""
 
 
 def _config(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
@@ -33,15 +35,14 @@ def _config(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
 def cmd_train(args: argparse.Namespace) -> int:
     from pipelocal.checkpoint import read_manifest
     from pipelocal.launch import train
+    from pipelocal.launch.preflight import resume_config
     from pipelocal.trainer import install_stop_handlers
 
     install_stop_handlers()  # first Ctrl-C / SIGTERM: checkpoint at the current step, then stop
     if args.resume and not args.config:
         # Resume with the checkpoint's own config, then apply this command's overrides.
-        saved = read_manifest(args.resume)["config"]
-        cfg = from_dict(apply_overrides(saved, list(args.set or [])
-                                        + ([f"pipeline.stages={args.stages}"]
-                                           if args.stages else [])))
+        cfg = resume_config(read_manifest(args.resume), list(args.set or [])
+                            + ([f"pipeline.stages={args.stages}"] if args.stages else []))
     else:
         cfg = _config(args, [f"pipeline.stages={args.stages}"] if args.stages else [])
     result = train(cfg, resume=args.resume)
@@ -52,11 +53,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_result(result: dict[str, Any]) -> None:
-    if result.get("stopped"):
+    if result.get("stopped") == "complete":
+        print(f"the run is already complete at epoch {result['epoch']} (step {result['step']}); "
+              "nothing to do (to train longer, start a new run with more run.epochs)")
+    elif result.get("stopped"):
         print(f"stopped ({result['stopped']}) at step {result['step']}; "
               f"checkpoint: {result['checkpoint']}")
     if result.get("test/acc") is not None:
-        print(f"final test accuracy: {100 * result['test/acc']:.2f}%")
+        print(f"final test accuracy: {100 * result['test/acc']:.2f}%  (best "
+              f"{100 * result['test/best_acc']:.2f}% at epoch {result['test/best_epoch']})")
+    if "time/total(s)" in result:
+        print(f"wall time: {result['time/total(s)']:.1f} s")
     print(f"run directory: {result['run_dir']}")
 
 
@@ -121,7 +128,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                         help="override one config value; repeatable")
 
-    t = sub.add_parser("train", help="train a model (pipelined when pipeline.stages > 1)")
+    from pipelocal.config import config_help
+
+    p.add_argument("--version", action="version", version=f"pipelocal {_version()}")
+    t = sub.add_parser("train", help="train a model (pipelined when pipeline.stages > 1)",
+                       epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     with_config(t)
     t.add_argument("--stages", type=int, help="pipeline stages (= pipeline.stages)")
     t.add_argument("--resume", help="run directory or checkpoint to continue from")
@@ -147,8 +158,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pipelocal")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipelocal.launch import Interrupted, PipelineError
+    from pipelocal.trainer import NonFiniteLoss
 
     args = _parser().parse_args(argv)
     try:
@@ -159,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"pipelocal: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # a second Ctrl-C before the run could checkpoint
+        print("pipelocal: aborted by a second interrupt; the last complete checkpoint (if any) "
+              "is still usable", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except NonFiniteLoss as exc:
+        print(f"pipelocal: training diverged: {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
     except ConfigError as exc:
         print(f"pipelocal: config error: {exc}", file=sys.stderr)
         return 2

@@ -29,13 +29,15 @@ from pipelocal.pipeline.channel import PeerError
 from pipelocal.pipeline.stage import Stage
 from pipelocal.pipeline.worker import run_rank
 from pipelocal.setup import Setup
-from pipelocal.trainer import request_stop, stop_requested, watch_stop_file
+from pipelocal.trainer import NonFiniteLoss, request_stop, stop_requested, watch_stop_file
 
-__all__ = ["Interrupted", "PipelineError", "die_with_parent", "spawn"]
+__all__ = ["Interrupted", "PipelineError", "check_not_stopped", "die_with_parent", "spawn"]
 
 _GRACE_S = 2.0
 """After the first failure: how long the other workers get to report before they are killed."""
-_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "timed out", "timeout")
+"""Errors that follow another stage's failure: a peer gone, or a wait on a peer that timed out."""
 _PR_SET_PDEATHSIG = 1
 
 
@@ -44,7 +46,15 @@ class PipelineError(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-    """The run was aborted by a second Ctrl-C / SIGTERM before it could checkpoint."""
+    """The run was stopped by Ctrl-C / SIGTERM before it could checkpoint: during set-up, or
+    aborted by a second one."""
+
+
+def check_not_stopped() -> None:
+    """Ctrl-C / SIGTERM during set-up: stop before any worker starts (nothing to checkpoint)."""
+    if stop_requested():
+        raise Interrupted("stopped during set-up, before training started; nothing was "
+                          "trained, so no checkpoint was written")
 
 
 def die_with_parent(parent: int) -> None:
@@ -69,8 +79,10 @@ def _report(rank: int, stage_box: list[Stage], exc: BaseException) -> dict[str, 
         "step": step,
         "phase": stage.phase if stage else "start-up",
         "error": text,
+        "type": type(exc).__name__,
+        "message": str(exc),
         "traceback": "".join(traceback.format_exception(exc)),
-        "secondary": isinstance(exc, PeerError) or any(s in text for s in _SECONDARY),
+        "secondary": isinstance(exc, PeerError) or any(s in text.lower() for s in _SECONDARY),
     }
 
 
@@ -89,8 +101,12 @@ def _worker_main(rank: int, setup: Setup, port: int, parent: int, talk: str) -> 
             watch_stop_file(talk_dir / "stop")
         store = dist.TCPStore("127.0.0.1", port, world_size=world, is_master=False,
                               timeout=timedelta(seconds=setup.cfg.pipeline.timeout_s))
+        def on_phase(phase: str, epoch: int, step: int) -> None:
+            _write(talk_dir / f"phase{rank}.pkl", (phase, epoch, step))
+
         result = run_rank(setup.cfg, setup, rank=rank, world=world, local_rank=rank,
-                          local_world=world, store=store, stage_box=stage_box)
+                          local_world=world, store=store, stage_box=stage_box,
+                          on_phase=on_phase)
         if rank == 0:
             _write(talk_dir / "result.pkl", result)
     except BaseException as exc:  # reported to the supervisor, which raises it
@@ -101,6 +117,7 @@ def _worker_main(rank: int, setup: Setup, port: int, parent: int, talk: str) -> 
 def spawn(setup: Setup, partition: list[int]) -> dict[str, Any]:
     """Run the pipeline in ``pipeline.stages`` spawned worker processes and supervise them."""
     finalise(setup, partition, in_subprocess=True)
+    check_not_stopped()  # profiling can take a while: Ctrl-C during it stops here
     cfg, world = setup.cfg, setup.cfg.pipeline.stages
     store = dist.TCPStore("127.0.0.1", 0, world_size=world, is_master=True,
                           wait_for_workers=False, timeout=timedelta(seconds=cfg.pipeline.timeout_s))
@@ -162,14 +179,22 @@ def _outcome(ctx: Any, talk: Path, failure: BaseException | None) -> dict[str, A
     result_file = talk / "result.pkl"
     if failure is None and not reports and result_file.exists():
         return pickle.loads(result_file.read_bytes())
+    for r in reports:
+        if r.get("type") == NonFiniteLoss.__name__:  # a training outcome, not a crash
+            raise NonFiniteLoss(r["message"])
     first_dead = None
     if isinstance(failure, tmp.ProcessExitedException) and failure.exit_code < 0:
         first_dead = failure.error_index
-    raise PipelineError(_describe(ctx.processes, reports, first_dead))
+    phases = {int(p.stem[5:]): pickle.loads(p.read_bytes()) for p in talk.glob("phase*.pkl")}
+    raise PipelineError(_describe(ctx.processes, reports, first_dead, phases))
 
 
-def _describe(procs: list[Any], reports: list[dict[str, Any]], first_dead: int | None) -> str:
+def _describe(procs: list[Any], reports: list[dict[str, Any]], first_dead: int | None,
+              phases: dict[int, tuple[str, int, int]] | None = None) -> str:
     primary = [r for r in reports if not r["secondary"]]
+    silent = [rank for rank, p in enumerate(procs)
+              if rank != first_dead and p.exitcode is not None and p.exitcode < 0
+              and not any(r["rank"] == rank for r in reports)]
     if primary:
         r = min(primary, key=lambda r: r["rank"])
         where = f"epoch {r['epoch']}, batch {r['step']}" if r["step"] >= 0 else r["phase"]
@@ -179,17 +204,23 @@ def _describe(procs: list[Any], reports: list[dict[str, Any]], first_dead: int |
         )
     if first_dead is not None:
         rank, p = first_dead, procs[first_dead]
-        # Downstream stages had finished batches before the lost one, upstream ones had sent it.
-        down = [r["step"] + 1 for r in reports if r["rank"] > rank and r["step"] >= 0]
-        up = [r["step"] for r in reports if r["rank"] < rank and r["step"] >= 0]
-        near = ""
-        if down or up:
-            lo, hi = (max(down) if down else 0), (max(up) if up else max(down))
-            near = f" at batch {lo}" if lo >= hi else f" between batches {lo} and {hi}"
         name = signal.Signals(-p.exitcode).name
         return (
-            f"stage {rank} (rank {rank}, pid {p.pid}) died, killed by signal {name}{near}; "
-            "the other stages were stopped. The last complete checkpoint is still usable."
+            f"stage {rank} (rank {rank}, pid {p.pid}) died, killed by signal {name}"
+            f"{_near(rank, reports)}; the other stages were stopped. The last complete "
+            "checkpoint is still usable."
+        )
+    if silent and reports:  # alive but mute while the others timed out waiting: frozen
+        rank, p = max(silent), procs[max(silent)]  # the others waited on the last mute one
+        phase, epoch, step = (phases or {}).get(rank, ("start-up", -1, -1))
+        since = f" (since epoch {epoch + 1}, batch {step})" if step >= 0 else ""
+        waiting = "; ".join(f"stage {r['rank']} in {r['phase']}" for r in reports)
+        return (
+            f"stage {rank} (rank {rank}, pid {p.pid}) stopped answering during {phase}{since}"
+            f"{_near(rank, reports)}: it was alive but silent when the other stages gave up "
+            f"waiting for it ({waiting}; pipeline.timeout_s). It was killed with the others. "
+            "A frozen stage is stopped (SIGSTOP, a debugger), deadlocked or stuck in a device "
+            "call; the last complete checkpoint is still usable."
         )
     if reports:
         r = reports[0]
@@ -197,3 +228,14 @@ def _describe(procs: list[Any], reports: list[dict[str, Any]], first_dead: int |
                 f"{r['step']}: {r['error']}\n{r['traceback']}")
     codes = {rank: p.exitcode for rank, p in enumerate(procs)}
     return f"pipeline workers ended without a result (exit codes by stage: {codes})"
+
+
+def _near(rank: int, reports: list[dict[str, Any]]) -> str:
+    """Where stage ``rank`` was, from its neighbours: the stages after it had finished the
+    batches before the lost one, the stages before it had sent it."""
+    down = [r["step"] + 1 for r in reports if r["rank"] > rank and r["step"] >= 0]
+    up = [r["step"] for r in reports if r["rank"] < rank and r["step"] >= 0]
+    if not (down or up):
+        return ""
+    lo, hi = (max(down) if down else 0), (max(up) if up else max(down))
+    return f" at batch {lo}" if lo >= hi else f" between batches {lo} and {hi}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,9 @@ class Stage:
         """(epoch, step) of the message being handled, for error reports."""
         self.phase = "start-up"
         """What the stage is doing, for error reports: start-up, training, evaluation, ..."""
+        self.on_phase: Callable[[str, int, int], None] | None = None
+        """Called with (phase, epoch, step) when the phase changes (a few times per epoch), so
+        a launcher can say what a stage that stopped answering was doing."""
         self._fault = parse_fault(os.environ.get(FAULT_ENV, ""), stage)
         self._timer = StepTimer(engine.device)
         self._reset_epoch()
@@ -74,30 +78,36 @@ class Stage:
         """Process one message; returns the gathered results on rank 0, False after STOP."""
         self.current = (msg.epoch, msg.step)
         if msg.kind in (Kind.TRAIN, Kind.EVAL):
-            self.phase = "training" if msg.kind == Kind.TRAIN else "evaluation"
+            self._enter("training" if msg.kind == Kind.TRAIN else "evaluation")
             self._compute(msg)
             return None
         self._forward(msg)
         if msg.kind == Kind.END_EPOCH:
-            self.phase = "end-of-epoch gather"
+            self._enter("end-of-epoch gather")
             return self._gather(self._epoch_stats())
         if msg.kind == Kind.END_EVAL:
-            self.phase = "evaluation gather"
+            self._enter("evaluation gather")
             gathered = self._gather(self.engine.pop_eval_stats())
             self._reset_epoch()  # epoch statistics cover training only, not evaluation
             return gathered
         if msg.kind == Kind.CHECKPOINT:
-            self.phase = "checkpoint"
+            self._enter("checkpoint")
             self.engine.save(checkpoint_dir(self.run_dir, msg.step))
             gathered = self._gather(self.engine.indices)
             self._reset_epoch()  # nor checkpoint writes
             return gathered
-        self.phase = "shutdown"  # STOP: passed on with its trailers; the inbox's are drained
+        self._enter("shutdown")  # STOP: passed on with its trailers; the inbox's are drained
         if self.outbox is not None:
             self.outbox.close()
         if self.inbox is not None:
             self.inbox.drain()
         return False
+
+    def _enter(self, phase: str) -> None:
+        if phase != self.phase:
+            self.phase = phase
+            if self.on_phase is not None:
+                self.on_phase(phase, *self.current)
 
     def _compute(self, msg: Message) -> None:
         assert msg.x is not None and msg.y is not None
