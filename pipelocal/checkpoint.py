@@ -168,8 +168,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     file = ckpt / "manifest.json"
     try:
         manifest = json.loads(file.read_text())
-        if not isinstance(manifest, dict) or "config" not in manifest:
-            raise ValueError("not a pipelocal manifest")
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:  # ValueError covers JSONDecodeError and bad UTF-8
         raise CheckpointError(_damaged(file, ckpt, exc)) from exc
     return manifest

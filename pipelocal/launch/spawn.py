@@ -219,8 +219,11 @@ def _describe(procs: list[Any], reports: list[dict[str, Any]], first_dead: int |
             f"stage {rank} (rank {rank}, pid {p.pid}) stopped answering during {phase}{since}"
             f"{_near(rank, reports)}: it was alive but silent when the other stages gave up "
             f"waiting for it ({waiting}; pipeline.timeout_s). It was killed with the others. "
-            "A frozen stage is stopped (SIGSTOP, a debugger), deadlocked or stuck in a device "
-            "call; the last complete checkpoint is still usable."
+            + ("A stage still starting up may only be slow (imports, a loaded machine): "
+               "raise pipeline.timeout_s. " if phase == "start-up" else
+               "A frozen stage is stopped (SIGSTOP, a debugger), deadlocked or stuck in a "
+               "device call. ")
+            + "The last complete checkpoint is still usable."
         )
     if reports:
         r = reports[0]

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -31,8 +32,9 @@ from pipelocal.pipeline.channel import Kind, Message, P2PChannel
 __all__ = ["FAULT_ENV", "DistPipe", "Stage", "parse_fault"]
 
 FAULT_ENV = "PIPELOCAL_INJECT_FAULT"
-"""Fault injection for tests: ``"<stage>:<step>:<kind>"``, kind raise, kill or hang."""
-_FAULT_KINDS = ("raise", "kill", "hang")
+"""Fault injection for tests: ``"<stage>:<step>:<kind>"``, kind raise, kill, hang or nan (the
+stage's input batch becomes NaN, as from a diverged block before it)."""
+_FAULT_KINDS = ("raise", "kill", "hang", "nan")
 
 
 class Stage:
@@ -113,11 +115,10 @@ class Stage:
         assert msg.x is not None and msg.y is not None
         if self.t_start is None:
             self.t_start = time.perf_counter()
-        if msg.kind == Kind.TRAIN:
-            self._maybe_fail(msg.step)
+        x = self._maybe_fail(msg.step, msg.x) if msg.kind == Kind.TRAIN else msg.x
         self._timer.start()
         if msg.kind == Kind.TRAIN:
-            out = self.engine.train_batch(msg.x, msg.y, msg.epoch)
+            out = self.engine.train_batch(x, msg.y, msg.epoch)
             self.samples += msg.rows
         else:
             out = self.engine.eval_batch(msg.x, msg.y)
@@ -151,10 +152,12 @@ class Stage:
         self._reset_epoch()
         return stats
 
-    def _maybe_fail(self, step: int) -> None:
+    def _maybe_fail(self, step: int, x: Tensor) -> Tensor:
         if self._fault is None or self._fault[0] != step:
-            return
+            return x
         kind = self._fault[1]
+        if kind == "nan":
+            return torch.full_like(x, float("nan"))
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         if kind == "hang":
