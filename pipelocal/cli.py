@@ -1,10 +1,11 @@
-"""``pipelocal``: train | eval | plan | models | rules | datasets.
+"""``pipelocal``: train | eval | plan | plot | config | models | rules | datasets.
 
     pipelocal train                                   # embedded digits set, pipelined if S > 1
     pipelocal train --config my.toml --set optim.lr=3e-4 --stages 4
     pipelocal train --resume runs/NAME                # continue from the latest checkpoint
     pipelocal eval runs/NAME                          # test accuracy of a checkpoint
     pipelocal plan --config my.toml --stages 4        # profile blocks, propose a partition
+    pipelocal plot runs/NAME                          # learning curves -> runs/NAME/curves.png
     torchrun --nproc-per-node 4 -m pipelocal train --config my.toml   # one rank per stage
 """
 
@@ -99,6 +100,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pipelocal.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     if args.command == "models":
         from pipelocal.models import available_models as names
@@ -147,6 +155,11 @@ def _parser() -> argparse.ArgumentParser:
     with_config(pl)
     pl.add_argument("--stages", type=int, help="number of stages to plan for")
     pl.set_defaults(func=cmd_plan)
+
+    pt = sub.add_parser("plot", help="draw a run's learning curves and stage utilisation (PNG)")
+    pt.add_argument("run_dir", help="run directory (holds metrics.jsonl)")
+    pt.add_argument("--out", help="PNG file to write (default: RUN_DIR/curves.png)")
+    pt.set_defaults(func=cmd_plot)
 
     c = sub.add_parser("config", help="print the resolved config")
     with_config(c)

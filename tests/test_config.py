@@ -294,3 +294,9 @@ def test_config_help_lists_every_key_with_default_and_meaning() -> None:
     assert '    data.name = "digits"  Registered dataset' in text
     keys = sum(len(dataclasses.fields(s.default_factory)) for s in dataclasses.fields(Config))
     assert text.count("\n    ") == keys
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_example_config_is_valid(path: Path) -> None:
+    load_config(path)
