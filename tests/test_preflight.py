@@ -188,3 +188,14 @@ def test_fault_spec_applies_to_its_stage_only() -> None:
     assert parse_fault("1:5:hang", 1) == (5, "hang")
     assert parse_fault("1:5:hang", 0) is None
     assert parse_fault("", 0) is None
+
+
+@pytest.mark.usefixtures("no_spawn")
+def test_tensorboard_without_the_package_fails_before_any_worker(tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(ConfigError, match=r"run\.tensorboard = true needs the tensorboard"):
+        train(tiny_config(tmp_path, "pipeline.stages=2", "run.tensorboard=true"))
+    assert not any(tmp_path.iterdir())

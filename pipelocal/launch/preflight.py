@@ -8,6 +8,7 @@ with a :class:`~pipelocal.config.ConfigError` and no process, and no run directo
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import multiprocessing
 import os
 import time
@@ -198,6 +199,9 @@ def validate(setup: Setup, *, gpus_per_node: int | None = None, nodes: int = 1) 
             f"pipeline.stages = {stages} but model {cfg.model.name} has only {len(specs)} blocks "
             f"({', '.join(names)}); use at most {len(specs)} stages"
         )
+    if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("run.tensorboard = true needs the tensorboard package (not "
+                          "installed): pip install tensorboard, or set run.tensorboard = false")
     partition = list(cfg.pipeline.partition) or ([len(specs)] if stages == 1 else [])
     if partition:
         check_partition(partition, names)
