@@ -101,6 +101,7 @@ def _worker_main(rank: int, setup: Setup, port: int, parent: int, talk: str) -> 
             watch_stop_file(talk_dir / "stop")
         store = dist.TCPStore("127.0.0.1", port, world_size=world, is_master=False,
                               timeout=timedelta(seconds=setup.cfg.pipeline.timeout_s))
+
         def on_phase(phase: str, epoch: int, step: int) -> None:
             _write(talk_dir / f"phase{rank}.pkl", (phase, epoch, step))
 
