@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from pipelocal.config import Config, ConfigError, config_to_dict
@@ -40,6 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipelocal.trainer import install_stop_handlers
 
     install_stop_handlers()  # first Ctrl-C / SIGTERM: checkpoint at the current step, then stop
+    t0 = time.perf_counter()
     if args.resume and not args.config:
         # Resume with the checkpoint's own config, then apply this command's overrides.
         cfg = resume_config(read_manifest(args.resume), list(args.set or [])
@@ -49,11 +51,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     if result is None:  # a torchrun rank other than 0
         return 0
-    _print_result(result)
+    _print_result(result, wall_s=time.perf_counter() - t0)
     return EXIT_INTERRUPTED if result.get("stopped") == "interrupted" else 0
 
 
-def _print_result(result: dict[str, Any]) -> None:
+def _print_result(result: dict[str, Any], *, wall_s: float) -> None:
     if result.get("stopped") == "complete":
         print(f"the run is already complete at epoch {result['epoch']} (step {result['step']}); "
               "nothing to do (to train longer, start a new run with more run.epochs)")
@@ -63,8 +65,9 @@ def _print_result(result: dict[str, Any]) -> None:
     if result.get("test/acc") is not None:
         print(f"final test accuracy: {100 * result['test/acc']:.2f}%  (best "
               f"{100 * result['test/best_acc']:.2f}% at epoch {result['test/best_epoch']})")
-    if "time/total(s)" in result:
-        print(f"wall time: {result['time/total(s)']:.1f} s")
+    training = (f" (training {result['time/total(s)']:.1f} s)" if "time/total(s)" in result
+                else "")
+    print(f"wall time: {wall_s:.1f} s{training}")
     print(f"run directory: {result['run_dir']}")
 
 
