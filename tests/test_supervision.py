@@ -226,3 +226,12 @@ def test_nan_in_a_pipeline_stops_naming_block_step_and_last_good_checkpoint(
     assert f"the last good checkpoint is {good}" in err and "run.allow_nonfinite" in err, err
     assert len(err.splitlines()) == 1, err
     assert resolve_checkpoint(tmp_path / "nan") == good  # nothing non-finite was checkpointed
+
+
+def test_errors_that_follow_another_stage_are_secondary() -> None:
+    from pipelocal.launch.spawn import _report
+
+    for text in ("Read error [127.0.0.1]:41667: Connection reset by peer",
+                 "Connection closed by peer", "Timed out waiting 5000ms for recv"):
+        assert _report(0, [], RuntimeError(text))["secondary"], text
+    assert not _report(0, [], RuntimeError("injected fault in stage 2 at step 5"))["secondary"]

@@ -82,7 +82,8 @@ def _report(rank: int, stage_box: list[Stage], exc: BaseException) -> dict[str, 
         "type": type(exc).__name__,
         "message": str(exc),
         "traceback": "".join(traceback.format_exception(exc)),
-        "secondary": isinstance(exc, PeerError) or any(s in text.lower() for s in _SECONDARY),
+        "secondary": isinstance(exc, PeerError)
+        or any(s.lower() in text.lower() for s in _SECONDARY),
     }
 
 
