@@ -211,19 +211,31 @@ class LocalBlock(nn.Module):
         self._correct = torch.zeros((), dtype=torch.int64, device=self.device)
         self._count = 0
         self._scored = 0
+        self._steps = 0
+        # Index (since the reset) of the first step whose loss was NaN/Inf, -1 if none. Kept on
+        # the device and read with the sums: checking every step would be a sync per step.
+        self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
 
     def record(self, loss: Tensor, scores: Tensor | None, y: Tensor) -> None:
-        self._loss_sum += loss.detach() * y.numel()
+        loss = loss.detach()
+        first = self._first_nonfinite
+        self._first_nonfinite = torch.where(~torch.isfinite(loss) & (first < 0), self._steps,
+                                            first)
+        self._steps += 1
+        self._loss_sum += loss * y.numel()
         if scores is not None:
             self._correct += (scores.argmax(1) == y).sum()
             self._scored += y.numel()
         self._count += y.numel()
 
-    def pop_stats(self) -> dict[str, float | None]:
-        """Mean loss and accuracy since the last call (accuracy None without a classifier)."""
+    def pop_stats(self) -> dict[str, float | int | None]:
+        """Mean loss and accuracy since the last call (accuracy None without a classifier);
+        ``nonfinite_at``: steps since the last call before the first NaN/Inf loss, or None."""
+        first = int(self._first_nonfinite)  # on CUDA: with the sums below, one sync per epoch
         out = {
             "loss": float(self._loss_sum) / max(self._count, 1),
             "acc": float(self._correct) / self._scored if self._scored else None,
+            "nonfinite_at": first if first >= 0 else None,
         }
         self._reset_stats()
         return out

@@ -31,6 +31,7 @@ __all__ = [
     "read_manifest",
     "resolve_checkpoint",
     "save_block_state",
+    "verify_checkpoint",
 ]
 
 KEEP = 2
@@ -38,7 +39,12 @@ KEEP = 2
 
 
 class CheckpointError(FileNotFoundError):
-    pass
+    """A checkpoint that is missing or damaged; the message names the file and what to do."""
+
+
+_FILE_MODE = 0o644
+"""Checkpoint files are readable by the group and others, like the rest of a run directory
+(``mkstemp`` creates them 0600, which hides them from teammates on a shared file system)."""
 
 
 def _atomic(path: Path, write: Any) -> None:
@@ -49,10 +55,17 @@ def _atomic(path: Path, write: Any) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -75,7 +88,49 @@ def load_block_state(ckpt: Path, index: int) -> dict[str, Any]:
     path = block_file(ckpt, index)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {ckpt} has no state for block {index} ({path})")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises RuntimeError, pickle/EOF/zip errors: all "damaged"
+        raise CheckpointError(_damaged(path, ckpt, exc)) from exc
+
+
+def verify_checkpoint(ckpt: Path, num_blocks: int) -> None:
+    """Check that every block file of ``ckpt`` can be read, before any worker loads it.
+
+    Memory-mapped, so only the pickled structure is read, not every tensor's bytes.
+    """
+    for index in range(num_blocks):
+        path = block_file(ckpt, index)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {ckpt} has no state for block {index} ({path})"
+                                  + _older_hint(ckpt))
+        try:
+            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as exc:  # damaged: truncated, overwritten, not a torch file
+            raise CheckpointError(_damaged(path, ckpt, exc)) from exc
+
+
+def _damaged(path: Path, ckpt: Path, exc: BaseException) -> str:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"checkpoint file {path} is damaged ({reason})." + _older_hint(ckpt)
+
+
+def _older_hint(ckpt: Path) -> str:
+    """What to do about a damaged checkpoint: resume from an older complete one, if any."""
+    older = [p for p in sorted(Path(ckpt).parent.glob("step_*"), reverse=True)
+             if p.name < Path(ckpt).name and _manifest_ok(p)]
+    if older:
+        return (f" An older complete checkpoint exists: resume from it with "
+                f"--resume {older[0]}")
+    return " No older complete checkpoint exists; start the run again."
+
+
+def _manifest_ok(ckpt: Path) -> bool:
+    try:
+        json.loads((ckpt / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def commit_checkpoint(ckpt: Path, manifest: dict[str, Any]) -> None:
@@ -109,4 +164,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    return json.loads((resolve_checkpoint(path) / "manifest.json").read_text())
+    ckpt = resolve_checkpoint(path)
+    file = ckpt / "manifest.json"
+    try:
+        manifest = json.loads(file.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:  # ValueError covers JSONDecodeError and bad UTF-8
+        raise CheckpointError(_damaged(file, ckpt, exc)) from exc
+    return manifest

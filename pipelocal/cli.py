@@ -1,4 +1,4 @@
-"""``pipelocal``: train | eval | plan | bench | models | rules | datasets | recipes.
+"""``pipelocal``: train | eval | plan | plot | bench | config | models | rules | datasets | recipes.
 
     pipelocal train                                   # embedded digits set, pipelined if S > 1
     pipelocal train --config my.toml --set optim.lr=3e-4 --stages 4
@@ -6,6 +6,7 @@
     pipelocal train --stages 4 --dry-run              # check config, partition, stage shapes
     pipelocal eval runs/NAME                          # test accuracy of a checkpoint
     pipelocal plan --config my.toml --stages 4        # profile blocks, propose a partition
+    pipelocal plot runs/NAME                          # learning curves -> runs/NAME/curves.png
     torchrun --nproc-per-node 4 -m pipelocal train --config my.toml   # one rank per stage
     pipelocal bench --models mlp                      # the headline benchmark (source checkout)
     pipelocal train --backend ray --stages 3          # one Ray actor per stage
@@ -16,14 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
-from pipelocal.config import Config, ConfigError, apply_overrides, config_to_dict, from_dict
+from pipelocal.config import Config, ConfigError, config_to_dict
 
-__all__ = ["EXIT_INTERRUPTED", "main"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NONFINITE", "main"]
 
 EXIT_INTERRUPTED = 130
 """Exit status of a run stopped by Ctrl-C or SIGTERM (after its checkpoint): 128 + SIGINT."""
+EXIT_NONFINITE = 3
+"""Exit status of a run stopped by a NaN/Inf loss (1 = a failure, 2 = a config error)."""
 
 
 def _config(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
@@ -36,13 +40,14 @@ def _config(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
 def cmd_train(args: argparse.Namespace) -> int:
     from pipelocal.checkpoint import read_manifest
     from pipelocal.launch import train
+    from pipelocal.launch.preflight import resume_config
     from pipelocal.trainer import install_stop_handlers
 
     install_stop_handlers()  # first Ctrl-C / SIGTERM: checkpoint at the current step, then stop
+    t0 = time.perf_counter()
     if args.resume and not args.config:
         # Resume with the checkpoint's own config, then apply this command's overrides.
-        saved = read_manifest(args.resume)["config"]
-        cfg = from_dict(apply_overrides(saved, list(args.set or []) + _train_flags(args)))
+        cfg = resume_config(read_manifest(args.resume), list(args.set or []) + _train_flags(args))
     else:
         cfg = _config(args, _train_flags(args))
     if args.dry_run:
@@ -50,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     if result is None:  # a torchrun rank other than 0
         return 0
-    _print_result(result)
+    _print_result(result, wall_s=time.perf_counter() - t0)
     return EXIT_INTERRUPTED if result.get("stopped") == "interrupted" else 0
 
 
@@ -86,12 +91,19 @@ def _train_flags(args: argparse.Namespace) -> list[str]:
     return flags + ([f"pipeline.launcher={args.backend}"] if args.backend else [])
 
 
-def _print_result(result: dict[str, Any]) -> None:
-    if result.get("stopped"):
+def _print_result(result: dict[str, Any], *, wall_s: float) -> None:
+    if result.get("stopped") == "complete":
+        print(f"the run is already complete at epoch {result['epoch']} (step {result['step']}); "
+              "nothing to do (to train longer, start a new run with more run.epochs)")
+    elif result.get("stopped"):
         print(f"stopped ({result['stopped']}) at step {result['step']}; "
               f"checkpoint: {result['checkpoint']}")
     if result.get("test/acc") is not None:
-        print(f"final test accuracy: {100 * result['test/acc']:.2f}%")
+        print(f"final test accuracy: {100 * result['test/acc']:.2f}%  (best "
+              f"{100 * result['test/best_acc']:.2f}% at epoch {result['test/best_epoch']})")
+    training = (f" (training {result['time/total(s)']:.1f} s)" if "time/total(s)" in result
+                else "")
+    print(f"wall time: {wall_s:.1f} s{training}")
     print(f"run directory: {result['run_dir']}")
 
 
@@ -124,6 +136,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"{torch.get_num_threads()} thread(s) per stage; {setup.note}")
     print(plan.table())
     print(f"\nuse it: --set 'pipeline.partition={plan.partition}'")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pipelocal.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
     return 0
 
 
@@ -189,7 +208,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                         help="override one config value; repeatable")
 
-    t = sub.add_parser("train", help="train a model (pipelined when pipeline.stages > 1)")
+    from pipelocal.config import config_help
+
+    p.add_argument("--version", action="version", version=f"pipelocal {_version()}")
+    t = sub.add_parser("train", help="train a model (pipelined when pipeline.stages > 1)",
+                       epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     with_config(t)
     t.add_argument("--stages", type=int, help="pipeline stages (= pipeline.stages)")
     t.add_argument("--resume", help="run directory or checkpoint to continue from")
@@ -216,6 +239,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("args", nargs="*")
     b.set_defaults(func=cmd_bench)
 
+    pt = sub.add_parser("plot", help="draw a run's learning curves and stage utilisation (PNG)")
+    pt.add_argument("run_dir", help="run directory (holds metrics.jsonl)")
+    pt.add_argument("--out", help="PNG file to write (default: RUN_DIR/curves.png)")
+    pt.set_defaults(func=cmd_plot)
+
     c = sub.add_parser("config", help="print the resolved config")
     with_config(c)
     c.add_argument("--json", action="store_true")
@@ -231,8 +259,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pipelocal")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipelocal.launch import Interrupted, PipelineError
+    from pipelocal.trainer import NonFiniteLoss
 
     args = _parser().parse_args(argv)
     try:
@@ -243,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"pipelocal: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # a second Ctrl-C before the run could checkpoint
+        print("pipelocal: aborted by a second interrupt; the last complete checkpoint (if any) "
+              "is still usable", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except NonFiniteLoss as exc:
+        print(f"pipelocal: training diverged: {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
     except ConfigError as exc:
         print(f"pipelocal: config error: {exc}", file=sys.stderr)
         return 2

@@ -7,8 +7,12 @@ starts, with a :class:`ConfigError` that names the key, the value and what is ac
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import itertools
 import json
+import math
 import sys
 import types
 import typing
@@ -33,6 +37,7 @@ __all__ = [
     "RunConfig",
     "ScheduleConfig",
     "apply_overrides",
+    "config_help",
     "config_to_dict",
     "load_config",
 ]
@@ -320,7 +325,8 @@ class PipelineConfig:
         )
         _check(self.threads_per_stage >= 0, "pipeline.threads_per_stage", self.threads_per_stage,
                "an integer >= 0")
-        _check(self.timeout_s > 0, "pipeline.timeout_s", self.timeout_s, "seconds > 0")
+        # Below a second, process-group set-up itself times out (in C++, with a long traceback).
+        _check(self.timeout_s >= 1, "pipeline.timeout_s", self.timeout_s, "seconds >= 1")
         _check(self.memory_cap_gib >= 0, "pipeline.memory_cap_gib", self.memory_cap_gib, ">= 0")
         _check(self.launcher in ("spawn", "ray"), "pipeline.launcher", self.launcher,
                "spawn, ray")
@@ -358,7 +364,8 @@ class RunConfig:
     out_dir: str = "runs"
     """Run directories are created below this folder."""
     name: str = ""
-    """Run directory name; empty = a time stamp."""
+    """Run directory name (one folder below run.out_dir); empty = a time stamp. One run at a
+    time owns a run directory: a second run with the same name is refused while it runs."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0
     """torch threads of the single-process engine; 0 = torch's default."""
@@ -374,6 +381,12 @@ class RunConfig:
     resume: Literal["never", "auto"] = "never"
     """auto: if the run directory (run.name) holds a complete checkpoint, continue from it, as
     a restarted job must (torchrun --max-restarts, a Slurm requeue); else start afresh."""
+    allow_nonfinite: bool = False
+    """Keep training when a block's loss is NaN or Inf (checked once per epoch, where the
+    statistics are read anyway); off: the run stops before checkpointing the damaged state."""
+    tensorboard: bool = False
+    """Also log the epoch metrics to TensorBoard (run directory/tb; needs the tensorboard
+    package)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16: autocast the blocks and their heads to bfloat16 (weights and optimiser state stay
     float32); also on CPU."""
@@ -389,6 +402,9 @@ class RunConfig:
         _check(self.threads >= 0, "run.threads", self.threads, "an integer >= 0")
         _check(self.checkpoint_every >= 1, "run.checkpoint_every", self.checkpoint_every, ">= 1")
         _check(self.max_steps >= 0, "run.max_steps", self.max_steps, "an integer >= 0")
+        _check(self.name == "" or (Path(self.name).name == self.name and self.name not in
+                                   (".", "..")), "run.name", self.name,
+               "a folder name without '/' or '..' (the run directory is run.out_dir/run.name)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -436,9 +452,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
         return value
     if hint is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value,
-               "a number")
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool)
+               and math.isfinite(value), key, value, "a finite number")
         return float(value)
+    if hint is str and not isinstance(value, str) and not isinstance(value, (list, dict)):
+        # ``--set run.name=123`` / ``=nan`` / ``=true``: a string key takes the literal text.
+        return _literal_text(value)
     if hint is str or origin is Literal:
         _check(isinstance(value, str), key, value, "a string")
         return value
@@ -449,6 +468,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin in (typing.Union, types.UnionType):  # pragma: no cover - not used yet
         return value
     raise AssertionError(f"unhandled config type {hint} for {key}")
+
+
+def _literal_text(value: Any) -> str:
+    """The text a TOML scalar was written as on the command line (``true``, ``123``, ``nan``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return str(value)
 
 
 def from_dict(data: dict[str, Any]) -> Config:
@@ -520,4 +548,29 @@ def to_toml(cfg: Config) -> str:
         for key, value in values.items():
             lines.append(f"{key} = {json.dumps(value)}")
         lines.append("")
+    return "\n".join(lines)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass (read from its source)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for item, after in itertools.pairwise(body):
+        if (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[item.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def config_help() -> str:
+    """Every config key with its default and meaning, for ``pipelocal train --help``."""
+    lines = ["config keys (--set section.key=value; defaults shown):"]
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory  # type: ignore[misc]
+        docs, defaults = _field_docs(cls), config_to_dict(cls())
+        lines.append(f"  [{section.name}]")
+        for key, value in defaults.items():
+            doc = f"  {docs[key]}" if key in docs else ""
+            lines.append(f"    {section.name}.{key} = {json.dumps(value)}{doc}")
     return "\n".join(lines)

@@ -33,6 +33,9 @@ class Setup:
     start: Position = field(default_factory=Position)
     note: str = ""
     """Why the run has the stage count it has; printed in the run's first line."""
+    partition_auto: bool = False
+    """The partition was chosen by profiling (recorded in the manifest: a resume re-chooses
+    it for its own stage count) rather than given in pipeline.partition."""
 
     @property
     def specs(self) -> list[BlockSpec]:

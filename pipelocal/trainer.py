@@ -21,7 +21,12 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from pipelocal.checkpoint import checkpoint_dir, commit_checkpoint
+from pipelocal.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    commit_checkpoint,
+    resolve_checkpoint,
+)
 from pipelocal.config import Config, config_to_dict
 from pipelocal.data import BatchLoader, load_dataset, make_loaders
 from pipelocal.data.prefetch import epoch_batches
@@ -30,6 +35,7 @@ from pipelocal.models import BlockSpec
 from pipelocal.setup import Position, Setup
 
 __all__ = [
+    "NonFiniteLoss",
     "Pipe",
     "Trainer",
     "build_trainer",
@@ -39,6 +45,11 @@ __all__ = [
     "stop_requested",
     "watch_stop_file",
 ]
+
+class NonFiniteLoss(RuntimeError):
+    """A block's loss became NaN or Inf; the message names the block, the step and the last
+    good checkpoint (``run.allow_nonfinite = true`` trains on regardless)."""
+
 
 _STOP = threading.Event()
 _STOP_FILE: list[Path] = []  # set by a supervising launcher that cannot signal us safely
@@ -108,12 +119,14 @@ class Trainer:
         *,
         metrics: Metrics,
         start: Position | None = None,
+        partition_auto: bool = False,
     ) -> None:
         self.cfg, self.pipe, self.specs = cfg, pipe, list(specs)
         if cfg.data.on_device and pipe.device.type == "cuda":
             train_loader = train_loader.to(pipe.device)  # uint8 split on the GPU
         self.train_loader, self.test_loader = train_loader, test_loader
         self.run_dir, self.metrics, self.pos = Path(run_dir), metrics, start or Position()
+        self.partition_auto = partition_auto
         self.last_checkpoint: Path | None = None
 
     def fit(self) -> dict[str, Any]:
@@ -121,8 +134,12 @@ class Trainer:
         epochs, max_steps = cfg.run.epochs, cfg.run.max_steps
         result: dict[str, Any] = {"run_dir": str(self.run_dir), "stopped": None}
         epoch, batch, step = self.pos.epoch, self.pos.batch, self.pos.step
-        while epoch < epochs:
-            n = self.train_loader.num_batches(epoch)
+        t_run, first_epoch = time.perf_counter(), epoch
+        complete = epoch >= epochs or (max_steps and step >= max_steps)
+        if complete:
+            result.update(stopped="complete", epoch=min(epoch, epochs))
+        while epoch < epochs and not complete:
+            n, epoch_start_step = self.train_loader.num_batches(epoch), step
             self.metrics.start_epoch(epoch, epochs, n, initial=batch)
             t0, samples = time.perf_counter(), 0
             with epoch_batches(self.train_loader, epoch, batch, prefetch=cfg.data.prefetch,
@@ -138,23 +155,56 @@ class Trainer:
             if i < n:  # stopped inside the epoch: checkpoint exactly here and leave
                 self.metrics.close_bar()
                 result["stopped"] = "interrupted" if stop_requested() else "max_steps"
+                if i > batch:  # the steps since the epoch began must be finite to be kept
+                    self._check_finite(self.pipe.end_epoch(epoch), epoch_start_step, epoch)
                 self._checkpoint(Position(epoch, i, step))
                 break
             stage_stats = self.pipe.end_epoch(epoch)  # every stage has finished the epoch
             elapsed = time.perf_counter() - t0
             self.metrics.close_bar()
+            self._check_finite(stage_stats, epoch_start_step, epoch)
             record = self._epoch_record(epoch, step, samples, elapsed, stage_stats)
             record["data_wait(s)"] = round(batches.wait_s, 3)  # this thread waiting for data
             record.update(self.evaluate())
             self.metrics.log(record)
-            self.metrics.echo(_epoch_line(record, epochs))
+            done = epoch + 1 - first_epoch
+            eta = (time.perf_counter() - t_run) / done * (epochs - epoch - 1)
+            self.metrics.echo(_epoch_line(record, epochs) + (f"  ETA {_hms(eta)}"
+                                                             if epoch + 1 < epochs else ""))
+            self.metrics.scalars(record)
+            _keep_best(result, record)
             result.update(record)
             epoch, batch = epoch + 1, 0
             if epoch % cfg.run.checkpoint_every == 0 or epoch == epochs:
                 self._checkpoint(Position(epoch, 0, step))
+        self.metrics.close()
         result["step"] = step
+        result["epochs"] = epochs
+        result["time/total(s)"] = round(time.perf_counter() - t_run, 3)
         result["checkpoint"] = str(self.last_checkpoint) if self.last_checkpoint else None
         return result
+
+    def _check_finite(self, stages: list[dict[str, Any]], first_step: int, epoch: int) -> None:
+        """Stop on the first NaN/Inf loss, before anything of it is logged or checkpointed.
+
+        The blocks flag it on the device and the flag is read here with the epoch's sums, so
+        the check costs no synchronisation per step (on a GPU: none beyond the epoch's one).
+        """
+        bad = [(s["nonfinite_at"], int(i), s["loss"]) for st in stages
+               for i, s in st["blocks"].items() if s.get("nonfinite_at") is not None]
+        if not bad or self.cfg.run.allow_nonfinite:
+            return
+        at, index, loss = min(bad)  # the earliest step, then the lowest block
+        try:
+            last = f"the last good checkpoint is {resolve_checkpoint(self.run_dir)}; resume " \
+                   f"from it with --resume {self.run_dir} and a lower optim.lr"
+        except CheckpointError:
+            last = "no checkpoint was written before it; start again with a lower optim.lr"
+        raise NonFiniteLoss(
+            f"the loss of block {self.specs[index].name} (block {index}) became non-finite "
+            f"at step {first_step + at} (epoch {epoch + 1}; epoch mean {loss}); the run stopped "
+            f"without checkpointing it: {last}, or set run.allow_nonfinite = true to train on"
+        )
 
     def evaluate(self) -> dict[str, Any]:
         """Test accuracy of the output and of every block's local classifier."""
@@ -205,6 +255,7 @@ class Trainer:
                 "num_blocks": len(self.specs),
                 "blocks": [s.name for s in self.specs],
                 "stages": self.pipe.num_stages,
+                "partition_auto": self.partition_auto,
                 "config": config_to_dict(self.cfg),
                 "time": time.time(),
             },
@@ -225,6 +276,17 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
     return line
 
 
+def _hms(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def _keep_best(result: dict[str, Any], record: dict[str, Any]) -> None:
+    acc = record.get("test/acc")
+    if acc is not None and acc >= result.get("test/best_acc", -1.0):
+        result["test/best_acc"], result["test/best_epoch"] = acc, record["epoch"]
+
+
 def build_trainer(setup: Setup, pipe: Pipe, *, where: str) -> Trainer:
     """The coordinator of a run: data, loaders, metrics and the run's first line, then the loop.
 
@@ -233,11 +295,13 @@ def build_trainer(setup: Setup, pipe: Pipe, *, where: str) -> Trainer:
     cfg, specs = setup.cfg, setup.specs
     dataset = load_dataset(cfg.data)
     train_loader, test_loader = make_loaders(dataset, cfg.data, cfg.run.seed)
-    metrics = Metrics(setup.run_dir, progress=cfg.run.progress)
+    metrics = Metrics(setup.run_dir, progress=cfg.run.progress, tensorboard=cfg.run.tensorboard)
     note = f" ({setup.note})" if setup.note else ""
     metrics.echo(
         f"pipelocal: {where}{note}; {cfg.model.name} ({len(specs)} blocks) with rule "
         f"{cfg.rule.name} on {dataset.name}; run directory {setup.run_dir} (pid {os.getpid()})"
     )
+    if setup.resume is not None:
+        metrics.drop_after(setup.start.epoch)
     return Trainer(cfg, pipe, specs, train_loader, test_loader, setup.run_dir,
-                   metrics=metrics, start=setup.start)
+                   metrics=metrics, start=setup.start, partition_auto=setup.partition_auto)

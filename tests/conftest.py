@@ -28,13 +28,17 @@ def tiny_config(tmp_path: Path, *overrides: str) -> Config:
     300 = 4 x 64 + 44, so every epoch ends with a smaller batch. One thread everywhere: CPU
     results depend on the thread count, and exactness needs reference and stages alike.
     """
-    base = [
+    return load_config(None, tiny_overrides(tmp_path) + list(overrides))
+
+
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    """The ``--set`` values of :func:`tiny_config`, for runs started from the command line."""
+    return [
         "model.name=cnn", "model.width=0.25", "model.fc_width=32", "model.dropout=0.1",
         "data.train_limit=300", "data.batch_size=64", "data.eval_batch_size=100",
         "rule.name=predsim", "run.epochs=2", f"run.out_dir={tmp_path}", "run.progress=false",
         "run.threads=1", "pipeline.threads_per_stage=1", "pipeline.timeout_s=60",
     ]
-    return load_config(None, base + list(overrides))
 
 
 def checkpoint_tensors(path: str | Path) -> dict[str, Any]:

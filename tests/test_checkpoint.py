@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,12 @@ def test_resolve_errors_clearly_otherwise(tmp_path: Path, where: str) -> None:
     msg = str(err.value)
     assert str(path) in msg and "manifest.json" in msg
     assert "run directory" in msg and "checkpoints/step_*" in msg
+
+
+def test_checkpoint_files_are_readable_by_teammates(tmp_path: Path) -> None:
+    """mkstemp makes 0600 files; a checkpoint on a shared file system must be 0644 (umask)."""
+    ckpt = _save(tmp_path, 1)
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in (block_file(ckpt, 0), ckpt / "manifest.json", ckpt.parent / "latest"):
+        assert f.stat().st_mode & 0o777 == 0o644 & ~mask, f

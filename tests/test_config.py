@@ -142,9 +142,9 @@ def test_unknown_key_in_file_names_key_value_and_the_known_keys(tmp_path: Path) 
     [
         ("run.epochs=1.5", "run.epochs", "1.5", "an integer"),
         ("run.epochs=true", "run.epochs", "True", "an integer"),
-        ("optim.lr=fast", "optim.lr", "fast", "a number"),
+        ("optim.lr=fast", "optim.lr", "fast", "a finite number"),
         ("run.progress=1", "run.progress", "1", "true or false"),
-        ("model.name=3", "model.name", "3", "a string"),
+        ("model.name=3", "model.name", "3", "one of cnn, mlp"),
         ("pipeline.partition=2", "pipeline.partition", "2", "a list"),
         ("pipeline.partition=[1.5]", "pipeline.partition", "1.5", "an integer"),
     ],
@@ -267,3 +267,41 @@ def test_config_to_dict_writes_tuples_as_lists() -> None:
     assert data["schedule"]["milestones"] == [0.5, 0.75, 0.89, 0.94]
     assert set(data) == {"model", "data", "rule", "optim", "schedule", "pipeline", "ray",
                          "run"}
+
+
+@pytest.mark.parametrize(("text", "name"), [("123", "123"), ("nan", "nan"), ("true", "true"),
+                                            ("2026-01", "2026-01")])
+def test_a_string_key_takes_the_literal_text(text: str, name: str) -> None:
+    assert load_config(None, [f"run.name={text}"]).run.name == name
+
+
+@pytest.mark.parametrize(
+    ("override", "accepted"),
+    [
+        ("optim.lr=inf", "a finite number"),
+        ("optim.lr=nan", "a finite number"),
+        ("pipeline.timeout_s=0.001", "seconds >= 1"),
+        ("run.name=../../x", "a folder name without '/' or '..'"),
+        ("run.name=..", "a folder name without '/' or '..'"),
+    ],
+)
+def test_values_that_would_break_a_run_are_rejected(override: str, accepted: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert override.split("=")[0] in str(err.value) and accepted in str(err.value)
+
+
+def test_config_help_lists_every_key_with_default_and_meaning() -> None:
+    from pipelocal.config import config_help
+
+    text = config_help()
+    assert "    run.allow_nonfinite = false  Keep training when a block's loss is NaN" in text
+    assert '    data.name = "digits"  Registered dataset' in text
+    keys = sum(len(dataclasses.fields(s.default_factory)) for s in dataclasses.fields(Config))
+    assert text.count("\n    ") == keys
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_example_config_is_valid(path: Path) -> None:
+    load_config(path)

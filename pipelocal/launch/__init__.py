@@ -15,8 +15,8 @@ from pipelocal.checkpoint import read_manifest, resolve_checkpoint
 from pipelocal.config import Config, ConfigError, apply_overrides, from_dict
 from pipelocal.device import configure_determinism, place_stage, visible_gpus
 from pipelocal.engine import Engine, LocalPipe, build_blocks
-from pipelocal.launch.preflight import finalise, plan_stages, prepare, validate
-from pipelocal.launch.spawn import Interrupted, PipelineError, spawn
+from pipelocal.launch.preflight import finalise, plan_stages, prepare, release_run_dir, validate
+from pipelocal.launch.spawn import Interrupted, PipelineError, check_not_stopped, spawn
 from pipelocal.launch.torchrun import torchrun_worker, under_torchrun
 from pipelocal.metrics import Metrics
 from pipelocal.setup import Setup
@@ -28,20 +28,26 @@ __all__ = ["Interrupted", "PipelineError", "evaluate_checkpoint", "train"]
 def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any] | None:
     """Train as configured: one process, a spawned pipeline, or this rank of a torchrun job.
 
-    Returns the summary (None on torchrun ranks other than 0).
+    Returns the summary (None on torchrun ranks other than 0). The run directory is locked
+    for the whole call (a second run on it is refused) and released however the call ends.
     """
-    if under_torchrun():
-        return torchrun_worker(cfg, resume)
-    if cfg.pipeline.launcher == "ray":
-        return _ray_train(cfg, resume)
-    clear_stop()
-    setup, _ = prepare(cfg, resume)
-    plan_stages(setup)
-    partition = validate(setup)
-    if setup.cfg.pipeline.stages == 1:
-        finalise(setup, partition)
-        return _single(setup)
-    return spawn(setup, partition)
+    try:
+        if under_torchrun():
+            return torchrun_worker(cfg, resume)
+        if cfg.pipeline.launcher == "ray":
+            return _ray_train(cfg, resume)
+        setup, _ = prepare(cfg, resume)
+        plan_stages(setup)
+        partition = validate(setup)
+        check_not_stopped()
+        if setup.cfg.pipeline.stages == 1:
+            finalise(setup, partition)
+            check_not_stopped()
+            return _single(setup)
+        return spawn(setup, partition)
+    finally:
+        release_run_dir()
+        clear_stop()  # a stop request ends this run, never the next one in this process
 
 
 def _ray_train(cfg: Config, resume: str | Path | None) -> dict[str, Any]:

@@ -7,7 +7,10 @@ with a :class:`~pipelocal.config.ConfigError` and no process, and no run directo
 
 from __future__ import annotations
 
+import fcntl
+import importlib.util
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -15,8 +18,20 @@ from typing import Any
 
 import torch
 
-from pipelocal.checkpoint import CheckpointError, read_manifest, resolve_checkpoint
-from pipelocal.config import Config, ConfigError, config_to_dict, to_toml
+from pipelocal.checkpoint import (
+    CheckpointError,
+    read_manifest,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
+from pipelocal.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_to_dict,
+    from_dict,
+    to_toml,
+)
 from pipelocal.data import Dataset, load_dataset
 from pipelocal.device import auto_stages, cpu_threads, place_stage, visible_gpus
 from pipelocal.engine import build_blocks
@@ -30,13 +45,20 @@ __all__ = [
     "check_resume",
     "dry_run",
     "finalise",
+    "lock_run_dir",
     "make_run_dir",
     "open_run_dir",
     "plan_stages",
     "prepare",
     "profiled_partition",
+    "release_run_dir",
+    "resume_config",
     "validate",
 ]
+
+_LOCK_NAME = ".lock"
+_HELD: dict[Path, int] = {}
+"""Run directory -> file descriptor of its lock file, for the run this process launched."""
 
 _MATCHING_SECTIONS = ("model", "data", "rule", "optim", "schedule")
 # How batches are fed, never which batches: a resumed run may change these (and checkpoints
@@ -64,15 +86,82 @@ def check_resume(cfg: Config, manifest: dict[str, Any]) -> None:
         )
 
 
+def resume_config(manifest: dict[str, Any], overrides: list[str]) -> Config:
+    """The config a resumed run uses: the checkpoint's, with ``overrides`` applied.
+
+    A partition the run chose automatically (profiling) does not bind the resume: it is
+    chosen again for the new stage count. An explicit one stays unless overridden. A run
+    that ``run.max_steps`` stopped continues (to run.epochs, or to a new max_steps).
+    """
+    saved = manifest["config"]
+    if manifest.get("partition_auto"):
+        saved = _with(saved, "pipeline", "partition", [])
+    if 0 < saved["run"].get("max_steps", 0) <= manifest["step"]:  # stopped by it: go on
+        saved = _with(saved, "run", "max_steps", 0)
+    return from_dict(apply_overrides(saved, overrides))
+
+
+def _with(data: dict[str, Any], section: str, key: str, value: Any) -> dict[str, Any]:
+    return {**data, section: {**data[section], key: value}}
+
+
 def make_run_dir(cfg: Config) -> Path:
-    name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.run.out_dir) / name
-    suffix = 1
-    while (run_dir / "metrics.jsonl").exists() and not cfg.run.name:
-        run_dir = Path(cfg.run.out_dir) / f"{name}-{suffix}"
-        suffix += 1
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    """Create (named) or newly claim (unnamed) the run directory; an unnamed run never shares
+    one: two started in the same second get ``<stamp>`` and ``<stamp>-1``."""
+    out = Path(cfg.run.out_dir)
+    try:
+        if cfg.run.name:
+            run_dir = out / cfg.run.name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            return run_dir
+        out.mkdir(parents=True, exist_ok=True)
+        stamp, suffix = time.strftime("%Y%m%d-%H%M%S"), 0
+        while True:  # mkdir is atomic: exactly one run creates each name
+            run_dir = out / (stamp if suffix == 0 else f"{stamp}-{suffix}")
+            try:
+                run_dir.mkdir()
+                return run_dir
+            except FileExistsError:
+                suffix += 1
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create a run directory in run.out_dir = {str(out)!r}: "
+            f"{exc.strerror or exc}; set run.out_dir to a writable folder"
+        ) from exc
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Own ``run_dir`` for this run: an exclusive ``flock`` on its lock file.
+
+    The kernel drops the lock when this process exits, however it exits, so a lock left by a
+    killed run is never stale. Worker processes do not inherit it (spawned, not forked).
+    """
+    path = run_dir / _LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to the run directory {run_dir}: "
+                          f"{exc.strerror or exc}; set run.out_dir to a writable folder") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(
+            f"run directory {run_dir} is in use by another run (pid {holder}); wait for it to "
+            "end, stop it, or choose another run.name"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[run_dir] = fd
+
+
+def release_run_dir(run_dir: Path | None = None) -> None:
+    """Give up the lock on ``run_dir`` (every run directory this process holds when None)."""
+    for held in [run_dir] if run_dir is not None else list(_HELD):
+        fd = _HELD.pop(held, None) if held is not None else None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
 
 
 def auto_resume_point(cfg: Config) -> Path | None:
@@ -95,6 +184,7 @@ def prepare(cfg: Config, resume: str | Path | None = None) -> tuple[Setup, Datas
         ckpt = resolve_checkpoint(resume)
         manifest = read_manifest(ckpt)
         check_resume(cfg, manifest)
+        verify_checkpoint(ckpt, manifest["num_blocks"])
         setup.run_dir, setup.resume = ckpt.parent.parent, ckpt
         setup.start = Position(manifest["epoch"], manifest["batch"], manifest["step"])
     return setup, dataset
@@ -130,6 +220,9 @@ def validate(setup: Setup, *, gpus_per_node: int | None = None, nodes: int = 1) 
             f"pipeline.stages = {stages} but model {cfg.model.name} has only {len(specs)} blocks "
             f"({', '.join(names)}); use at most {len(specs)} stages"
         )
+    if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("run.tensorboard = true needs the tensorboard package (not "
+                          "installed): pip install tensorboard, or set run.tensorboard = false")
     partition = list(cfg.pipeline.partition) or ([len(specs)] if stages == 1 else [])
     if partition:
         check_partition(partition, names)
@@ -182,6 +275,7 @@ def finalise(setup: Setup, partition: list[int], *, in_subprocess: bool = False)
     supervises never holds a CUDA context (hundreds of MiB) on a stage's GPU.
     """
     cfg = setup.cfg
+    setup.partition_auto = not cfg.pipeline.partition  # [n] for one stage is automatic too
     if not partition:
         gpus = visible_gpus(cfg)
         device = place_stage(stages=cfg.pipeline.stages, gpus_per_node=gpus, nodes=1,
@@ -198,7 +292,13 @@ def finalise(setup: Setup, partition: list[int], *, in_subprocess: bool = False)
 
 
 def open_run_dir(setup: Setup) -> None:
-    """Create the run directory (a resumed run keeps its own) and write the resolved config."""
+    """Create and lock the run directory (a resumed run keeps its own), write the config."""
     if setup.resume is None:
         setup.run_dir = make_run_dir(setup.cfg)
-    (setup.run_dir / "config.toml").write_text(to_toml(setup.cfg))
+    lock_run_dir(setup.run_dir)
+    try:
+        (setup.run_dir / "config.toml").write_text(to_toml(setup.cfg))
+    except OSError as exc:
+        release_run_dir(setup.run_dir)
+        raise ConfigError(f"cannot write {setup.run_dir / 'config.toml'}: "
+                          f"{exc.strerror or exc}; set run.out_dir to a writable folder") from exc

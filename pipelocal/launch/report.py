@@ -25,7 +25,9 @@ from pipelocal.trainer import request_stop
 
 __all__ = ["Death", "describe_failure", "failure_report", "forward_stop_signals"]
 
-_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "timed out", "timeout")
+"""Errors that follow another stage's failure: a peer gone, or a wait on a peer that timed out."""
 
 
 @dataclass(frozen=True)
@@ -50,13 +52,27 @@ def failure_report(rank: int, stage_box: list[Stage], exc: BaseException) -> dic
         "step": step,
         "phase": stage.phase if stage else "start-up",
         "error": text,
+        "type": type(exc).__name__,
+        "message": str(exc),
         "traceback": "".join(traceback.format_exception(exc)),
-        "secondary": isinstance(exc, PeerError) or any(s in text for s in _SECONDARY),
+        "secondary": isinstance(exc, PeerError)
+        or any(s.lower() in text.lower() for s in _SECONDARY),
     }
 
 
-def describe_failure(reports: list[dict[str, Any]], dead: Death | None, fallback: str) -> str:
-    """One message for the user: the primary failure, its stage, batch and original traceback."""
+def describe_failure(
+    reports: list[dict[str, Any]],
+    dead: Death | None,
+    fallback: str,
+    *,
+    silent: dict[int, int | str] | None = None,
+    phases: dict[int, tuple[str, int, int]] | None = None,
+) -> str:
+    """One message for the user: the primary failure, its stage, batch and original traceback.
+
+    ``silent``: {rank: pid} of workers that were alive but sent no report while the others
+    gave up waiting (frozen); ``phases``: the last phase each worker announced.
+    """
     primary = [r for r in reports if not r["secondary"]]
     if primary:
         r = min(primary, key=lambda r: r["rank"])
@@ -66,23 +82,42 @@ def describe_failure(reports: list[dict[str, Any]], dead: Death | None, fallback
             f"{r['error']}\n--- original traceback of stage {r['rank']} ---\n{r['traceback']}"
         )
     if dead is not None:
-        rank = dead.rank
-        # Downstream stages had finished batches before the lost one, upstream ones had sent it.
-        down = [r["step"] + 1 for r in reports if r["rank"] > rank and r["step"] >= 0]
-        up = [r["step"] for r in reports if r["rank"] < rank and r["step"] >= 0]
-        near = ""
-        if down or up:
-            lo, hi = (max(down) if down else 0), (max(up) if up else max(down))
-            near = f" at batch {lo}" if lo >= hi else f" between batches {lo} and {hi}"
         return (
-            f"stage {rank} (rank {rank}, pid {dead.pid}) died, {dead.cause}{near}; "
-            "the other stages were stopped. The last complete checkpoint is still usable."
+            f"stage {dead.rank} (rank {dead.rank}, pid {dead.pid}) died, {dead.cause}"
+            f"{_near(dead.rank, reports)}; the other stages were stopped. The last complete "
+            "checkpoint is still usable."
+        )
+    if silent and reports:  # alive but mute while the others timed out waiting: frozen
+        rank = max(silent)  # the others waited on the last mute one
+        phase, epoch, step = (phases or {}).get(rank, ("start-up", -1, -1))
+        since = f" (since epoch {epoch + 1}, batch {step})" if step >= 0 else ""
+        waiting = "; ".join(f"stage {r['rank']} in {r['phase']}" for r in reports)
+        return (
+            f"stage {rank} (rank {rank}, pid {silent[rank]}) stopped answering during {phase}"
+            f"{since}{_near(rank, reports)}: it was alive but silent when the other stages gave "
+            f"up waiting for it ({waiting}; pipeline.timeout_s). It was killed with the others. "
+            + ("A stage still starting up may only be slow (imports, a loaded machine): "
+               "raise pipeline.timeout_s. " if phase == "start-up" else
+               "A frozen stage is stopped (SIGSTOP, a debugger), deadlocked or stuck in a "
+               "device call. ")
+            + "The last complete checkpoint is still usable."
         )
     if reports:
         r = reports[0]
         return (f"stage {r['rank']} (rank {r['rank']}) failed during {r['phase']} at batch "
                 f"{r['step']}: {r['error']}\n{r['traceback']}")
     return fallback
+
+
+def _near(rank: int, reports: list[dict[str, Any]]) -> str:
+    """Where stage ``rank`` was, from its neighbours: the stages after it had finished the
+    batches before the lost one, the stages before it had sent it."""
+    down = [r["step"] + 1 for r in reports if r["rank"] > rank and r["step"] >= 0]
+    up = [r["step"] for r in reports if r["rank"] < rank and r["step"] >= 0]
+    if not (down or up):
+        return ""
+    lo, hi = (max(down) if down else 0), (max(up) if up else max(down))
+    return f" at batch {lo}" if lo >= hi else f" between batches {lo} and {hi}"
 
 
 @contextlib.contextmanager

@@ -31,9 +31,9 @@ from pipelocal.launch.preflight import finalise
 from pipelocal.launch.report import Death, describe_failure, failure_report, forward_stop_signals
 from pipelocal.pipeline.worker import run_rank
 from pipelocal.setup import Setup
-from pipelocal.trainer import stop_requested, watch_stop_file
+from pipelocal.trainer import NonFiniteLoss, stop_requested, watch_stop_file
 
-__all__ = ["Interrupted", "PipelineError", "die_with_parent", "spawn"]
+__all__ = ["Interrupted", "PipelineError", "check_not_stopped", "die_with_parent", "spawn"]
 
 _GRACE_S = 2.0
 """After the first failure: how long the other workers get to report before they are killed."""
@@ -45,7 +45,15 @@ class PipelineError(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-    """The run was aborted by a second Ctrl-C / SIGTERM before it could checkpoint."""
+    """The run was stopped by Ctrl-C / SIGTERM before it could checkpoint: during set-up, or
+    aborted by a second one."""
+
+
+def check_not_stopped() -> None:
+    """Ctrl-C / SIGTERM during set-up: stop before any worker starts (nothing to checkpoint)."""
+    if stop_requested():
+        raise Interrupted("stopped during set-up, before training started; nothing was "
+                          "trained, so no checkpoint was written")
 
 
 def die_with_parent(parent: int) -> None:
@@ -74,8 +82,13 @@ def _worker_main(rank: int, setup: Setup, port: int, parent: int, talk: str) -> 
             watch_stop_file(talk_dir / "stop")
         store = dist.TCPStore("127.0.0.1", port, world_size=world, is_master=False,
                               timeout=timedelta(seconds=setup.cfg.pipeline.timeout_s))
+
+        def on_phase(phase: str, epoch: int, step: int) -> None:
+            _write(talk_dir / f"phase{rank}.pkl", (phase, epoch, step))
+
         result = run_rank(setup.cfg, setup, rank=rank, world=world, local_rank=rank,
-                          local_world=world, store=store, stage_box=stage_box)
+                          local_world=world, store=store, stage_box=stage_box,
+                          on_phase=on_phase)
         if rank == 0:
             _write(talk_dir / "result.pkl", result)
     except BaseException as exc:  # reported to the supervisor, which raises it
@@ -86,6 +99,7 @@ def _worker_main(rank: int, setup: Setup, port: int, parent: int, talk: str) -> 
 def spawn(setup: Setup, partition: list[int]) -> dict[str, Any]:
     """Run the pipeline in ``pipeline.stages`` spawned worker processes and supervise them."""
     finalise(setup, partition, in_subprocess=True)
+    check_not_stopped()  # profiling can take a while: Ctrl-C during it stops here
     cfg, world = setup.cfg, setup.cfg.pipeline.stages
     store = dist.TCPStore("127.0.0.1", 0, world_size=world, is_master=True,
                           wait_for_workers=False, timeout=timedelta(seconds=cfg.pipeline.timeout_s))
@@ -131,6 +145,9 @@ def _outcome(ctx: Any, talk: Path, failure: BaseException | None) -> dict[str, A
     result_file = talk / "result.pkl"
     if failure is None and not reports and result_file.exists():
         return pickle.loads(result_file.read_bytes())
+    for r in reports:
+        if r.get("type") == NonFiniteLoss.__name__:  # a training outcome, not a crash
+            raise NonFiniteLoss(r["message"])
     dead = None
     if isinstance(failure, ProcessExitedException) and failure.exit_code < 0:
         rank = failure.error_index
@@ -139,6 +156,12 @@ def _outcome(ctx: Any, talk: Path, failure: BaseException | None) -> dict[str, A
     if isinstance(failure, ProcessRaisedException) and not reports:
         # Failed before run_rank could report (e.g. unpickling the set-up): torch's own report.
         raise PipelineError(f"stage {failure.error_index} failed at start-up: {failure}")
+    reported = {r["rank"] for r in reports}
+    silent = {rank: p.pid for rank, p in enumerate(ctx.processes)
+              if (dead is None or rank != dead.rank) and p.exitcode is not None
+              and p.exitcode < 0 and rank not in reported}
+    phases = {int(p.stem[5:]): pickle.loads(p.read_bytes()) for p in talk.glob("phase*.pkl")}
     codes = {rank: p.exitcode for rank, p in enumerate(ctx.processes)}
     raise PipelineError(describe_failure(
-        reports, dead, f"pipeline workers ended without a result (exit codes by stage: {codes})"))
+        reports, dead, f"pipeline workers ended without a result (exit codes by stage: {codes})",
+        silent=silent, phases=phases))

@@ -9,6 +9,7 @@ for the backward pass and the receive buffers of the channel feeding it.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,6 +91,9 @@ class Plan:
     profiles: list[BlockProfile]
     batch_size: int
     channel_depth: int
+    concurrent: int = 0
+    """How many stages can compute at once: on CPU, cores // threads per stage (stages beyond
+    it share cores); 0 = every stage (one device each)."""
 
     def stage_time(self, s: int) -> float:
         return sum(self.profiles[i].time_s for i in stage_ranges(self.partition)[s])
@@ -102,10 +106,27 @@ class Plan:
         return mem
 
     @property
+    def batch_time(self) -> float:
+        """Predicted seconds per batch: the slowest stage, or, when stages share cores, the
+        total work spread over the stages that can run at once."""
+        stages = len(self.partition)
+        slowest = max(self.stage_time(s) for s in range(stages))
+        if 0 < self.concurrent < stages:
+            return max(slowest, sum(p.time_s for p in self.profiles) / self.concurrent)
+        return slowest
+
+    @property
     def throughput(self) -> float:
-        """Predicted samples/s: one batch per slowest-stage time."""
-        slowest = max(self.stage_time(s) for s in range(len(self.partition)))
-        return self.batch_size / slowest
+        """Predicted samples/s: one batch per :attr:`batch_time`."""
+        return self.batch_size / self.batch_time
+
+    def warnings(self) -> list[str]:
+        stages = len(self.partition)
+        if 0 < self.concurrent < stages:
+            return [f"warning: {stages} stages but only {self.concurrent} can compute at once "
+                    f"(CPU cores // threads per stage); the stages share cores, and the "
+                    f"prediction accounts for it: use at most {self.concurrent} stages here"]
+        return []
 
     def table(self) -> str:
         lines = [f"{'block':<8} {'ms/batch':>9} {'state MiB':>10} {'act MiB':>8}"]
@@ -128,9 +149,10 @@ class Plan:
         lines.append("")
         lines.append(
             f"partition {self.partition}: predicted {self.throughput:,.0f} samples/s "
-            f"({single / slowest:.2f}x one process at {self.batch_size / single:,.0f} samples/s)"
+            f"({single / self.batch_time:.2f}x one process at "
+            f"{self.batch_size / single:,.0f} samples/s)"
         )
-        return "\n".join(lines)
+        return "\n".join(lines + self.warnings())
 
 
 def make_plan(
@@ -143,4 +165,8 @@ def make_plan(
         memory=[p.memory_bytes for p in profiles],
         memory_cap=cfg.pipeline.memory_cap_gib * _GIB,
     )
-    return Plan(partition, profiles, cfg.data.batch_size, cfg.pipeline.channel_depth)
+    concurrent = 0
+    if device.type == "cpu":  # stages are processes sharing this machine's cores
+        concurrent = max(1, len(os.sched_getaffinity(0)) // max(torch.get_num_threads(), 1))
+    return Plan(partition, profiles, cfg.data.batch_size, cfg.pipeline.channel_depth,
+                concurrent)

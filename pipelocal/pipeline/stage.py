@@ -16,9 +16,11 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -30,9 +32,10 @@ from pipelocal.pipeline.channel import Kind, Message, P2PChannel
 __all__ = ["FAULT_ENV", "DistPipe", "Stage", "parse_fault"]
 
 FAULT_ENV = "PIPELOCAL_INJECT_FAULT"
-"""Fault injection for tests: ``"<stage>:<step>:<kind>"``, kind raise, kill or hang; in a
-torchrun job only on its first attempt (``TORCHELASTIC_RESTART_COUNT`` unset or 0)."""
-_FAULT_KINDS = ("raise", "kill", "hang")
+"""Fault injection for tests: ``"<stage>:<step>:<kind>"``, kind raise, kill, hang or nan (the
+stage's input batch becomes NaN, as from a diverged block before it); in a torchrun job only on
+its first attempt (``TORCHELASTIC_RESTART_COUNT`` unset or 0)."""
+_FAULT_KINDS = ("raise", "kill", "hang", "nan")
 
 
 class Stage:
@@ -53,6 +56,9 @@ class Stage:
         """(epoch, step) of the message being handled, for error reports."""
         self.phase = "start-up"
         """What the stage is doing, for error reports: start-up, training, evaluation, ..."""
+        self.on_phase: Callable[[str, int, int], None] | None = None
+        """Called with (phase, epoch, step) when the phase changes (a few times per epoch), so
+        a launcher can say what a stage that stopped answering was doing."""
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         self._fault = parse_fault(os.environ.get(FAULT_ENV, ""), stage) if first_attempt else None
         self._timer = StepTimer(engine.device)
@@ -76,42 +82,47 @@ class Stage:
         """Process one message; returns the gathered results on rank 0, False after STOP."""
         self.current = (msg.epoch, msg.step)
         if msg.kind in (Kind.TRAIN, Kind.EVAL):
-            self.phase = "training" if msg.kind == Kind.TRAIN else "evaluation"
+            self._enter("training" if msg.kind == Kind.TRAIN else "evaluation")
             self._compute(msg)
             return None
         self._forward(msg)
         if msg.kind == Kind.END_EPOCH:
-            self.phase = "end-of-epoch gather"
+            self._enter("end-of-epoch gather")
             return self._gather(self._epoch_stats())
         if msg.kind == Kind.END_EVAL:
-            self.phase = "evaluation gather"
+            self._enter("evaluation gather")
             gathered = self._gather(self.engine.pop_eval_stats())
             self._reset_epoch()  # epoch statistics cover training only, not evaluation
             return gathered
         if msg.kind == Kind.CHECKPOINT:
-            self.phase = "checkpoint"
+            self._enter("checkpoint")
             self.engine.save(checkpoint_dir(self.run_dir, msg.step))
             gathered = self._gather(self.engine.indices)
             self._reset_epoch()  # nor checkpoint writes
             return gathered
-        self.phase = "shutdown"  # STOP: passed on with its trailers; the inbox's are drained
+        self._enter("shutdown")  # STOP: passed on with its trailers; the inbox's are drained
         if self.outbox is not None:
             self.outbox.close()
         if self.inbox is not None:
             self.inbox.drain()
         return False
 
+    def _enter(self, phase: str) -> None:
+        if phase != self.phase:
+            self.phase = phase
+            if self.on_phase is not None:
+                self.on_phase(phase, *self.current)
+
     def _compute(self, msg: Message) -> None:
         assert msg.x is not None and msg.y is not None
         if self.t_start is None:
             self.t_start = time.perf_counter()
-        if msg.kind == Kind.TRAIN:
-            self._maybe_fail(msg.step)
+        x = self._maybe_fail(msg.step, msg.x) if msg.kind == Kind.TRAIN else msg.x
         # The model's input: stage 0 receives it as x; later stages with it (if carried).
-        image = msg.x if self.engine.indices[0] == 0 else msg.image
+        image = x if self.engine.indices[0] == 0 else msg.image
         self._timer.start()
         if msg.kind == Kind.TRAIN:
-            out = self.engine.train_batch(msg.x, msg.y, msg.epoch, image=image)
+            out = self.engine.train_batch(x, msg.y, msg.epoch, image=image)
             self.samples += msg.rows
         else:
             out = self.engine.eval_batch(msg.x, msg.y)
@@ -145,10 +156,12 @@ class Stage:
         self._reset_epoch()
         return stats
 
-    def _maybe_fail(self, step: int) -> None:
+    def _maybe_fail(self, step: int, x: Tensor) -> Tensor:
         if self._fault is None or self._fault[0] != step:
-            return
+            return x
         kind = self._fault[1]
+        if kind == "nan":
+            return torch.full_like(x, float("nan"))
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         if kind == "hang":

@@ -14,6 +14,7 @@ environment); failures propagate as exceptions for the launcher to report.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -99,11 +100,13 @@ def run_rank(
     nodes: int = 1,
     store: dist.Store | None = None,
     stage_box: list[Stage] | None = None,
+    on_phase: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any] | None:
     """Run rank ``rank`` to the end; returns the training summary on rank 0.
 
     ``setup`` is needed on rank 0 only (the others receive it). ``stage_box`` receives the
-    Stage as soon as it exists, so that a launcher can report where a failure happened.
+    Stage as soon as it exists, so that a launcher can report where a failure happened;
+    ``on_phase`` is told each phase change (see :attr:`Stage.on_phase`).
     """
     device = configure_rank(cfg, world=world, local_rank=local_rank, local_world=local_world,
                             nodes=nodes)
@@ -121,6 +124,7 @@ def run_rank(
     assert setup is not None
     stage = build_stage(setup, rank=rank, world=world, device=device, control=control,
                         headers=headers)
+    stage.on_phase = on_phase
     if stage_box is not None:
         stage_box.append(stage)
     result = None

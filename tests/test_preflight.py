@@ -1,0 +1,201 @@
+"""Before a run trains: Ctrl-C during set-up, run-directory ownership, damaged checkpoints and
+unwritable output, what a resume inherits. One process each, with real signals and files."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing.context
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pipelocal.launch as launch_mod
+from pipelocal.checkpoint import block_file, read_manifest
+from pipelocal.cli import EXIT_INTERRUPTED, EXIT_NONFINITE, main
+from pipelocal.config import ConfigError
+from pipelocal.launch import train
+from pipelocal.launch.preflight import (
+    lock_run_dir,
+    make_run_dir,
+    release_run_dir,
+    resume_config,
+)
+from pipelocal.pipeline.stage import parse_fault
+from tests.conftest import tiny_config, tiny_overrides
+
+
+@pytest.fixture(autouse=True)
+def _restore_signals() -> Iterator[None]:
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+@pytest.fixture
+def no_spawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: object) -> None:
+        raise AssertionError("a worker process was started")
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refuse)
+
+
+def _sets(tmp_path: Path, *more: str) -> list[str]:
+    return [f"--set={s}" for s in (*tiny_overrides(tmp_path), *more)]
+
+
+@pytest.mark.usefixtures("no_spawn")
+@pytest.mark.parametrize(("presses", "expected"), [
+    (1, "stopped during set-up, before training started"),
+    (2, "aborted by a second interrupt"),
+])
+def test_ctrl_c_during_set_up_stops_before_any_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    presses: int, expected: str,
+) -> None:
+    """Real SIGINTs to this process while the run validates its pipeline (before spawning)."""
+    real = launch_mod.validate
+
+    def validate_with_ctrl_c(*args: Any, **kw: Any) -> list[int]:
+        for _ in range(presses):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(launch_mod, "validate", validate_with_ctrl_c)
+    assert main(["train", "--stages", "2", *_sets(tmp_path, "run.name=early")]) \
+        == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "early" / "checkpoints").exists()
+
+
+def test_a_run_directory_is_owned_by_one_run(tmp_path: Path) -> None:
+    run_dir = make_run_dir(tiny_config(tmp_path, "run.name=mine"))
+    lock_run_dir(run_dir)
+    try:
+        with pytest.raises(ConfigError, match=rf"in use by another run \(pid {os.getpid()}\)"):
+            lock_run_dir(run_dir)  # another open file description: refused like another process
+    finally:
+        release_run_dir(run_dir)
+    lock_run_dir(run_dir)  # released: free again
+    release_run_dir(run_dir)
+
+
+def test_unnamed_runs_in_the_same_second_get_their_own_directories(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    dirs = [make_run_dir(cfg) for _ in range(3)]  # well within one second
+    assert len(set(dirs)) == 3
+    assert dirs[1].name == f"{dirs[0].name}-1" or dirs[1].name[:15] != dirs[0].name[:15]
+
+
+def test_unwritable_output_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if os.geteuid() == 0:  # root ignores permission bits; sysfs refuses even root
+        out = Path("/sys/pipelocal-test")
+        try:
+            out.mkdir()
+        except OSError:
+            pass
+        else:
+            out.rmdir()
+            pytest.skip("no unwritable folder available to root here")
+    else:
+        out = tmp_path / "ro"
+        out.mkdir(mode=0o555)
+    code = main(["train", "--stages", "1", *_sets(tmp_path, f"run.out_dir={out}")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"cannot create a run directory in run.out_dir = {str(out)!r}" in err
+    assert "set run.out_dir to a writable folder" in err
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-epoch single-process run: complete checkpoints at steps 5 and 10."""
+    tmp = tmp_path_factory.mktemp("finished")
+    result = train(tiny_config(tmp, "pipeline.stages=1", "run.name=done"))
+    return Path(result["run_dir"])
+
+
+@pytest.mark.parametrize("damage", ["manifest", "block"])
+def test_damaged_latest_checkpoint_names_the_file_and_offers_the_older_one(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    latest = run / "checkpoints" / "step_00000010"
+    bad = latest / "manifest.json" if damage == "manifest" else block_file(latest, 1)
+    bad.write_bytes(b"\x00garbage{")
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"checkpoint file {bad} is damaged" in err, err
+    assert f"resume from it with --resume {run / 'checkpoints' / 'step_00000005'}" in err, err
+
+
+def test_a_finished_run_resumed_says_so(finished_run: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copytree(finished_run, tmp_path / "again")
+    assert main(["train", "--resume", str(tmp_path / "again")]) == 0
+    assert "the run is already complete at epoch 2 (step 10)" in capsys.readouterr().out
+
+
+def test_resume_config_frees_an_automatic_partition_and_a_reached_max_steps() -> None:
+    config = json.loads(json.dumps({"pipeline": {"stages": 2, "partition": [2, 2]},
+                                    "run": {"max_steps": 7}}))
+    auto = resume_config({"config": config, "partition_auto": True, "step": 7}, [])
+    assert auto.pipeline.partition == () and auto.run.max_steps == 0
+    explicit = resume_config({"config": config, "partition_auto": False, "step": 3},
+                             ["pipeline.stages=2"])
+    assert explicit.pipeline.partition == (2, 2) and explicit.run.max_steps == 7
+
+
+def test_nonfinite_loss_stops_or_is_tolerated_and_metrics_stay_strict_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sets = _sets(tmp_path, "optim.lr=1e30", "run.epochs=1")
+    assert main(["train", "--stages", "1", *sets, "--set=run.name=stop"]) == EXIT_NONFINITE
+    err = capsys.readouterr().err
+    assert "the loss of block conv1 (block 0) became non-finite at step 1 (epoch 1;" in err, err
+    assert "no checkpoint was written before it" in err, err
+    assert not (tmp_path / "stop" / "checkpoints").exists()
+
+    assert main(["train", "--stages", "1", *sets, "--set=run.name=go",
+                 "--set=run.allow_nonfinite=true"]) == 0
+    line = (tmp_path / "go" / "metrics.jsonl").read_text().splitlines()[0]
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"metrics.jsonl holds {name}, which is not JSON")
+
+    record = json.loads(line, parse_constant=no_constants)
+    assert record["train/loss"] is None and isinstance(record["time"], float)
+    assert read_manifest(tmp_path / "go")["step"] == 5
+
+
+@pytest.mark.parametrize("spec", ["1:5", "1:5:boom", "a:5:kill", "1:-5:raise", "1:5:kill:9"])
+def test_malformed_fault_specs_are_rejected(spec: str) -> None:
+    with pytest.raises(ValueError, match="kind one of raise, kill, hang, nan"):
+        parse_fault(spec, 0)
+
+
+def test_fault_spec_applies_to_its_stage_only() -> None:
+    assert parse_fault("1:5:hang", 1) == (5, "hang")
+    assert parse_fault("1:5:hang", 0) is None
+    assert parse_fault("", 0) is None
+
+
+@pytest.mark.usefixtures("no_spawn")
+def test_tensorboard_without_the_package_fails_before_any_worker(tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(ConfigError, match=r"run\.tensorboard = true needs the tensorboard"):
+        train(tiny_config(tmp_path, "pipeline.stages=2", "run.tensorboard=true"))
+    assert not any(tmp_path.iterdir())
