@@ -229,9 +229,10 @@ def test_nan_in_a_pipeline_stops_naming_block_step_and_last_good_checkpoint(
 
 
 def test_errors_that_follow_another_stage_are_secondary() -> None:
-    from pipelocal.launch.spawn import _report
+    from pipelocal.launch.report import failure_report
 
     for text in ("Read error [127.0.0.1]:41667: Connection reset by peer",
                  "Connection closed by peer", "Timed out waiting 5000ms for recv"):
-        assert _report(0, [], RuntimeError(text))["secondary"], text
-    assert not _report(0, [], RuntimeError("injected fault in stage 2 at step 5"))["secondary"]
+        assert failure_report(0, [], RuntimeError(text))["secondary"], text
+    assert not failure_report(0, [], RuntimeError("injected fault in stage 2 at step 5"))[
+        "secondary"]

@@ -73,6 +73,8 @@ _CASES = [
           "auglocal-vgg19-S2", (8, 8)),
     _case(("rule.name=dgl", "model.name=vgg13", *_DEEP, "model.width=0.0625",
            "model.fc_width=16", *_MNIST), 2, "dgl-vgg13-S2", (5, 5)),
+    _case(("rule.name=sym", "model.name=mostafa-cnn10", *_DEEP, "model.width=0.0625",
+           "data.name=synthetic-cifar"), 2, "sym-mostafa-cnn10-S2", (5, 6)),
     # The same worker body as Ray actors (one local Ray instance for the session).
     _case(("rule.name=predsim",), 3, "predsim-S3-ray", launcher="ray"),
     _case(("rule.name=pred-bpf",), 2, "pred-bpf-S2-ray", launcher="ray"),
