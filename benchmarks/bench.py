@@ -215,6 +215,9 @@ class Runner:
                                f"{proc.returncode}:\n{proc.stderr[-3000:]}")
 
 
+_GPU_MEMORY_KEYS = ("max_allocated(MiB)", "max_reserved(MiB)", "nvml_process(MiB)")
+
+
 def pipelocal_stats(run: dict[str, Any], stages: int) -> dict[str, Any]:
     """The measured (second) epoch of a pipelocal run."""
     rec = run["records"][-1]
@@ -227,7 +230,11 @@ def pipelocal_stats(run: dict[str, Any], stages: int) -> dict[str, Any]:
         "busy(s)": [rec[f"stage{k}/busy(s)"] for k in range(stages)],
         "recv_wait(s)": [rec[f"stage{k}/recv_wait(s)"] for k in range(stages)],
         "send_wait(s)": [rec[f"stage{k}/send_wait(s)"] for k in range(stages)],
-        "peak_rss(MiB)": [rec[f"stage{k}/peak_mem(MiB)"] for k in range(stages)],
+        # Keys as the runtime writes them (pipelocal.device.memory_stats): CPU peak RSS, or on
+        # GPU the allocator's and NVML's figures.
+        "peak_rss(MiB)": [rec.get(f"stage{k}/peak_rss(MiB)") for k in range(stages)],
+        "gpu_memory(MiB)": [{key: rec[f"stage{k}/{key}"] for key in _GPU_MEMORY_KEYS
+                             if f"stage{k}/{key}" in rec} for k in range(stages)],
         "record": rec,
         "command": run["command"],
     }

@@ -59,15 +59,15 @@ def single_device(cfg: Config, warmup: int, steps: int) -> dict[str, Any]:
     blocks, batches = build_all(cfg)
     engine = Engine(blocks)
     for x, y in _cycle(batches, warmup):
-        engine.train(x, y, 0)
+        engine.train_batch(x, y, 0)
     timed = _cycle(batches[warmup:] or batches, steps)
     step_s = []
     for x, y in timed:
         t0 = time.perf_counter()
-        engine.train(x, y, 0)
+        engine.train_batch(x, y, 0)
         step_s.append(time.perf_counter() - t0)
     with SavedTensorMeter(blocks) as meter:
-        engine.train(*batches[0], 0)
+        engine.train_batch(*batches[0], 0)
     n = cfg.data.batch_size * steps
     return {
         "throughput(samples/s)": n / sum(step_s),

@@ -2,7 +2,7 @@
 optionally TensorBoard.
 
 Keys are namespaced and carry their units, e.g. ``train/loss``, ``test/acc``,
-``throughput(samples/s)``, ``stage1/busy(s)``, ``stage1/peak_mem(MiB)``. Every JSONL record
+``throughput(samples/s)``, ``stage1/busy(s)``, ``stage1/peak_rss(MiB)``. Every JSONL record
 carries ``time`` (Unix seconds) and is strict JSON: a NaN or Inf value is written as null.
 """
 

@@ -164,3 +164,16 @@ def test_cli_hands_every_argument_to_the_script():
     args = _parser().parse_args(["bench", "--quick", "--models", "mlp", "--set", "a.b=1"])
     assert args.func is cmd_bench
     assert args.args == ["--quick", "--models", "mlp", "--set", "a.b=1"]
+
+
+@pytest.mark.parametrize("rule", ["glob", "predsim"])
+def test_single_device_peer_steps_the_engine(rule):
+    """Peers (a) and (b) run the engine's training step and count its saved tensors."""
+    from peers import single_device
+
+    cfg = _tiny_config().replace(rule={"name": rule})
+    out = single_device(cfg, warmup=1, steps=2)
+    assert len(out["step(s)"]) == 2 and all(s > 0 for s in out["step(s)"])
+    assert out["throughput(samples/s)"] == pytest.approx(
+        2 * cfg.data.batch_size / sum(out["step(s)"]))
+    assert out["activation_peak(B)"] > 0
