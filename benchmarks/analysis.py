@@ -17,8 +17,9 @@ from scaling import (
     predict_backprop,
     predict_pipelocal,
     predict_torchpipe,
-    stage_ranges,
 )
+
+from pipelocal.pipeline.partition import stage_ranges
 
 __all__ = ["DEFINITIONS", "analyse_model", "stat", "time_to_accuracy"]
 

@@ -258,8 +258,9 @@ def _log(msg: str) -> None:
 def measure_model(args: argparse.Namespace, name: str, root: Path) -> dict[str, Any]:
     """Every peer of one model, ``--repeats`` times interleaved, and the time-to-accuracy runs."""
     from analysis import time_to_accuracy
-    from scaling import balanced_partition
     from torchpipe import run_torchpipe
+
+    from pipelocal.pipeline.partition import balanced_partition
 
     preset = preset_for(name, args.quick)
     run = Runner(args, preset, root)

@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from memory import SavedTensorMeter, peak_rss_mib, state_bytes
 from torch import Tensor
 
-from pipelocal.block import LocalBlock
 from pipelocal.config import Config, load_config
 from pipelocal.data import load_dataset, make_loaders
-from pipelocal.engine import Engine, build_blocks
+from pipelocal.engine import Engine, LocalBlock, build_blocks
 from pipelocal.models import build_model
 
 __all__ = ["build_all", "profile", "single_device"]

@@ -25,14 +25,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipelocal.pipeline.partition import balanced_partition, stage_ranges
+
 __all__ = [
     "BlockCost",
     "Link",
-    "balanced_partition",
     "predict_backprop",
     "predict_pipelocal",
     "predict_torchpipe",
-    "stage_ranges",
 ]
 
 
@@ -70,46 +70,6 @@ class Link:
 
     def cost(self, nbytes: float) -> float:
         return self.latency_s + nbytes / self.bytes_per_s if nbytes else 0.0
-
-
-def balanced_partition(costs: Sequence[float], stages: int) -> list[int]:
-    """Blocks per stage of the contiguous split that minimises the largest stage sum.
-
-    Exact dynamic programme, O(S n^2). Ties go to the split with the earlier (smaller) first
-    stages. Raises if there are fewer blocks than stages.
-    """
-    n = len(costs)
-    if not 1 <= stages <= n:
-        raise ValueError(f"cannot split {n} blocks into {stages} stages; use 1..{n} stages")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[s][i]: smallest max stage sum splitting the first i blocks into s stages
-    best = [[inf] * (n + 1) for _ in range(stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
-    for s in range(1, stages + 1):
-        for i in range(s, n + 1):
-            for j in range(s - 1, i):
-                value = max(best[s - 1][j], prefix[i] - prefix[j])
-                if value < best[s][i] - 1e-12:
-                    best[s][i], cut[s][i] = value, j
-    sizes, i = [], n
-    for s in range(stages, 0, -1):
-        j = cut[s][i]
-        sizes.append(i - j)
-        i = j
-    return sizes[::-1]
-
-
-def stage_ranges(partition: Sequence[int]) -> list[range]:
-    """Block indices of each stage: [2, 3] -> [range(0, 2), range(2, 5)]."""
-    out, start = [], 0
-    for size in partition:
-        out.append(range(start, start + size))
-        start += size
-    return out
 
 
 def _stage_comm(blocks: Sequence[BlockCost], ranges: list[range], k: int, link: Link,

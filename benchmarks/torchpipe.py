@@ -37,8 +37,8 @@ from memory import SavedTensorMeter, peak_rss_mib, state_bytes
 from peers import build_all
 from torch import Tensor, nn
 
-from pipelocal.block import LocalBlock
 from pipelocal.config import Config
+from pipelocal.engine import LocalBlock
 
 __all__ = ["BlockChain", "free_port", "run_torchpipe", "transport"]
 

@@ -1,26 +1,298 @@
-"""The single-process engine: a contiguous run of blocks trained in order, in one process.
+"""The engine: blocks trained by their local rules, in one process.
 
-With all blocks it is the reference every pipelined run must reproduce bit for bit; each
-pipeline stage runs one of these over its own slice of blocks. For each minibatch and each
-block in order: forward, local loss, backward, optimiser step, pass the detached output on.
+:class:`LocalBlock` is one block with its local rule, its own optimiser, schedule and random
+generator. A block's update at step t depends only on its own state and the input it receives
+for batch t; nothing flows backward out of it. This is what lets the single-process engine and
+every pipeline stage run the very same ``train_step`` and get bit-identical results.
+
+:class:`Engine` is a contiguous run of blocks trained in order. With all blocks it is the
+reference every pipelined run must reproduce bit for bit; each pipeline stage runs one of these
+over its own slice of blocks. For each minibatch and each block in order: forward, local loss,
+backward, optimiser step, pass the detached output on. :class:`LocalPipe` is the whole model in
+this process, as the trainer drives it when ``pipeline.stages = 1``.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from pipelocal.block import LocalBlock
 from pipelocal.checkpoint import load_block_state, save_block_state
-from pipelocal.config import Config
+from pipelocal.config import Config, OptimConfig, RuleConfig, ScheduleConfig
 from pipelocal.models import BlockSpec
-from pipelocal.rules import RuleContext
+from pipelocal.rules import RULES, LocalRule, RuleContext, build_rule
+from pipelocal.rules.fa import feedback_align
 
-__all__ = ["Engine", "LocalPipe", "build_blocks"]
+__all__ = ["Engine", "LocalBlock", "LocalPipe", "block_seed", "build_blocks", "lr_factor"]
+
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+"""run.precision -> the autocast dtype of the blocks and heads (master weights stay float32)."""
+
+
+def block_seed(run_seed: int, index: int) -> int:
+    """Seed of block ``index``'s initialisation and dropout, independent of every other block."""
+    return (run_seed * 1_000_003 + 7919 * (index + 1)) % (2**63)
+
+
+def lr_factor(cfg: ScheduleConfig, epoch: int, epochs: int) -> float:
+    """Learning-rate multiplier for ``epoch`` (0-based) of ``epochs``.
+
+    step: x gamma at each milestone: ``milestone_epochs`` if given, applied as the authors do
+    (``bisect_right(milestones, epoch)``, with their 1-based epoch - 1 = our 0-based epoch),
+    else the fractions ``milestones`` of training (the paper: x0.25 at 50/75/89/94%);
+    cosine: half a cosine from 1 to 0 over training; constant: 1.
+    """
+    if cfg.name == "step":
+        if cfg.milestone_epochs:
+            return cfg.gamma ** bisect.bisect_right(cfg.milestone_epochs, epoch)
+        passed = sum(epoch >= max(1, round(m * epochs)) for m in cfg.milestones)  # never epoch 0
+        return cfg.gamma**passed
+    if cfg.name == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    return 1.0
+
+
+def _optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class LocalBlock(nn.Module):
+    """Block ``index`` of a model, trained by its own local loss (the output block: cross-entropy).
+
+    ``train_step(x, y)`` runs forward, local loss, backward and an optimiser step, and returns
+    the detached output to pass on; ``eval_step(x)`` returns ``(output, class_scores)``.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        spec: BlockSpec,
+        *,
+        num_classes: int,
+        rule: RuleConfig,
+        optim: OptimConfig,
+        schedule: ScheduleConfig,
+        epochs: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+        context: RuleContext | None = None,
+    ) -> None:
+        super().__init__()
+        self.index, self.spec = index, spec
+        self.schedule, self.epochs, self.base_lr = schedule, epochs, optim.lr
+        self.autocast_dtype = _AUTOCAST[precision]
+        seed_i = self.seed = block_seed(seed, index)
+        rule_cls = RULES.get(rule.name)
+        # Initialise on the CPU from this block's own seed, never from the global RNG stream.
+        # Only the CPU default generator is seeded and restored: torch.manual_seed would also
+        # reseed every CUDA device's global generator.
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed_i)
+            self.body = spec.make()
+            self.rule: LocalRule | None = None
+            if spec.kind != "output":
+                shape = spec.wire_shape if rule_cls.on_wire else spec.out_shape
+                self.rule = build_rule(shape, num_classes, rule, context)
+            if rule_cls.feedback_alignment:
+                self.body = feedback_align(self.body)
+        if spec.kind == "output" and rule.zero_init and not rule_cls.is_global:
+            # The authors zero the output layer's weight whenever the hidden layers learn locally.
+            nn.init.zeros_([m for m in self.body.modules() if isinstance(m, nn.Linear)][-1].weight)
+        self.output_scale = rule_cls.output_loss_scale(rule) if spec.kind == "output" else 1.0
+        self.on_wire = rule_cls.on_wire
+        self.device = torch.device(device)
+        self.to(self.device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed_i + 1)  # dropout masks
+        self.optimizer = _optimizer([p for p in self.parameters() if p.requires_grad], optim)
+        self.epoch = -1
+        self._reset_stats()
+
+    # ------------------------------------------------------------------ training
+
+    @property
+    def is_output(self) -> bool:
+        return self.spec.kind == "output"
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the learning rate of ``epoch`` (the schedule is a pure function of the epoch)."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            lr = self.base_lr * lr_factor(self.schedule, epoch, self.epochs)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+
+    @property
+    def needs_image(self) -> bool:
+        """True if the rule's loss also needs the model's input image (InfoPro)."""
+        return getattr(self.rule, "needs_image", False)
+
+    def local_loss(
+        self, h: Tensor, y: Tensor, image: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """This block's loss on its output ``h`` and the class scores it predicts (if any)."""
+        if self.rule is None:
+            return self.output_scale * F.cross_entropy(h, y), h.detach()
+        if self.needs_image:
+            return self.rule.loss(h, y, image=image)  # type: ignore[call-arg]
+        return self.rule.loss(h, y)
+
+    def _dropout(self, h: Tensor, p: float, channels: bool) -> Tensor:
+        """Inverted dropout (training only), mask from this block's generator.
+
+        ``channels``: one draw per feature map, mask [B, C, 1, 1] (``nn.Dropout2d``), so a
+        dropped map is zero everywhere; else one draw per value.
+        """
+        if not self.training or p <= 0:
+            return h
+        channels = channels and h.dim() == 4
+        shape = (h.size(0), h.size(1), 1, 1) if channels else h.shape
+        keep = torch.empty(shape, dtype=h.dtype, device=h.device)
+        keep.bernoulli_(1.0 - p, generator=self.generator)
+        return h * keep / (1.0 - p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The block's output: its body on the (training: input-dropped) input."""
+        return self.body(self._dropout(x, self.spec.input_dropout, channels=False))
+
+    def pass_on(self, h: Tensor) -> Tensor:
+        """What the next block receives: dropout (training only) and the block's max-pool."""
+        spec = self.spec
+        if not spec.dropout_after_pool:
+            h = self._dropout(h, spec.dropout, spec.channel_dropout)
+        if spec.pool > 1:
+            h = F.max_pool2d(h, spec.pool, spec.pool_stride or spec.pool, spec.pool_padding)
+        if spec.dropout_after_pool:
+            h = self._dropout(h, spec.dropout, spec.channel_dropout)
+        return h
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, x: Tensor, y: Tensor, image: Tensor | None = None) -> Tensor:
+        """One update on (x, y); ``image`` is the model's input, for rules that need it."""
+        # Every block starts from float32: whether its input came straight from the block before
+        # (bf16 under autocast) or over a wire in any dtype, it computes the same thing.
+        x = x.float()
+        self.train(True)
+        with self.autocast():  # forward and loss; backward runs outside, as autocast wants
+            h = self(x)
+            if self.on_wire:  # the classifier reads the passed-on (dropped, pooled) activation
+                h = self.pass_on(h)
+            loss, scores = self.local_loss(h, y, image)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.record(loss, scores, y)
+        return h.detach() if self.on_wire else self.pass_on(h.detach())
+
+    @torch.no_grad()
+    def eval_step(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        self.train(False)
+        with self.autocast():
+            h = self(x.float())
+            out = self.pass_on(h)
+            if self.rule is None:
+                return out, h
+            return out, self.rule.logits(out if self.on_wire else h)
+
+    # ------------------------------------------------------------------ statistics
+
+    def _reset_stats(self) -> None:
+        # Sums stay on the device: reading them is a sync point, done once per epoch.
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._count = 0
+        self._scored = 0
+        self._steps = 0
+        # Index (since the reset) of the first step whose loss was NaN/Inf, -1 if none. Kept on
+        # the device and read with the sums: checking every step would be a sync per step.
+        self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
+
+    def record(self, loss: Tensor, scores: Tensor | None, y: Tensor) -> None:
+        loss = loss.detach()
+        first = self._first_nonfinite
+        self._first_nonfinite = torch.where(~torch.isfinite(loss) & (first < 0), self._steps,
+                                            first)
+        self._steps += 1
+        self._loss_sum += loss * y.numel()
+        if scores is not None:
+            self._correct += (scores.argmax(1) == y).sum()
+            self._scored += y.numel()
+        self._count += y.numel()
+
+    def pop_stats(self) -> dict[str, float | int | None]:
+        """Mean loss and accuracy since the last call (accuracy None without a classifier);
+        ``nonfinite_at``: steps since the last call before the first NaN/Inf loss, or None."""
+        first = int(self._first_nonfinite)  # on CUDA: with the sums below, one sync per epoch
+        out = {
+            "loss": float(self._loss_sum) / max(self._count, 1),
+            "acc": float(self._correct) / self._scored if self._scored else None,
+            "nonfinite_at": first if first >= 0 else None,
+        }
+        self._reset_stats()
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "name": self.spec.name,
+            "module": self.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            # The state's format depends on the device type (CPU: 5056 bytes, CUDA: 16).
+            "generator": {"device": self.device.type, "state": self.generator.get_state()},
+            "epoch": self.epoch,
+        }
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        if state["index"] != self.index or state["name"] != self.spec.name:
+            raise ValueError(
+                f"checkpoint holds block {state['index']} ({state['name']}) but it is being "
+                f"loaded into block {self.index} ({self.spec.name}); the model config differs"
+            )
+        self.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])  # moves its state to our device
+        self._load_generator(state["generator"])
+        self.set_epoch(state["epoch"])
+
+    def _load_generator(self, saved: Any) -> None:
+        """Restore the dropout generator; across device types, reseed it (not exact)."""
+        if isinstance(saved, torch.Tensor):  # written before the device type was stored
+            saved = {"device": "cpu" if saved.numel() > 16 else "cuda", "state": saved}
+        if saved["device"] == self.device.type:
+            self.generator.set_state(saved["state"])
+            return
+        # A CPU generator state cannot become a CUDA one or back. Parameters, buffers and
+        # optimiser state are exact; the dropout masks from here on differ from a run that
+        # stayed on one device type. Reseed from the block seed and the saved state's bytes, so
+        # the new stream is still a pure function of the checkpoint.
+        digest = int(saved["state"].to(torch.int64).sum()) + 1_000_003 * len(saved["state"])
+        self.generator.manual_seed((self.seed + digest) % (2**63))
+        warnings.warn(
+            f"block {self.index} ({self.spec.name}): the checkpoint's dropout generator is a "
+            f"{saved['device']} state and this block runs on {self.device.type}; parameters and "
+            "optimiser state are exact, dropout masks from here on are newly seeded",
+            stacklevel=3,
+        )
 
 
 def build_blocks(

@@ -19,7 +19,6 @@ from memory import SavedTensorMeter, state_bytes
 from scaling import (
     BlockCost,
     Link,
-    balanced_partition,
     predict_backprop,
     predict_pipelocal,
     predict_torchpipe,
@@ -68,15 +67,6 @@ def test_state_bytes_after_an_adam_step():
 def _block(name: str, t: float, *, wire: int = 0, saved: int = 0, state: int = 0) -> BlockCost:
     return BlockCost(name=name, local_s=t, glob_s=t, wire_bytes=wire, saved_local_bytes=saved,
                      saved_glob_bytes=saved, state_local_bytes=state, state_glob_bytes=state)
-
-
-def test_balanced_partition_minimises_the_slowest_stage():
-    # [1 | 2 3 4] = 9, [1 2 | 3 4] = 7, [1 2 3 | 4] = 6: the last is best.
-    assert balanced_partition([1, 2, 3, 4], 2) == [3, 1]
-    assert balanced_partition([1, 2, 3, 4], 4) == [1, 1, 1, 1]
-    assert balanced_partition([5, 1, 1, 1, 1, 1], 2) == [1, 5]
-    with pytest.raises(ValueError, match="cannot split 2 blocks into 3"):
-        balanced_partition([1, 1], 3)
 
 
 def test_scaling_model_on_a_synthetic_cost_table():

@@ -1,21 +1,32 @@
-"""Tests for pipelocal.engine: locality (no gradient between blocks), evaluation, global rules."""
+"""Tests for pipelocal.engine: blocks (seeding, dropout generator, schedule, statistics,
+checkpoints) and the engine (locality: no gradient between blocks, evaluation, global rules).
+"""
 
 from __future__ import annotations
 
+import io
+import itertools
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipelocal.block import LocalBlock
 from pipelocal.checkpoint import checkpoint_dir
-from pipelocal.config import Config, load_config
-from pipelocal.engine import Engine, LocalPipe, build_blocks
+from pipelocal.config import (
+    Config,
+    ModelConfig,
+    OptimConfig,
+    RuleConfig,
+    ScheduleConfig,
+    load_config,
+)
+from pipelocal.engine import Engine, LocalBlock, LocalPipe, block_seed, build_blocks, lr_factor
 from pipelocal.models import BlockSpec, build_model
+from tests.conftest import assert_identical
 
 NUM_CLASSES = 10
 SHAPE = (1, 8, 8)
-
 
 
 def _cfg(rule: str = "predsim", *extra: str) -> Config:
@@ -243,3 +254,432 @@ def test_local_pipe_drives_its_engine(tmp_path: Path) -> None:
     pipe.checkpoint(tmp_path / "ck", 1)
     assert (tmp_path / "ck" / "block_003.pt").is_file()
     pipe.close()
+
+
+NUM_CLASSES = 10
+
+
+def _specs(dropout: float = 0.0) -> list[BlockSpec]:
+    cfg = ModelConfig(name="mlp", hidden=16, depth=2, dropout=dropout)
+    return build_model(cfg, (1, 8, 8), NUM_CLASSES)  # fc1, fc2, out
+
+
+def _block(
+    index: int = 0,
+    spec: BlockSpec | None = None,
+    *,
+    seed: int = 0,
+    rule: str = "predsim",
+    schedule: ScheduleConfig | None = None,
+    epochs: int = 4,
+    dropout: float = 0.0,
+) -> LocalBlock:
+    return LocalBlock(
+        index,
+        spec or _specs(dropout)[index],
+        num_classes=NUM_CLASSES,
+        rule=RuleConfig(name=rule, target_proj_size=16),
+        optim=OptimConfig(lr=1e-2),
+        schedule=schedule or ScheduleConfig(),
+        epochs=epochs,
+        seed=seed,
+    )
+
+
+def _batch(shape: tuple[int, ...] = (1, 8, 8), seed: int = 0, n: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g)
+
+
+def _state(block: LocalBlock) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in block.state_dict().items()}
+
+
+def _linear_weight(block: LocalBlock) -> torch.Tensor:
+    return next(m for m in block.body.modules() if isinstance(m, torch.nn.Linear)).weight
+
+
+def _assert_same_state(a: LocalBlock, b: LocalBlock) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:  # tensors, and the extra state (the seed of fixed random matrices)
+        assert torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k], k
+
+
+# --------------------------------------------------------------------------- seeding
+
+
+def test_block_seed_is_deterministic_and_distinct() -> None:
+    assert block_seed(0, 3) == block_seed(0, 3)
+    seeds = {block_seed(s, i) for s in range(4) for i in range(8)}
+    assert len(seeds) == 32
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_same_seed_and_index_give_identical_init_whatever_the_global_rng() -> None:
+    torch.manual_seed(1)
+    a = _block(1, rule="predsim-bpf")
+    torch.manual_seed(2)
+    torch.rand(100)
+    b = _block(1, rule="predsim-bpf")
+    _assert_same_state(a, b)  # body, heads and the fixed random matrices
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+
+
+def test_different_index_or_seed_gives_different_init() -> None:
+    spec = _specs()[1]  # fc2, [16] -> [16]: the same layers at any index
+    a, b, c = _block(1, spec), _block(2, spec), _block(1, spec, seed=1)
+    for other in (b, c):
+        assert not torch.equal(_linear_weight(a), _linear_weight(other))
+        assert not torch.equal(a.rule.decoder.bias, other.rule.decoder.bias)  # weight: zero
+
+
+def test_building_a_block_leaves_the_global_rng_alone() -> None:
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    _block(0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def test_dropout_masks_come_from_the_block_generator() -> None:
+    x, y = _batch()
+    outs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        block = _block(0, dropout=0.5)
+        outs.append((block.train_step(x, y), block.train_step(x, y)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    # The generator advances: a second step draws a new mask.
+    assert not torch.equal(outs[0][0] == 0, outs[0][1] == 0)
+
+
+def test_dropout_zeroes_and_rescales_what_is_passed_on() -> None:
+    x, y = _batch()
+    dropped = _block(0, dropout=0.5).train_step(x, y)
+    plain = _block(0, dropout=0.0).train_step(x, y)  # same body, same step
+    kept = dropped != 0
+    assert torch.equal(dropped[kept], 2.0 * plain[kept])  # x 1 / (1 - p)
+    assert ((plain != 0) & ~kept).any()  # some live units were dropped
+    assert ((plain != 0) & kept).any()
+
+
+def test_no_dropout_in_eval() -> None:
+    block = _block(0, dropout=0.5)
+    x, _ = _batch()
+    out, scores = block.eval_step(x)
+    block.eval()
+    with torch.no_grad():
+        assert torch.equal(out, block.body(x))
+    assert scores.shape == (16, NUM_CLASSES)
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def test_step_schedule_quarters_at_50_75_89_94_percent() -> None:
+    cfg = ScheduleConfig(name="step")
+    got = [lr_factor(cfg, e, 100) for e in range(100)]
+    expected = [0.25 ** sum(e >= m for m in (50, 75, 89, 94)) for e in range(100)]
+    assert got == expected
+    assert (got[49], got[50], got[74], got[75], got[89], got[94], got[99]) == (
+        1.0,
+        0.25,
+        0.25,
+        0.0625,
+        0.25**3,
+        0.25**4,
+        0.25**4,
+    )
+
+
+def test_step_schedule_first_epoch_runs_at_the_base_lr() -> None:
+    """Milestones are fractions in (0, 1) of training: none has passed when training starts."""
+    cfg = ScheduleConfig(name="step")
+    decayed = {e: lr_factor(cfg, 0, e) for e in range(1, 21) if lr_factor(cfg, 0, e) != 1.0}
+    assert decayed == {}, f"epochs -> factor of epoch 0: {decayed}"
+
+
+def test_cosine_schedule_goes_from_one_to_near_zero() -> None:
+    cfg = ScheduleConfig(name="cosine")
+    got = [lr_factor(cfg, e, 100) for e in range(100)]
+    assert got[0] == 1.0 and got[50] == pytest.approx(0.5)
+    assert all(a > b for a, b in itertools.pairwise(got))
+    assert 0 <= got[-1] < 1e-3
+    assert lr_factor(cfg, 100, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_constant_schedule() -> None:
+    cfg = ScheduleConfig(name="constant")
+    assert {lr_factor(cfg, e, 10) for e in range(10)} == {1.0}
+
+
+def test_set_epoch_sets_the_optimizer_lr() -> None:
+    block = _block(0, schedule=ScheduleConfig(name="step", milestones=(0.5,), gamma=0.1), epochs=10)
+    lrs = []
+    for epoch in (0, 4, 5, 9, 0):
+        block.set_epoch(epoch)
+        lrs.append([g["lr"] for g in block.optimizer.param_groups])
+    assert lrs == [[1e-2], [1e-2], [pytest.approx(1e-3)], [pytest.approx(1e-3)], [1e-2]]
+    assert block.epoch == 0
+
+
+# --------------------------------------------------------------------------- train / stats
+
+
+def test_train_step_updates_and_returns_a_detached_output() -> None:
+    block = _block(0)
+    before = _state(block)
+    x, y = _batch()
+    out = block.train_step(x, y)
+    assert out.shape == (16, 16) and not out.requires_grad
+    assert not torch.equal(block.state_dict()["body.1.weight"], before["body.1.weight"])
+    assert block.training
+
+
+def test_conv_block_pools_what_it_passes_on() -> None:
+    spec = build_model(ModelConfig(name="cnn", width=0.25, fc_width=16), (1, 8, 8), NUM_CLASSES)[0]
+    block = _block(0, spec)
+    x, y = _batch()
+    out = block.train_step(x, y)
+    assert tuple(out.shape[1:]) == spec.wire_shape == (8, 4, 4)
+
+
+def test_pop_stats_means_and_resets() -> None:
+    block = _block(2)  # output block: cross-entropy and accuracy
+    x, y = _batch((16,))
+    losses = []
+    for n in (16, 4):
+        with torch.no_grad():
+            block.eval()
+            losses.append(float(torch.nn.functional.cross_entropy(block.body(x[:n]), y[:n])))
+        block.train_step(x[:n], y[:n])
+    stats = block.pop_stats()
+    # The output block is a plain Linear, so eval and train forward agree exactly; with
+    # predsim its cross-entropy is scaled by 1 - beta (the authors' output loss).
+    expected = (1 - 0.99) * (16 * losses[0] + 4 * losses[1]) / 20
+    assert stats["loss"] == pytest.approx(expected, rel=1e-5)
+    assert 0.0 <= stats["acc"] <= 1.0
+    assert block.pop_stats() == {"loss": 0.0, "acc": None, "nonfinite_at": None}
+
+
+def test_stats_without_a_classifier_have_no_accuracy() -> None:
+    block = _block(0, rule="sim")
+    block.train_step(*_batch())
+    stats = block.pop_stats()
+    assert stats["acc"] is None and math.isfinite(stats["loss"]) and stats["loss"] > 0
+
+
+def test_pop_stats_loss_is_the_sample_weighted_mean() -> None:
+    block = _block(0)
+    y = torch.zeros(3, dtype=torch.int64)
+    block.record(torch.tensor(2.0), None, y)
+    block.record(torch.tensor(5.0), None, y[:1])
+    assert block.pop_stats() == {"loss": pytest.approx((3 * 2.0 + 5.0) / 4), "acc": None,
+                                 "nonfinite_at": None}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _through_disk(state: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("rule", ["predsim-bpf", "scfb"])
+def test_checkpoint_round_trip_continues_identically(rule: str) -> None:
+    a = _block(0, dropout=0.3, rule=rule)
+    for s in range(3):
+        a.set_epoch(s)
+        a.train_step(*_batch(seed=s))
+    b = _block(0, dropout=0.3, rule=rule, seed=7)  # scfb: other M, K until the seed is loaded
+    b.load_checkpoint_state(_through_disk(a.checkpoint_state()))
+    assert b.epoch == a.epoch == 2
+    assert b.optimizer.param_groups[0]["lr"] == a.optimizer.param_groups[0]["lr"]
+    fresh = _block(0, dropout=0.3, rule=rule)
+    for s in range(3, 6):
+        outs = [blk.train_step(*_batch(seed=s)) for blk in (a, b, fresh)]
+        assert torch.equal(outs[0], outs[1])
+    _assert_same_state(a, b)
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    assert not torch.equal(_linear_weight(a), _linear_weight(fresh))
+    for name, buf in a.rule.named_buffers():  # fixed matrices: regenerated, not stored
+        assert torch.equal(buf, dict(b.rule.named_buffers())[name]), name
+
+
+def test_checkpoint_state_contents() -> None:
+    block = _block(1)
+    state = block.checkpoint_state()
+    assert state["index"] == 1 and state["name"] == "fc2" and state["epoch"] == -1
+    assert set(state) == {"index", "name", "module", "optimizer", "generator", "epoch"}
+
+
+def test_loading_into_another_block_fails_clearly() -> None:
+    spec = _specs()[1]
+    state = _block(1, spec).checkpoint_state()
+    with pytest.raises(ValueError) as err:
+        _block(2, spec).load_checkpoint_state(state)
+    msg = str(err.value)
+    assert "block 1 (fc2)" in msg and "block 2 (fc2)" in msg and "config differs" in msg
+    with pytest.raises(ValueError, match=r"block 0 \(fc1\)"):
+        _block(1).load_checkpoint_state(_block(0).checkpoint_state())
+
+
+def test_checkpoint_moves_between_device_types() -> None:
+    """A CUDA generator state (16 bytes: seed, offset) loads on CPU with a clear warning;
+    parameters and optimiser state load exactly."""
+    a, b = _block(), _block()
+    x, y = _batch()
+    a.train_step(x, y)
+    state = a.checkpoint_state()
+    assert state["generator"]["device"] == "cpu"
+    state["generator"] = {"device": "cuda", "state": torch.zeros(16, dtype=torch.uint8)}
+    with pytest.warns(UserWarning, match="a cuda state and this block runs on cpu"):
+        b.load_checkpoint_state(state)
+    assert_identical(b.state_dict(), a.state_dict())
+    assert_identical(b.optimizer.state_dict()["state"], a.optimizer.state_dict()["state"])
+    # The new stream is a pure function of the checkpoint: loading it again gives the same one.
+    c = _block()
+    with pytest.warns(UserWarning):
+        c.load_checkpoint_state(state)
+    assert torch.equal(b.generator.get_state(), c.generator.get_state())
+    assert not torch.equal(b.generator.get_state(), a.generator.get_state())
+
+
+def test_checkpoint_from_before_device_types_were_stored_loads() -> None:
+    a, b = _block(), _block()
+    a.train_step(*_batch())
+    state = a.checkpoint_state()
+    state["generator"] = state["generator"]["state"]  # the old format: the bare CPU state
+    b.load_checkpoint_state(state)
+    assert torch.equal(b.generator.get_state(), a.generator.get_state())
+
+
+def test_building_a_block_does_not_reseed_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.manual_seed would reseed every GPU's global generator, which other code draws from."""
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    _block(dropout=0.1)
+    assert calls == []
+
+
+def test_bf16_precision_autocasts_and_keeps_fp32_weights() -> None:
+    spec = _specs()[0]
+    block = LocalBlock(0, spec, num_classes=NUM_CLASSES, rule=RuleConfig(name="predsim"),
+                       optim=OptimConfig(lr=1e-2), schedule=ScheduleConfig(), epochs=4, seed=0,
+                       precision="bf16")
+    out = block.train_step(*_batch())
+    assert out.dtype == torch.bfloat16  # what the next block (or the wire) receives
+    assert all(p.dtype == torch.float32 for p in block.parameters())
+    state = block.optimizer.state_dict()["state"]
+    assert all(v.dtype == torch.float32 for s in state.values() for k, v in s.items()
+               if k != "step")
+
+
+# --------------------------------------------------------------------------- the authors' choices
+
+
+def _conv_block(dropout: float, conv_dropout: str = "channel", rule: str = "predsim") -> LocalBlock:
+    cfg = ModelConfig(name="cnn", width=0.25, fc_width=16, dropout=dropout,
+                      conv_dropout=conv_dropout)
+    spec = build_model(cfg, (1, 8, 8), NUM_CLASSES)[0]  # conv 1 -> 8 maps, 8x8, then pool 2
+    return LocalBlock(0, spec, num_classes=NUM_CLASSES, rule=RuleConfig(name=rule),
+                      optim=OptimConfig(lr=1e-2), schedule=ScheduleConfig(), epochs=2, seed=0)
+
+
+def test_conv_dropout_drops_whole_feature_maps_from_the_block_generator() -> None:
+    """The authors' conv blocks use nn.Dropout2d: a dropped map is zero at every position."""
+    block = _conv_block(0.5)
+    block.train(True)
+    h = torch.rand(6, 8, 4, 4) + 0.5  # strictly positive: a zero can only come from the mask
+    out = block.pass_on(h)  # dropout, then the 2x2 max-pool
+    zero_maps = (out == 0).all(dim=(2, 3))  # [B, C]
+    assert torch.equal(zero_maps, (out == 0).any(dim=(2, 3)))  # all or nothing per map
+    assert zero_maps.any() and not zero_maps.all()
+    kept = ~zero_maps
+    plain = torch.nn.functional.max_pool2d(h, 2)
+    assert torch.equal(out[kept], 2.0 * plain[kept])  # x 1 / (1 - p)
+    # The mask is one draw per (sample, map) from the block's own generator.
+    gen = torch.Generator().manual_seed(block_seed(0, 0) + 1)
+    keep = torch.empty(6, 8, 1, 1).bernoulli_(0.5, generator=gen)
+    assert torch.equal(kept, keep[:, :, 0, 0].bool())
+
+
+def test_element_conv_dropout_remains_an_option() -> None:
+    block = _conv_block(0.5, conv_dropout="element")
+    block.train(True)
+    out = block._dropout(torch.rand(6, 8, 4, 4) + 0.5, 0.5, block.spec.channel_dropout)
+    zeros = out == 0
+    assert not torch.equal(zeros.all(dim=(2, 3)), zeros.any(dim=(2, 3)))  # partial maps
+
+
+@pytest.mark.parametrize("rule", ["predsim", "pred", "sym"])
+def test_output_layer_weight_starts_at_zero_under_a_local_rule(rule: str) -> None:
+    out = _block(2, rule=rule)
+    assert torch.count_nonzero(out.body.weight) == 0
+    assert torch.count_nonzero(out.body.bias) > 0  # the authors zero only the weight
+
+
+@pytest.mark.parametrize("rule", ["glob", "fa"])
+def test_output_layer_keeps_the_default_init_under_backprop(rule: str) -> None:
+    assert torch.count_nonzero(_block(2, rule=rule).body.weight) > 0  # fa: a LinearFA
+
+
+@pytest.mark.parametrize(
+    ("rule", "scale"), [("predsim", 0.01), ("predsim-bpf", 0.01), ("pred", 1.0), ("sim", 1.0),
+                        ("glob+sim", 1.0), ("sym", 1.0)]
+)
+def test_output_cross_entropy_is_scaled_by_one_minus_beta_with_predsim(
+    rule: str, scale: float
+) -> None:
+    block = _block(2, rule=rule)
+    x, y = _batch((16,))
+    loss, _ = block.local_loss(block(x), y)
+    torch.testing.assert_close(loss, scale * torch.nn.functional.cross_entropy(block(x), y))
+    cfg = RuleConfig(name="predsim", scale_output_loss=False)
+    unscaled = LocalBlock(2, _specs()[2], num_classes=NUM_CLASSES, rule=cfg, optim=OptimConfig(),
+                          schedule=ScheduleConfig(), epochs=1, seed=0)
+    assert unscaled.output_scale == 1.0
+
+
+def test_step_schedule_with_milestone_epochs_is_the_authors_bisect_right() -> None:
+    """The authors: lr * fact ** bisect_right(milestones, epoch - 1) for 1-based epochs."""
+    import bisect
+
+    cfg = ScheduleConfig(name="step", milestone_epochs=(200, 300, 350, 375), gamma=0.25)
+    for epoch_1based in (1, 200, 201, 300, 301, 351, 376, 400):
+        expected = 0.25 ** bisect.bisect_right([200, 300, 350, 375], epoch_1based - 1)
+        assert lr_factor(cfg, epoch_1based - 1, 400) == expected
+    assert lr_factor(cfg, 199, 400) == 1.0 and lr_factor(cfg, 200, 400) == 0.25
+    # The epochs are absolute: a shorter run keeps them (only the fractions scale).
+    assert lr_factor(cfg, 250, 1000) == 0.25
+
+
+def test_milestone_epochs_are_validated() -> None:
+    from pipelocal.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"schedule\.milestone_epochs"):
+        ScheduleConfig(milestone_epochs=(300, 200))
+    with pytest.raises(ConfigError, match=r"increasing epochs >= 1"):
+        ScheduleConfig(milestone_epochs=(0,))
+
+
+def test_sgd_defaults_are_the_authors_plain_sgd() -> None:
+    cfg = OptimConfig(name="sgd", lr=0.1)
+    assert cfg.momentum == 0.0 and not cfg.nesterov
+    from pipelocal.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optim\.nesterov"):
+        OptimConfig(name="sgd", nesterov=True)
+    block = LocalBlock(0, _specs()[0], num_classes=NUM_CLASSES, rule=RuleConfig(),
+                       optim=OptimConfig(name="sgd", momentum=0.9, nesterov=True),
+                       schedule=ScheduleConfig(), epochs=1, seed=0)
+    group = block.optimizer.param_groups[0]
+    assert group["momentum"] == 0.9 and group["nesterov"]

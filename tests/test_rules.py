@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelocal.block import LocalBlock
 from pipelocal.config import ModelConfig, OptimConfig, RuleConfig, ScheduleConfig
-from pipelocal.engine import Engine
+from pipelocal.engine import Engine, LocalBlock
 from pipelocal.models import BlockSpec, build_model
 from pipelocal.rules import RULES, available_rules, build_rule
 from pipelocal.rules.base import Pooling

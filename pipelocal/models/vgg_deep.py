@@ -7,7 +7,7 @@ as in Ma et al. (2024): each conv is conv3x3-BN-ReLU; the last conv layer is the
 and also holds the max-pool and the classifier (VGG13: adaptive average pool to 7x7, then two
 hidden fully connected layers of ``model.fc_width`` units and the output layer; VGG19:
 global average pool and one linear layer, the usual CIFAR head). ``model.width`` scales the
-conv channels. No dropout: a body draws nothing at random (determinism, see block.py).
+conv channels. No dropout: a body draws nothing at random (determinism, see engine.py).
 """
 
 from __future__ import annotations

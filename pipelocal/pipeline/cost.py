@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pipelocal.block import LocalBlock
 from pipelocal.config import Config
-from pipelocal.engine import build_blocks
+from pipelocal.engine import LocalBlock, build_blocks
 from pipelocal.models import BlockSpec
 
 __all__ = ["BlockCost", "block_costs", "forward_macs"]
