@@ -256,10 +256,7 @@ def test_local_pipe_drives_its_engine(tmp_path: Path) -> None:
     pipe.close()
 
 
-NUM_CLASSES = 10
-
-
-def _specs(dropout: float = 0.0) -> list[BlockSpec]:
+def _mlp_specs(dropout: float = 0.0) -> list[BlockSpec]:
     cfg = ModelConfig(name="mlp", hidden=16, depth=2, dropout=dropout)
     return build_model(cfg, (1, 8, 8), NUM_CLASSES)  # fc1, fc2, out
 
@@ -276,7 +273,7 @@ def _block(
 ) -> LocalBlock:
     return LocalBlock(
         index,
-        spec or _specs(dropout)[index],
+        spec or _mlp_specs(dropout)[index],
         num_classes=NUM_CLASSES,
         rule=RuleConfig(name=rule, target_proj_size=16),
         optim=OptimConfig(lr=1e-2),
@@ -327,7 +324,7 @@ def test_same_seed_and_index_give_identical_init_whatever_the_global_rng() -> No
 
 
 def test_different_index_or_seed_gives_different_init() -> None:
-    spec = _specs()[1]  # fc2, [16] -> [16]: the same layers at any index
+    spec = _mlp_specs()[1]  # fc2, [16] -> [16]: the same layers at any index
     a, b, c = _block(1, spec), _block(2, spec), _block(1, spec, seed=1)
     for other in (b, c):
         assert not torch.equal(_linear_weight(a), _linear_weight(other))
@@ -521,7 +518,7 @@ def test_checkpoint_state_contents() -> None:
 
 
 def test_loading_into_another_block_fails_clearly() -> None:
-    spec = _specs()[1]
+    spec = _mlp_specs()[1]
     state = _block(1, spec).checkpoint_state()
     with pytest.raises(ValueError) as err:
         _block(2, spec).load_checkpoint_state(state)
@@ -571,7 +568,7 @@ def test_building_a_block_does_not_reseed_cuda(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_bf16_precision_autocasts_and_keeps_fp32_weights() -> None:
-    spec = _specs()[0]
+    spec = _mlp_specs()[0]
     block = LocalBlock(0, spec, num_classes=NUM_CLASSES, rule=RuleConfig(name="predsim"),
                        optim=OptimConfig(lr=1e-2), schedule=ScheduleConfig(), epochs=4, seed=0,
                        precision="bf16")
@@ -644,8 +641,8 @@ def test_output_cross_entropy_is_scaled_by_one_minus_beta_with_predsim(
     loss, _ = block.local_loss(block(x), y)
     torch.testing.assert_close(loss, scale * torch.nn.functional.cross_entropy(block(x), y))
     cfg = RuleConfig(name="predsim", scale_output_loss=False)
-    unscaled = LocalBlock(2, _specs()[2], num_classes=NUM_CLASSES, rule=cfg, optim=OptimConfig(),
-                          schedule=ScheduleConfig(), epochs=1, seed=0)
+    unscaled = LocalBlock(2, _mlp_specs()[2], num_classes=NUM_CLASSES, rule=cfg,
+                          optim=OptimConfig(), schedule=ScheduleConfig(), epochs=1, seed=0)
     assert unscaled.output_scale == 1.0
 
 
@@ -678,7 +675,7 @@ def test_sgd_defaults_are_the_authors_plain_sgd() -> None:
 
     with pytest.raises(ConfigError, match=r"optim\.nesterov"):
         OptimConfig(name="sgd", nesterov=True)
-    block = LocalBlock(0, _specs()[0], num_classes=NUM_CLASSES, rule=RuleConfig(),
+    block = LocalBlock(0, _mlp_specs()[0], num_classes=NUM_CLASSES, rule=RuleConfig(),
                        optim=OptimConfig(name="sgd", momentum=0.9, nesterov=True),
                        schedule=ScheduleConfig(), epochs=1, seed=0)
     group = block.optimizer.param_groups[0]

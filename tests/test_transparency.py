@@ -2,7 +2,7 @@
 
 Local learning sends nothing backward between blocks, so splitting the blocks over S processes
 changes when work happens, never what is computed. Parameters, BN buffers, optimiser state and
-random generators after training must be bitwise identical (torch.equal) for S = 1..4, with
+random generators after training must be bitwise identical (torch.equal) for S = 2..4, with
 the stages as spawned processes, torchrun ranks or Ray actors.
 """
 
@@ -47,10 +47,12 @@ def _case(overrides: tuple[str, ...], stages: int, name: str, split: tuple[int, 
     return pytest.param(overrides, stages, split, launcher, id=name, marks=marks)
 
 
-# The original rules over 2-4 stages; each newer rule and model over 2 stages (CPU time).
+# predsim over 2-4 stages, pred-bpf over 2 and 4; every other rule and model over 2 stages
+# (CPU time: the suite must stay under about 10 minutes on 2 cores).
 _CASES = [
     *[_case((f"rule.name={r}",), s, f"{r}-S{s}")
-      for r in ("predsim", "pred-bpf", "sim") for s in (2, 3, 4)],
+      for r, counts in (("predsim", (2, 3, 4)), ("pred-bpf", (2, 4)), ("sim", (2,)))
+      for s in counts],
     *[_case((f"rule.name={r}", *extra), 2, f"{r}-S2")
       for r, extra in (("sym", ()), ("scfb", ("rule.classifier_loss=hinge",)), ("tlc", ()))],
     _case(("rule.name=tlc", *_CNN5), 2, "tlc-mostafa-cnn5-S2"),
@@ -77,7 +79,6 @@ _CASES = [
            "data.name=synthetic-cifar"), 2, "sym-mostafa-cnn10-S2", (5, 6)),
     # The same worker body as Ray actors (one local Ray instance for the session).
     _case(("rule.name=predsim",), 3, "predsim-S3-ray", launcher="ray"),
-    _case(("rule.name=pred-bpf",), 2, "pred-bpf-S2-ray", launcher="ray"),
 ]
 
 
