@@ -41,6 +41,30 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
     ]
 
 
+def run_two_ranks(target: Any, *args: Any) -> dict[int, Any]:
+    """Run ``target(rank, port, *args, out)`` in two spawned processes; {rank: what it put}.
+
+    ``port`` is a free port for the ranks' TCPStore; each rank puts one (rank, result) on
+    ``out``. Every wait has a timeout, and both processes must exit 0.
+    """
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    probe = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
+    port = probe.port
+    del probe  # frees the port for the workers' own store
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, port, *args, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    return results
+
+
 def checkpoint_tensors(path: str | Path) -> dict[str, Any]:
     """Every block's saved state (parameters, buffers, optimiser, generator) of a checkpoint."""
     ckpt = resolve_checkpoint(path)

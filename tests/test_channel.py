@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import traceback
 from datetime import timedelta
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from pipelocal.pipeline.channel import Kind, Message, P2PChannel, PeerError
+from tests.conftest import run_two_ranks
 
 SHAPE = (3, 2)
 
@@ -71,19 +71,7 @@ def _run(rank: int, port: int, dtype_name: str, scenario: str, out: Any) -> None
 
 
 def _spawn(dtype_name: str, scenario: str) -> dict[int, Any]:
-    probe = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
-    port = probe.port
-    del probe  # frees the port for the workers' own store
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_run, args=(r, port, dtype_name, scenario, out)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    return results
+    return run_two_ranks(_run, dtype_name, scenario)
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])

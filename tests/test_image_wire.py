@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import traceback
 from datetime import timedelta
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from pipelocal.pipeline.channel import Kind, Message, P2PChannel
+from tests.conftest import run_two_ranks
 
 SHAPE, IMAGE, BATCH = (3, 2), (1, 4, 4), 4
 
@@ -40,19 +40,7 @@ def _run(rank: int, port: int, image: bool, out: Any) -> None:
 
 
 def _spawn(image: bool) -> dict[int, Any]:
-    probe = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
-    port = probe.port
-    del probe  # frees the port for the workers' own store
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_run, args=(r, port, image, out)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    return results
+    return run_two_ranks(_run, image)
 
 
 def test_image_arrives_with_the_activation_and_costs_its_bytes() -> None:
