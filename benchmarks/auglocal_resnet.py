@@ -14,18 +14,20 @@ split [8, 8] against the split balanced on the MAC cost model (body + auxiliary 
 :mod:`pipelocal.pipeline.cost`). Throughput = the run's ``throughput(samples/s)`` (training
 samples / epoch time). The two splits alternate, ``--partition-repeats`` times each.
 
-The committed result (the 2-core CPU was shared with other engineers' jobs, load average
-11-15: see ``load_avg_1_5_15`` in the file; 1165 s in all):
+Committed results:
+
+* ``results/auglocal_resnet.json`` (partition; the 2-core CPU was shared with other jobs, load
+  average 11-15; 1165 s in all). Its accuracy part (2 epochs of 16 steps) is too short to rank
+  the rules: every rule, glob included, is still near chance::
 
     python benchmarks/auglocal_resnet.py --epochs 2 --set data.train_limit=2000 \
         --partition-limit 1024 --partition-repeats 2
 
-Its accuracy part (2 epochs of 16 steps of 128 samples) is too short to rank the rules: every rule,
-glob included, is still near chance. A run long enough to test the paper's ordering (not yet
-done: on the shared CPU its first rule alone took over 10 minutes) is
+* ``results/auglocal_resnet_accuracy.json`` (accuracy: 2 epochs of 250 steps of 32 images, seeds
+  0 and 1; 1079 s on the otherwise quiet machine)::
 
-    python benchmarks/auglocal_resnet.py --epochs 1 --batch-size 32 --skip-partition \
-        --out benchmarks/results/auglocal_resnet_accuracy.json
+    python benchmarks/auglocal_resnet.py --epochs 2 --repeats 2 --batch-size 32 \
+        --skip-partition --out benchmarks/results/auglocal_resnet_accuracy.json
 
 Quick smoke test (writes to /tmp):
 
