@@ -25,7 +25,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from pipelocal.registry import registered_names
+
 __all__ = [
+    "AUGMENTATIONS",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -41,6 +44,10 @@ __all__ = [
     "config_to_dict",
     "load_config",
 ]
+
+
+AUGMENTATIONS = ("jitter", "flip", "padcrop", "cutout")
+"""Names accepted in ``data.augment``, in the order they are applied (pipelocal.data.augment)."""
 
 
 class ConfigError(ValueError):
@@ -82,9 +89,7 @@ class ModelConfig:
     """Input shape (C, H, W) the model is built for; empty = taken from the dataset."""
 
     def __post_init__(self) -> None:
-        from pipelocal.models import available_models
-
-        _check_name("model.name", self.name, available_models())
+        _check_name("model.name", self.name, registered_names("model"))
         _check(self.width > 0, "model.width", self.width, "a multiplier > 0")
         _check(self.hidden >= 1, "model.hidden", self.hidden, "an integer >= 1")
         _check(self.depth >= 1, "model.depth", self.depth, "an integer >= 1")
@@ -137,10 +142,7 @@ class DataConfig:
     augmentation, normalisation) there; on CPU this changes nothing."""
 
     def __post_init__(self) -> None:
-        from pipelocal.data import available_datasets
-        from pipelocal.data.augment import AUGMENTATIONS
-
-        _check_name("data.name", self.name, available_datasets())
+        _check_name("data.name", self.name, registered_names("dataset"))
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
         _check(
             self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, ">= 1"
@@ -200,9 +202,7 @@ class RuleConfig:
     std sqrt(2 / (fan_in + fan_out)) (Mostafa et al. 2018, eq. 7; gaussian = their GI)."""
 
     def __post_init__(self) -> None:
-        from pipelocal.rules import available_rules
-
-        _check_name("rule.name", self.name, available_rules())
+        _check_name("rule.name", self.name, registered_names("rule"))
         _check(self.aux_depth >= 1, "rule.aux_depth", self.aux_depth, "an integer >= 1")
         _check(0.0 <= self.pyramid_tau <= 1.0, "rule.pyramid_tau", self.pyramid_tau,
                "0 <= tau <= 1")

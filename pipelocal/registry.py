@@ -1,13 +1,21 @@
-"""A name -> factory registry, used for rules, models and datasets alike."""
+"""A name -> factory registry, used for rules, models and datasets alike.
+
+Every registry is also indexed by its kind, so that the config (which sits below the packages
+that fill the registries) can check a name with :func:`registered_names` without importing
+them. ``pipelocal/__init__.py`` imports those packages, so the registries are full before any
+config is built.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-__all__ = ["Registry", "UnknownNameError"]
+__all__ = ["Registry", "UnknownNameError", "registered_names"]
 
 T = TypeVar("T")
+
+_BY_KIND: dict[str, Registry] = {}
 
 
 class UnknownNameError(KeyError):
@@ -21,8 +29,11 @@ class Registry(Generic[T]):
     """``@REG.register("name")`` decorates a factory; ``REG.get(name)`` fails naming the choices."""
 
     def __init__(self, kind: str) -> None:
+        if kind in _BY_KIND:
+            raise ValueError(f"a registry of {kind}s exists already")
         self.kind = kind
         self._items: dict[str, T] = {}
+        _BY_KIND[kind] = self
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -43,3 +54,14 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+
+def registered_names(kind: str) -> list[str]:
+    """The names registered in the registry of ``kind`` ("rule", "model", "dataset")."""
+    try:
+        return _BY_KIND[kind].names()
+    except KeyError:
+        raise RuntimeError(
+            f"no registry of {kind}s: import pipelocal (its __init__ imports the packages that "
+            "fill the registries) before building a config"
+        ) from None

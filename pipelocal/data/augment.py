@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipelocal.config import AUGMENTATIONS
+
 __all__ = ["AUGMENTATIONS", "apply_augmentations", "cutout", "random_flip", "random_translate"]
 
-AUGMENTATIONS = ("jitter", "flip", "padcrop", "cutout")
-"""Names accepted in ``data.augment``, in the order they are applied."""
 
 
 def random_translate(x: torch.Tensor, px: int, generator: torch.Generator) -> torch.Tensor:
