@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=float, default=0.25, help="model.width (default 0.25)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    p.add_argument("--rules", nargs="*", default=list(RULES), choices=list(RULES),
+                   help="rules of the accuracy part; none (a bare --rules) skips it")
     p.add_argument("--partition-limit", type=int, default=2048,
                    help="data.train_limit of the partition runs (default 2048)")
     p.add_argument("--partition-repeats", type=int, default=2)
