@@ -10,18 +10,17 @@ InfoPro are?
 
 Part 2 (partition): ResNet-32 with AugLocal (``rule.aux_depth = 4``), 2 stages, through the
 CLI (``python -m pipelocal train --stages 2 --set pipeline.partition=[...]``): the block-count
-split [8, 8] against the split balanced on the MAC cost model (body + auxiliary nets,
-:mod:`pipelocal.pipeline.cost`). Throughput = the run's ``throughput(samples/s)`` (training
-samples / epoch time). The two splits alternate, ``--partition-repeats`` times each.
+split [8, 8], the split balanced on the MAC cost model (body + auxiliary nets,
+:mod:`pipelocal.pipeline.cost`) and the split ``pipelocal plan`` proposes from timing each
+block's training step. Throughput = the run's ``throughput(samples/s)`` (training samples /
+epoch time). The splits alternate, ``--partition-repeats`` times each.
 
 Committed results:
 
-* ``results/auglocal_resnet.json`` (partition; the 2-core CPU was shared with other jobs, load
-  average 11-15; 1165 s in all). Its accuracy part (2 epochs of 16 steps) is too short to rank
-  the rules: every rule, glob included, is still near chance::
+* ``results/auglocal_resnet.json`` (partition only: a bare ``--rules`` skips the accuracy
+  part; 188 s on the otherwise quiet machine)::
 
-    python benchmarks/auglocal_resnet.py --epochs 2 --set data.train_limit=2000 \
-        --partition-limit 1024 --partition-repeats 2
+    python benchmarks/auglocal_resnet.py --rules --partition-limit 1024 --partition-repeats 3
 
 * ``results/auglocal_resnet_accuracy.json`` (accuracy: 2 epochs of 250 steps of 32 images, seeds
   0 and 1; 1079 s on the otherwise quiet machine)::
