@@ -133,7 +133,7 @@ def test_stage_shape_mismatch_between_stages(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("stages", [1])  # 2 stages: the SIGTERM test in test_supervision.py
 def test_ctrl_c_checkpoints_and_stops(tmp_path: Path, stages: int) -> None:
     """SIGINT to `pipelocal train`: checkpoint at the current step, exit 130, resumable."""
     import sys
