@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelocal import registry
 from pipelocal.registry import Registry, UnknownNameError, registered_names
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipelocal"
@@ -57,7 +58,8 @@ def test_a_kind_has_one_registry() -> None:
         Registry("rule")
 
 
-def test_unknown_name_lists_the_choices() -> None:
+def test_unknown_name_lists_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry, "_BY_KIND", dict(registry._BY_KIND))  # leave no test kind
     reg: Registry[int] = Registry("test-thing")
     reg.register("b")(2)
     reg.register("a")(1)

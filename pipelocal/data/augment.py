@@ -20,7 +20,6 @@ from pipelocal.config import AUGMENTATIONS
 __all__ = ["AUGMENTATIONS", "apply_augmentations", "cutout", "random_flip", "random_translate"]
 
 
-
 def random_translate(x: torch.Tensor, px: int, generator: torch.Generator) -> torch.Tensor:
     """Zero-pad by ``px`` and crop back to H x W at a random offset per sample.
 
