@@ -4,6 +4,7 @@ Ray instance for the whole session (tests marked ``ray`` use it; skipped when Ra
 from __future__ import annotations
 
 import importlib.util
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,16 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _restore_signals() -> Iterator[None]:
+    """A test that calls ``main(["train", ...])`` installs its Ctrl-C / SIGTERM handlers; give
+    pytest its own back."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, h in handlers.items():
+        signal.signal(s, h)
 
 
 @pytest.fixture(scope="session")

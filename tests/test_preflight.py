@@ -8,7 +8,6 @@ import multiprocessing.context
 import os
 import shutil
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,6 @@ from pipelocal.launch.preflight import (
 )
 from pipelocal.pipeline.stage import parse_fault
 from tests.conftest import tiny_config, tiny_overrides
-
-
-@pytest.fixture(autouse=True)
-def _restore_signals() -> Iterator[None]:
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, h in handlers.items():
-        signal.signal(s, h)
 
 
 @pytest.fixture

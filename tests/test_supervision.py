@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,6 @@ from tests.conftest import REPO, assert_identical, checkpoint_tensors, tiny_conf
 
 _WAIT_S = 600.0
 """Longest wait for a started run to write its first checkpoint (a loaded 2-core machine)."""
-
-
-@pytest.fixture(autouse=True)
-def _restore_signals() -> Iterator[None]:
-    """``main(["train", ...])`` installs its Ctrl-C / SIGTERM handlers; give pytest its own."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, h in handlers.items():
-        signal.signal(s, h)
 
 
 def _start(args: list[str], tmp_path: Path, name: str, *more: str) -> subprocess.Popen[str]:
