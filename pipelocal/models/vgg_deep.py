@@ -12,10 +12,13 @@ conv channels. No dropout: a body draws nothing at random (determinism, see engi
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from pipelocal.config import ConfigError, ModelConfig
 from pipelocal.models.base import BlockSpec, LayerTemplate, register_model
+from pipelocal.models.resample import AdaptiveAvgPool2d
 
 __all__ = ["DEEP_VGG_LAYOUTS", "build_deep_vgg"]
 
@@ -32,14 +35,19 @@ def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
     )
 
 
-def _head(name: str, c: int, num_classes: int, cfg: ModelConfig) -> list[nn.Module]:
+def _head(
+    name: str, c: int, hw: tuple[int, int], num_classes: int, cfg: ModelConfig
+) -> list[nn.Module]:
+    """Max-pool, then torchvision's head on the pooled map of ``c`` x ``hw`` (before the pool)."""
     # ceil_mode: the final max-pool also works on a 1x1 map (small test inputs).
     pool = nn.MaxPool2d(2, ceil_mode=True)
     if name == "vgg19":
         return [pool, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes)]
     f = cfg.fc_width
+    pooled = (math.ceil(hw[0] / 2), math.ceil(hw[1] / 2))
     return [
-        pool, nn.AdaptiveAvgPool2d(7), nn.Flatten(),
+        # torchvision's AdaptiveAvgPool2d(7), from kernels that are deterministic on CUDA
+        pool, AdaptiveAvgPool2d(pooled, 7), nn.Flatten(),
         nn.Linear(c * 49, f), nn.ReLU(), nn.Linear(f, f), nn.ReLU(), nn.Linear(f, num_classes),
     ]
 
@@ -59,8 +67,8 @@ def build_deep_vgg(
         if i == convs[-1]:
             specs.append(BlockSpec(
                 name="out", kind="output",
-                make=lambda c=c, c_out=c_out: nn.Sequential(
-                    _conv(c, c_out), *_head(name, c_out, num_classes, cfg)),
+                make=lambda c=c, c_out=c_out, hw=(h, w): nn.Sequential(
+                    _conv(c, c_out), *_head(name, c_out, hw, num_classes, cfg)),
                 in_shape=(c, h, w), out_shape=(num_classes,), template=template,
             ))
             break

@@ -1,6 +1,6 @@
 """DGL (Belilovsky et al. 2020): the MLP-SR auxiliary net, trained with cross-entropy.
 
-On conv features [B, C, H, W]: average pooling to ceil(H/4) x ceil(W/4) (the "spatial
+On conv features [B, C, H, W]: adaptive average pooling to ceil(H/4) x ceil(W/4) (the "spatial
 reduction"), three 1x1 conv(C -> C)-BN-ReLU, adaptive average pooling to 2x2, then a 3-layer
 MLP: Linear(4C, 4C)-BN-ReLU, Linear(4C, 4C)-BN-ReLU, Linear(4C, classes). Widths follow the
 authors' code (``auxillary_classifier2``: feature size = input channels, MLP width = 4x that).
@@ -14,6 +14,7 @@ import math
 from torch import nn
 
 from pipelocal.config import RuleConfig
+from pipelocal.models.resample import AdaptiveAvgPool2d
 from pipelocal.rules.auxnet import AuxNetRule
 from pipelocal.rules.base import register_rule
 
@@ -34,10 +35,12 @@ def mlp_sr(shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
     convs: list[nn.Module] = []
     for _ in range(3):
         convs += [nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+    reduced = (math.ceil(h / 4), math.ceil(w / 4))
+    # The authors' nn.AdaptiveAvgPool2d, from kernels that are deterministic on CUDA.
     return nn.Sequential(
-        nn.AdaptiveAvgPool2d((math.ceil(h / 4), math.ceil(w / 4))),  # [B, C, H/4, W/4]
+        AdaptiveAvgPool2d((h, w), reduced),  # [B, C, H/4, W/4]
         *convs,
-        nn.AdaptiveAvgPool2d(2),  # [B, C, 2, 2]
+        AdaptiveAvgPool2d(reduced, 2),  # [B, C, 2, 2]
         nn.Flatten(),  # [B, 4C]
         *_mlp(4 * c, num_classes),
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from pipelocal.rules.base import LocalRule, register_rule
@@ -39,4 +40,4 @@ class FARule(LocalRule):
     feedback_alignment: ClassVar[bool] = True
 
     def loss(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
-        return h.new_zeros(()), None
+        return h.new_zeros((), dtype=torch.float32), None  # float32 as every loss

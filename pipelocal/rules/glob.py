@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from pipelocal.config import RuleConfig
@@ -23,7 +24,7 @@ class GlobRule(LocalRule):
     is_global: ClassVar[bool] = True
 
     def loss(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
-        return h.new_zeros(()), None
+        return h.new_zeros((), dtype=torch.float32), None  # float32 as every loss
 
 
 @register_rule("glob+sim")

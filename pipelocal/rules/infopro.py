@@ -2,8 +2,10 @@
 
 Two auxiliary nets on the block output h [B, C, H, W]:
 
-* **Decoder:** bilinear upsampling of h to the image size, conv3x3(C -> 12)-BN-ReLU,
-  conv3x3(12 -> image channels), sigmoid; loss = binary cross-entropy against the image
+* **Decoder:** bilinear upsampling of h to the image size (``align_corners=True``, as a
+  matrix product whose CUDA backward is deterministic: ``BilinearUpsample``),
+  conv3x3(C -> 12)-BN-ReLU, conv3x3(12 -> image channels), sigmoid; loss = binary
+  cross-entropy, in float32 outside autocast (CUDA autocast refuses it), against the image
   rescaled to [0, 1] (per sample and channel by its min and max: the authors un-normalise with
   the dataset's mean and std, which a rule does not see; for images that span [0, 1] the two
   agree).
@@ -23,10 +25,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipelocal.config import RuleConfig
+from pipelocal.models.resample import BilinearUpsample
 from pipelocal.rules.auxnet import conv_shape
 from pipelocal.rules.base import LocalRule, register_rule
 from pipelocal.rules.context import RuleContext
@@ -59,8 +63,9 @@ class InfoProRule(LocalRule):
         self, shape: tuple[int, ...], num_classes: int, cfg: RuleConfig, *, context: RuleContext
     ) -> None:
         super().__init__(shape, num_classes, cfg)
-        c, _, _ = conv_shape(shape, "infopro")
+        c, h, w = conv_shape(shape, "infopro")
         image_c, self.image_hw = context.image_shape[0], tuple(context.image_shape[1:])
+        self.upsample = BilinearUpsample((h, w), self.image_hw)
         self.recon_weight, self.ce_weight = infopro_weights(context.index, context.num_layers,
                                                             cfg)
         self.decoder = nn.Sequential(
@@ -77,8 +82,7 @@ class InfoProRule(LocalRule):
 
     def reconstruct(self, h: Tensor) -> Tensor:
         """[B, C, H', W'] -> the decoded image [B, C_image, H, W] in (0, 1)."""
-        up = F.interpolate(h, size=self.image_hw, mode="bilinear", align_corners=True)
-        return self.decoder(up)
+        return self.decoder(self.upsample(h))
 
     def loss(  # type: ignore[override]
         self, h: Tensor, y: Tensor, image: Tensor | None = None
@@ -89,7 +93,10 @@ class InfoProRule(LocalRule):
                 "image= to LocalBlock.train_step (the engine and the pipeline stages do)"
             )
         scores = self.classifier(h)  # [B, num_classes]
-        recon = F.binary_cross_entropy(self.reconstruct(h), unit_range(image))
+        decoded = self.reconstruct(h)
+        # binary_cross_entropy is on CUDA autocast's banned list: float32, autocast off.
+        with torch.autocast(h.device.type, enabled=False):
+            recon = F.binary_cross_entropy(decoded.float(), unit_range(image.float()))
         total = self.recon_weight * recon + self.ce_weight * F.cross_entropy(scores, y)
         return total, scores.detach()
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -99,7 +100,7 @@ class PredSimRule(LocalRule):
         return F.mse_loss(rh, ry)
 
     def loss(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
-        total = h.new_zeros(())
+        total = h.new_zeros((), dtype=torch.float32)
         z = None
         if self.pred_weight > 0:
             loss_pred, z = self._pred(h, y)
