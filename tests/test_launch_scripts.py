@@ -112,7 +112,8 @@ def test_torchrun_script_equals_spawned_pipeline(tmp_path: Path, nodes: int) -> 
     else:
         common = {"NNODES": "2", "STAGES_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
                   "MASTER_PORT": str(_free_port()), "LOCAL_ADDR": "127.0.0.1",
-                  "RDZV_ID": f"test-{os.getpid()}"}
+                  "RDZV_ID": f"test-{os.getpid()}",
+                  "PIPELOCAL_NCCL_ORDER": "1"}  # point-to-point ops in NCCL's order
         procs = [subprocess.Popen(["bash", str(TORCHRUN_SH), *args],
                                   env=_env(NODE_RANK=str(rank), **common), cwd=REPO,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -8,9 +8,20 @@ next messages before it computes on the current one, so transfers overlap comput
 built with ``image_shape`` also carries the model's input image [batch_size, *image_shape]
 (float32, whatever the wire dtype) for rules that need it at every stage (InfoPro).
 
-The header travels in host memory over a gloo group of its own, the tensors over the default
-group (NCCL between GPUs). Reading the header therefore never synchronises the device: a GPU
-stage learns what comes next and queues its kernels while the previous batch still runs.
+The header travels in host memory over a gloo group of its own, the tensors over the group of
+their pipeline edge: one group per neighbour pair (stage s, stage s + 1), NCCL between GPUs.
+One communicator per edge matters on GPUs: NCCL completes the point-to-point ops of one
+communicator in the order they were posted, on one stream, and a middle stage posts the receive
+of message m + 1 before it sends message m on; over one shared communicator that send would
+wait for a receive that only comes after the end-of-epoch gather, which waits for that send
+(:mod:`pipelocal.pipeline.nccl_order` emulates this ordering over gloo, for the tests). On its
+own edge each communicator carries one direction only, so the k-th send meets the k-th receive.
+
+Waiting never blocks the host on a GPU: an NCCL tensor receive is waited without a timeout,
+which only orders the current stream after the transfer (with a timeout, ``Work.wait`` blocks
+the CPU thread until the transfer ends), while the header wait, on gloo, has the timeout and
+bounds a dead neighbour. So a GPU stage learns what comes next, and queues its kernels, while
+the previous batch still runs.
 
 Both ends are bounded by ``depth``: at most ``depth`` sends in flight (the sender waits for the
 oldest), and ``depth`` receives posted ahead. Every wait has a timeout; a failed or timed-out
@@ -29,12 +40,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Kind", "Message", "P2PChannel", "PeerError"]
+__all__ = ["Kind", "Message", "P2PChannel", "PeerError", "Transport", "tensor_wait_timeout"]
 
 _HEADER = 8
 _TAG_HEADER, _TAG_X, _TAG_Y, _TAG_IMAGE = 0, 1, 2, 3
@@ -53,6 +65,29 @@ class Kind(enum.IntEnum):
 
 class PeerError(RuntimeError):
     """A transfer to or from a neighbouring stage failed: most often that stage died first."""
+
+
+class Transport(Protocol):
+    """Posts point-to-point ops: ``torch.distributed`` itself, or a test double over it."""
+
+    def isend(self, tensor: Tensor, dst: int, group: Any, tag: int) -> Any: ...
+
+    def irecv(self, tensor: Tensor, src: int, group: Any, tag: int) -> Any: ...
+
+
+class _Dist:
+    def isend(self, tensor: Tensor, dst: int, group: Any, tag: int) -> Any:
+        return dist.isend(tensor, dst, group=group, tag=tag)
+
+    def irecv(self, tensor: Tensor, src: int, group: Any, tag: int) -> Any:
+        return dist.irecv(tensor, src, group=group, tag=tag)
+
+
+def tensor_wait_timeout(backend: str, timeout: timedelta) -> timedelta | None:
+    """The timeout to wait on a tensor transfer with: none on NCCL (a wait with a timeout blocks
+    the host until the transfer ends; without one it orders the current stream only), else
+    ``timeout`` (gloo completes on the host; the wait is the bound on a dead peer)."""
+    return None if backend == "nccl" else timeout
 
 
 @dataclass
@@ -76,11 +111,16 @@ class _Slot:
     x: Tensor
     y: Tensor
     image: Tensor | None = None
-    works: list[dist.Work] | None = None
+    works: list[tuple[Any, timedelta | None]] | None = None
 
 
 class P2PChannel:
-    """Sends to stage ``dst`` and/or receives from stage ``src`` over the default process group."""
+    """Sends to stage ``stage + 1`` and/or receives from stage ``stage - 1``.
+
+    ``data_group`` carries the tensors (this edge's group; None: the default group) and
+    ``data_backend`` names its backend; ``header_group`` the headers (gloo; None: the default
+    group, in CPU tests). ``transport`` posts the ops (``torch.distributed`` by default).
+    """
 
     def __init__(
         self,
@@ -94,19 +134,26 @@ class P2PChannel:
         timeout_s: float,
         device: torch.device,
         header_group: dist.ProcessGroup | None = None,
+        data_group: dist.ProcessGroup | None = None,
+        data_backend: str = "gloo",
         image_shape: tuple[int, ...] | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.stage, self.batch_size, self.depth = stage, batch_size, depth
         self.header_group = header_group  # gloo; None = the default group (CPU tests)
+        self.data_group = data_group
+        self.transport: Transport = transport or _Dist()
         self.image_shape = image_shape
         self.sent_bytes = 0
         """Payload bytes handed to the transport (header, activation, labels, image)."""
         self.wire_dtype, self.device = wire_dtype, device
         self.timeout = timedelta(seconds=timeout_s)
+        self._tensor_timeout = tensor_wait_timeout(data_backend, self.timeout)
         self.wire_shape_out = wire_shape_out
         self.recv_wait_s = 0.0
         self.send_wait_s = 0.0
-        self._sends: deque[tuple[list[dist.Work], tuple[Tensor, ...], int]] = deque()
+        self._sends: deque[tuple[list[tuple[Any, timedelta | None]], tuple[Tensor, ...], int]] = \
+            deque()
         self._slots: list[_Slot] = []
         self._next = 0
         self._pending_repost: int | None = None
@@ -129,19 +176,21 @@ class P2PChannel:
     # ------------------------------------------------------------------ receiving
 
     def _post(self, slot: _Slot) -> None:
-        src = self.stage - 1
-        slot.works = [
-            dist.irecv(slot.header, src, group=self.header_group, tag=_TAG_HEADER),
-            dist.irecv(slot.x, src, tag=_TAG_X),
-            dist.irecv(slot.y, src, tag=_TAG_Y),
-        ]
+        src, t = self.stage - 1, self.transport
+        tensors = [(slot.x, _TAG_X), (slot.y, _TAG_Y)]
         if slot.image is not None:
-            slot.works.append(dist.irecv(slot.image, src, tag=_TAG_IMAGE))
+            tensors.append((slot.image, _TAG_IMAGE))
+        slot.works = [(t.irecv(slot.header, src, self.header_group, _TAG_HEADER), self.timeout)]
+        slot.works += [(t.irecv(buf, src, self.data_group, tag), self._tensor_timeout)
+                       for buf, tag in tensors]
 
-    def _wait(self, works: list[dist.Work], what: str, step: int | str) -> None:
+    def _wait(self, works: list[tuple[Any, timedelta | None]], what: str, step: int | str) -> None:
         try:
-            for work in works:
-                work.wait(self.timeout)
+            for work, timeout in works:
+                if timeout is None:
+                    work.wait()  # NCCL: orders the current stream after the transfer; no host wait
+                else:
+                    work.wait(timeout)
         except Exception as exc:
             raise PeerError(
                 f"stage {self.stage}: {what} failed at batch {step} ({type(exc).__name__}: "
@@ -157,8 +206,8 @@ class P2PChannel:
         index = self._next
         slot = self._slots[index]
         t0 = time.perf_counter()
-        # On NCCL the tensor waits only order the current stream after the transfer (no host
-        # block); the header wait is a host wait on gloo: the whole receive wait on CPU.
+        # The header wait is a host wait (gloo); on NCCL the tensor waits only order the
+        # current stream after the transfers (see the module doc).
         self._wait(slot.works or [], f"receive from stage {self.stage - 1}", "next")
         slot.works = None
         self.recv_wait_s += time.perf_counter() - t0
@@ -205,16 +254,17 @@ class P2PChannel:
             if rows:
                 x[:rows] = msg.x
         # Always a copy: the labels may be a view of a receive buffer that is about to be reused.
+        # They are on the device already (the stage moved them): a device-to-device copy.
         y = torch.zeros(b, dtype=torch.int64, device=self.device)
         if rows:
             y[:rows] = msg.y
         while len(self._sends) >= self.depth:
             self._drain_one()
-        dst = self.stage + 1
+        dst, t = self.stage + 1, self.transport
         tensors = (header, x, y, *self._image_to_send(msg))
-        groups = (self.header_group, None, None, None)  # the header over gloo, see module doc
-        tags = (_TAG_HEADER, _TAG_X, _TAG_Y, _TAG_IMAGE)
-        works = [dist.isend(t, dst, group=g, tag=tag) for t, g, tag in zip(tensors, groups, tags)]
+        works = [(t.isend(header, dst, self.header_group, _TAG_HEADER), self.timeout)]
+        works += [(t.isend(buf, dst, self.data_group, tag), self._tensor_timeout)
+                  for buf, tag in zip(tensors[1:], (_TAG_X, _TAG_Y, _TAG_IMAGE))]
         self.sent_bytes += sum(t.numel() * t.element_size() for t in tensors)
         self._sends.append((works, tensors, msg.step))  # keep tensors alive until sent
 

@@ -117,17 +117,22 @@ class Stage:
         assert msg.x is not None and msg.y is not None
         if self.t_start is None:
             self.t_start = time.perf_counter()
-        x = self._maybe_fail(msg.step, msg.x) if msg.kind == Kind.TRAIN else msg.x
+        # Stage 0 gets the batch in host memory (pinned on CUDA): one asynchronous copy to the
+        # device here, so that neither the engine nor the outbox copies from the host behind the
+        # step. Later stages' tensors are on the device already (no copy).
+        dev = self.engine.device
+        x, y = msg.x.to(dev, non_blocking=True), msg.y.to(dev, non_blocking=True)
+        x = self._maybe_fail(msg.step, x) if msg.kind == Kind.TRAIN else x
         # The model's input: stage 0 receives it as x; later stages with it (if carried).
         image = x if self.engine.indices[0] == 0 else msg.image
         self._timer.start()
         if msg.kind == Kind.TRAIN:
-            out = self.engine.train_batch(x, msg.y, msg.epoch, image=image)
+            out = self.engine.train_batch(x, y, msg.epoch, image=image)
             self.samples += msg.rows
         else:
-            out = self.engine.eval_batch(msg.x, msg.y)
+            out = self.engine.eval_batch(x, y)
         self._timer.stop()
-        self._forward(Message(msg.kind, msg.step, msg.epoch, out, msg.y, image))
+        self._forward(Message(msg.kind, msg.step, msg.epoch, out, y, image))
 
     def _forward(self, msg: Message) -> None:
         if self.outbox is not None:

@@ -1,7 +1,8 @@
 """The one worker body every launcher runs (spawn, torchrun, Ray): rank r of an S-stage pipeline.
 
     configure the device (placement, threads, determinism) before any CUDA call
-    join the process group (data: NCCL on GPU, gloo on CPU) and two gloo groups (control, headers)
+    join the process group, one group per pipeline edge (s, s + 1) for the tensors (NCCL on
+    GPU, gloo on CPU) and two gloo groups (control, headers)
     receive the Setup from rank 0
     build_stage(...)                 -> Stage: the engine over this rank's blocks + its channels
     rank 0: build_trainer(...).fit()    the coordinator drives the pipeline through stage 0
@@ -25,13 +26,14 @@ from pipelocal.config import Config
 from pipelocal.device import configure_determinism, cpu_threads, place_stage, visible_gpus
 from pipelocal.engine import Engine, build_blocks
 from pipelocal.pipeline.channel import P2PChannel
+from pipelocal.pipeline.nccl_order import SerialTransport, nccl_order_requested
 from pipelocal.pipeline.partition import stage_ranges
 from pipelocal.pipeline.stage import DistPipe, Stage
 from pipelocal.rules import RULES
 from pipelocal.setup import Setup
 from pipelocal.trainer import build_trainer
 
-__all__ = ["build_stage", "configure_rank", "run_rank", "wire_dtype"]
+__all__ = ["build_stage", "configure_rank", "edge_groups", "run_rank", "wire_dtype"]
 
 
 def wire_dtype(cfg: Config) -> torch.dtype:
@@ -59,6 +61,14 @@ def configure_rank(
     return device
 
 
+def edge_groups(world: int, backend: str, timeout: timedelta) -> list[dist.ProcessGroup]:
+    """One process group per pipeline edge, ranks (s, s + 1): its own NCCL communicator and
+    stream on GPUs (see :mod:`pipelocal.pipeline.channel`). Every rank creates every edge's
+    group, in the same order, as ``new_group`` requires."""
+    return [dist.new_group([s, s + 1], backend=backend, timeout=timeout)
+            for s in range(world - 1)]
+
+
 def build_stage(
     setup: Setup,
     *,
@@ -67,8 +77,11 @@ def build_stage(
     device: torch.device,
     control: dist.ProcessGroup,
     headers: dist.ProcessGroup,
+    edges: list[dist.ProcessGroup],
+    backend: str,
 ) -> Stage:
-    """Rank ``rank``'s stage: its blocks (resumed if the run resumes) between its channels."""
+    """Rank ``rank``'s stage: its blocks (resumed if the run resumes) between its channels;
+    ``edges[s]`` carries the tensors between stages s and s + 1 over ``backend``."""
     cfg, specs = setup.cfg, setup.specs
     r = stage_ranges(cfg.pipeline.partition)[rank]
     engine = Engine(build_blocks(cfg, specs, setup.num_classes, r, device))
@@ -77,14 +90,17 @@ def build_stage(
     wire = dict(
         stage=rank, batch_size=cfg.data.batch_size, depth=cfg.pipeline.channel_depth,
         wire_dtype=wire_dtype(cfg), timeout_s=cfg.pipeline.timeout_s, device=device,
-        header_group=headers,
+        header_group=headers, data_backend=backend,
+        # PIPELOCAL_NCCL_ORDER=1: the edges' ops complete in posting order, as on NCCL.
+        transport=SerialTransport(lambda g: any(g is e for e in edges))
+        if nccl_order_requested() else None,
         # InfoPro: the model's input image travels with the activation to every later stage.
         image_shape=specs[0].in_shape if _needs_image(cfg) else None,
     )
-    inbox = (P2PChannel(wire_shape_in=specs[r.start - 1].wire_shape, wire_shape_out=None, **wire)
-             if rank > 0 else None)
-    outbox = (P2PChannel(wire_shape_in=None, wire_shape_out=specs[r.stop - 1].wire_shape, **wire)
-              if rank < world - 1 else None)
+    inbox = (P2PChannel(wire_shape_in=specs[r.start - 1].wire_shape, wire_shape_out=None,
+                        data_group=edges[rank - 1], **wire) if rank > 0 else None)
+    outbox = (P2PChannel(wire_shape_in=None, wire_shape_out=specs[r.stop - 1].wire_shape,
+                         data_group=edges[rank], **wire) if rank < world - 1 else None)
     return Stage(rank, engine, inbox=inbox, outbox=outbox, control=control,
                  run_dir=setup.run_dir)
 
@@ -118,12 +134,13 @@ def run_rank(
     # message headers over another, so that reading one never waits for the device.
     control = dist.new_group(backend="gloo", timeout=timeout)
     headers = dist.new_group(backend="gloo", timeout=timeout)
+    edges = edge_groups(world, backend, timeout)
     box = [setup]
     dist.broadcast_object_list(box, src=0, group=control)
     setup = box[0]
     assert setup is not None
     stage = build_stage(setup, rank=rank, world=world, device=device, control=control,
-                        headers=headers)
+                        headers=headers, edges=edges, backend=backend)
     stage.on_phase = on_phase
     if stage_box is not None:
         stage_box.append(stage)
