@@ -8,9 +8,10 @@ commented with the documented PyTorch semantics it relies on.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import time
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -20,18 +21,33 @@ __all__ = [
     "CUBLAS_WORKSPACE",
     "StepTimer",
     "auto_stages",
+    "check_bf16",
     "configure_determinism",
     "cpu_threads",
+    "cublas_workspace_ok",
     "deterministic_now",
+    "epoch_stats",
     "memory_stats",
+    "nvml_process_mib",
+    "nvml_uuid",
     "place_stage",
+    "ray_gpu_index",
     "reset_memory_stats",
     "visible_gpus",
 ]
 
 CUBLAS_WORKSPACE = ":4096:8"
 """``CUBLAS_WORKSPACE_CONFIG`` for deterministic cuBLAS (CUDA >= 10.2, PyTorch reproducibility
-notes); it must be in the environment before the first cuBLAS call of the process."""
+notes); it must be in the environment before the first cuBLAS call of the process. A value the
+user set is kept if it is one of the documented forms (``:4096:8``, ``:16:8``, or several
+``:SIZE:COUNT`` pairs)."""
+_CUBLAS_FORM = re.compile(r"^(:\d+:\d+)+$")
+
+
+def cublas_workspace_ok(value: str | None) -> bool:
+    """Whether ``CUBLAS_WORKSPACE_CONFIG = value`` makes cuBLAS deterministic (a documented
+    ``:SIZE:COUNT[:SIZE:COUNT...]`` form)."""
+    return value is not None and _CUBLAS_FORM.match(value) is not None
 
 
 def visible_gpus(cfg: Config) -> int:
@@ -112,11 +128,15 @@ def configure_determinism(device: torch.device, deterministic: bool) -> None:
     benchmarks for speed, and the bitwise guarantee holds on CPU only. CPU kernels are
     deterministic for a fixed thread count either way.
     """
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    if deterministic and not cublas_workspace_ok(os.environ.get("CUBLAS_WORKSPACE_CONFIG")):
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic and device.type == "cuda"
+    # TF32: PyTorch lets cuDNN convolutions use it by default (cuBLAS matmuls not). Under
+    # run.deterministic "fp32" means IEEE float32 on every op; otherwise PyTorch's defaults.
+    torch.backends.cudnn.allow_tf32 = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def deterministic_now() -> bool:
@@ -125,8 +145,50 @@ def deterministic_now() -> bool:
         torch.are_deterministic_algorithms_enabled()
         and torch.backends.cudnn.deterministic
         and not torch.backends.cudnn.benchmark
-        and os.environ.get("CUBLAS_WORKSPACE_CONFIG") == CUBLAS_WORKSPACE
+        and cublas_workspace_ok(os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
     )
+
+
+def check_bf16(device: torch.device, precision: str, supported: bool | None = None) -> None:
+    """A ConfigError before any worker starts if ``run.precision = "bf16"`` on a GPU without
+    bfloat16 (``supported``: ``torch.cuda.is_bf16_supported()`` unless given)."""
+    if precision != "bf16" or device.type != "cuda":
+        return
+    if supported is None:
+        supported = torch.cuda.is_bf16_supported()
+    if not supported:
+        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "this GPU"
+        raise ConfigError(f"run.precision = 'bf16' but {name} has no bfloat16 support (compute "
+                          "capability 8.0 or newer is needed); use run.precision = 'fp32'")
+
+
+def nvml_uuid(torch_uuid: str) -> str:
+    """NVML's UUID string for ``torch.cuda.get_device_properties(i).uuid``: NVML prefixes it
+    with ``GPU-`` (MIG instances: ``MIG-``), torch prints it bare."""
+    text = str(torch_uuid)
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+
+
+def ray_gpu_index(gpu_ids: list[Any], visible: str | None, noset: bool) -> int | None:
+    """The CUDA ordinal of a Ray actor's GPU, or None without one.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` to the actor's GPUs, so its GPU is ``cuda:0``. With
+    ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES`` it does not, and the actor sees every GPU
+    of its node: its GPU is the position of its Ray GPU id among the visible devices (Ray's
+    ids are entries of the node's ``CUDA_VISIBLE_DEVICES`` when that is set, else ordinals).
+    """
+    if not gpu_ids:
+        return None
+    if not noset:
+        return 0
+    gpu = str(gpu_ids[0])
+    if visible:
+        entries = [e.strip() for e in visible.split(",")]
+        if gpu not in entries:
+            raise ConfigError(f"Ray gave this actor GPU {gpu}, which CUDA_VISIBLE_DEVICES = "
+                              f"{visible!r} does not list")
+        return entries.index(gpu)
+    return int(gpu)
 
 
 class StepTimer:
@@ -163,6 +225,23 @@ class StepTimer:
         return total
 
 
+def epoch_stats(
+    timer: StepTimer, t_start: float | None, samples: int, device: torch.device
+) -> dict[str, float | int | bool | None]:
+    """A stage's (or the single process's) epoch figures: compute time, wall time since the
+    epoch's first batch, samples, throughput, determinism and peak memory. Pops the timer."""
+    busy = timer.pop_seconds()  # on CUDA: a sync point, once per epoch
+    wall = time.perf_counter() - (t_start or time.perf_counter())
+    return {
+        "busy(s)": round(busy, 4),
+        "wall(s)": round(wall, 4),
+        "samples": samples,
+        "samples/s": round(samples / max(busy, 1e-9), 1),
+        "deterministic": deterministic_now(),
+        **memory_stats(device),
+    }
+
+
 def reset_memory_stats(device: torch.device) -> None:
     """Start a new peak: CUDA allocator peaks, or on Linux the process's peak RSS (VmHWM)."""
     if device.type == "cuda":
@@ -175,29 +254,32 @@ def reset_memory_stats(device: torch.device) -> None:
         pass  # not Linux, or not allowed: the peak then covers the process lifetime
 
 
-@dataclass(frozen=True)
-class _Nvml:
-    used_mib: float | None
+def nvml_process_mib(nvml: Any, uuid: str, pid: int) -> float | None:
+    """Memory NVML reports for process ``pid`` on the GPU with ``uuid`` (MiB, the CUDA context
+    included), current at the call; None if NVML does not list the process."""
+    handle = nvml.nvmlDeviceGetHandleByUUID(uuid)
+    for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        if proc.pid == pid and proc.usedGpuMemory is not None:
+            return proc.usedGpuMemory / 2**20
+    return None
 
 
-def _nvml_process_mib(device: torch.device) -> _Nvml:
-    """This process's memory on ``device`` as NVML reports it (includes the CUDA context)."""
+def _nvml_now_mib(device: torch.device) -> float | None:
+    """This process's memory on ``device`` now, by NVML; None where NVML is missing."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
             index = device.index if device.index is not None else torch.cuda.current_device()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            pid = os.getpid()
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid == pid and proc.usedGpuMemory is not None:
-                    return _Nvml(proc.usedGpuMemory / 2**20)
-            return _Nvml(None)
+            # By UUID: a CUDA ordinal is an NVML index only without a CUDA_VISIBLE_DEVICES mask
+            # (Ray, Slurm and containers set one), and NVML counts every GPU of the machine.
+            uuid = nvml_uuid(str(torch.cuda.get_device_properties(index).uuid))
+            return nvml_process_mib(pynvml, uuid, os.getpid())
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # NVML missing or not permitted in a container: report nothing, not 0
-        return _Nvml(None)
+        return None
 
 
 def memory_stats(device: torch.device) -> dict[str, float | None]:
@@ -206,7 +288,8 @@ def memory_stats(device: torch.device) -> dict[str, float | None]:
         return {
             "max_allocated(MiB)": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
             "max_reserved(MiB)": round(torch.cuda.max_memory_reserved(device) / 2**20, 1),
-            "nvml_process(MiB)": _nvml_process_mib(device).used_mib,
+            # current at the epoch's end (NVML keeps no peak), CUDA context included
+            "nvml_process(MiB)": _nvml_now_mib(device),
         }
     return {"peak_rss(MiB)": round(_peak_rss_kib() / 1024, 1)}
 

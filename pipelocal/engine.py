@@ -17,8 +17,9 @@ from __future__ import annotations
 import bisect
 import contextlib
 import math
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,14 @@ from torch import Tensor, nn
 
 from pipelocal.checkpoint import load_block_state, save_block_state
 from pipelocal.config import Config, OptimConfig, RuleConfig, ScheduleConfig
+from pipelocal.device import StepTimer, epoch_stats, reset_memory_stats
 from pipelocal.models import BlockSpec
 from pipelocal.rules import RULES, LocalRule, RuleContext, build_rule
 from pipelocal.rules.fa import feedback_align
 
-__all__ = ["Engine", "LocalBlock", "LocalPipe", "block_seed", "build_blocks", "lr_factor"]
+__all__ = [
+    "Engine", "LocalBlock", "LocalPipe", "block_seed", "build_blocks", "eval_pieces", "lr_factor",
+]
 
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 """run.precision -> the autocast dtype of the blocks and heads (master weights stay float32)."""
@@ -420,26 +424,56 @@ class Engine:
             block.load_checkpoint_state(load_block_state(ckpt, block.index))
 
 
+def eval_pieces(x: Tensor, y: Tensor, size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """An evaluation batch in pieces of ``size`` rows (the last one shorter), as every path
+    evaluates: the pipeline's wire has that batch size, and cuDNN picks kernels by shape, so
+    one piece size keeps GPU results equal between one process and a pipeline."""
+    for start in range(0, y.numel(), size):
+        yield x[start:start + size], y[start:start + size]
+
+
 class LocalPipe:
-    """The whole model in this process: what the trainer drives when pipeline.stages = 1."""
+    """The whole model in this process: what the trainer drives when pipeline.stages = 1.
+
+    It records the epoch figures a pipeline stage records (compute time, peak memory), under
+    ``stage0/``; evaluation runs in pieces of ``eval_piece`` rows (:func:`eval_pieces`).
+    """
 
     num_stages = 1
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, *, eval_piece: int) -> None:
+        self.engine, self.eval_piece = engine, eval_piece
         self.device = engine.device
+        self._timer = StepTimer(self.device)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._samples, self._t_start = 0, None
+        self._timer.pop_seconds()
+        reset_memory_stats(self.device)
 
     def train_batch(self, step: int, epoch: int, x: Tensor, y: Tensor) -> None:
+        if self._t_start is None:
+            self._t_start = time.perf_counter()
+        self._timer.start()
         self.engine.train_batch(x, y, epoch)
+        self._timer.stop()
+        self._samples += int(y.shape[0])
 
     def eval_batch(self, x: Tensor, y: Tensor) -> None:
-        self.engine.eval_batch(x, y)
+        for px, py in eval_pieces(x, y, self.eval_piece):
+            self.engine.eval_batch(px, py)
 
     def end_epoch(self, epoch: int) -> list[dict[str, Any]]:
-        return [{"stage": 0, "blocks": self.engine.pop_train_stats()}]
+        stats = {"stage": 0, "blocks": self.engine.pop_train_stats(),
+                 **epoch_stats(self._timer, self._t_start, self._samples, self.device)}
+        self._reset()
+        return [stats]
 
     def end_eval(self) -> dict[int, dict[str, int]]:
-        return self.engine.pop_eval_stats()
+        stats = self.engine.pop_eval_stats()
+        self._reset()  # epoch figures cover training only
+        return stats
 
     def checkpoint(self, ckpt: Path, step: int) -> None:
         self.engine.save(ckpt)

@@ -70,7 +70,9 @@ def checkpoint_tensors(path: str | Path) -> dict[str, Any]:
     """Every block's saved state (parameters, buffers, optimiser, generator) of a checkpoint."""
     ckpt = resolve_checkpoint(path)
     n = read_manifest(ckpt)["num_blocks"]
-    return {i: torch.load(block_file(ckpt, i), weights_only=False) for i in range(n)}
+    # map_location: a GPU run's stages save from cuda:0, cuda:1, ...; compare on the host.
+    return {i: torch.load(block_file(ckpt, i), map_location="cpu", weights_only=False)
+            for i in range(n)}
 
 
 def assert_identical(a: Any, b: Any, where: str = "") -> None:

@@ -13,10 +13,16 @@ from pipelocal.device import (
     CUBLAS_WORKSPACE,
     StepTimer,
     auto_stages,
+    check_bf16,
     configure_determinism,
     cpu_threads,
+    cublas_workspace_ok,
+    deterministic_now,
     memory_stats,
+    nvml_process_mib,
+    nvml_uuid,
     place_stage,
+    ray_gpu_index,
     reset_memory_stats,
 )
 
@@ -106,12 +112,78 @@ def test_determinism_flags_on_and_off(monkeypatch: pytest.MonkeyPatch) -> None:
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert not torch.backends.cudnn.allow_tf32  # fp32 means IEEE float32 when deterministic
+        assert not torch.backends.cuda.matmul.allow_tf32
         configure_determinism(torch.device("cuda", 0), False)
         assert not torch.are_deterministic_algorithms_enabled()
         assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+        assert torch.backends.cudnn.allow_tf32  # PyTorch's default
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the other documented value
+        configure_determinism(torch.device("cuda", 0), True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8" and deterministic_now()
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "16:8")  # not a documented form: replaced
+        configure_determinism(torch.device("cuda", 0), True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
     finally:
         configure_determinism(torch.device("cpu"), False)
         torch.backends.cudnn.benchmark = False
+
+
+@pytest.mark.parametrize(("value", "ok"), [(":4096:8", True), (":16:8", True),
+                                           (":4096:2:16:8", True), ("", False), (None, False),
+                                           ("4096:8", False), (":4096", False)])
+def test_cublas_workspace_forms(value: str | None, ok: bool) -> None:
+    assert cublas_workspace_ok(value) is ok
+
+
+def test_bf16_is_checked_before_a_run() -> None:
+    check_bf16(torch.device("cuda", 0), "bf16", supported=True)
+    check_bf16(torch.device("cuda", 0), "fp32", supported=False)
+    check_bf16(torch.device("cpu"), "bf16", supported=False)
+    with pytest.raises(ConfigError, match=r"no bfloat16 support .* run.precision = 'fp32'"):
+        check_bf16(torch.device("cuda", 0), "bf16", supported=False)
+
+
+def test_nvml_is_asked_by_uuid_not_by_cuda_ordinal() -> None:
+    """Under CUDA_VISIBLE_DEVICES=2,3 cuda:0 is NVML's GPU 2: only the UUID names it."""
+
+    class Proc:
+        def __init__(self, pid: int, used: int | None) -> None:
+            self.pid, self.usedGpuMemory = pid, used
+
+    class FakeNvml:
+        def __init__(self) -> None:
+            self.gpus = {"GPU-aaa": [Proc(7, 3 * 2**20)],
+                         "GPU-bbb": [Proc(7, 5 * 2**20), Proc(8, None)]}
+
+        def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:
+            return uuid
+
+        def nvmlDeviceGetComputeRunningProcesses(self, handle: str) -> list[Proc]:
+            return self.gpus[handle]
+
+    nvml = FakeNvml()
+    assert nvml_uuid("bbb") == "GPU-bbb" and nvml_uuid("MIG-ccc") == "MIG-ccc"
+    assert nvml_process_mib(nvml, nvml_uuid("bbb"), pid=7) == 5.0
+    assert nvml_process_mib(nvml, "GPU-aaa", pid=7) == 3.0
+    assert nvml_process_mib(nvml, "GPU-bbb", pid=8) is None
+    assert nvml_process_mib(nvml, "GPU-aaa", pid=9) is None
+
+
+@pytest.mark.parametrize(("ids", "visible", "noset", "index"), [
+    ([], None, False, None),  # no GPU
+    ([3], "3", False, 0),  # Ray masked CUDA_VISIBLE_DEVICES to the actor's GPU
+    ([3], None, True, 3),  # every GPU visible: the id is the ordinal
+    ([5], "4,5,6,7", True, 1),  # the node's own mask: the id's position in it
+    (["GPU-x"], "GPU-w,GPU-x", True, 1),  # UUIDs in the mask
+])
+def test_ray_actor_gpu(ids: list, visible: str | None, noset: bool, index: int | None) -> None:
+    assert ray_gpu_index(ids, visible, noset) == index
+
+
+def test_ray_actor_gpu_outside_the_mask_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="GPU 2, which CUDA_VISIBLE_DEVICES = '0,1'"):
+        ray_gpu_index([2], "0,1", True)
 
 
 def test_step_timer_sums_host_time_on_cpu() -> None:

@@ -77,7 +77,8 @@ def _engine(setup: Setup) -> Engine:
 
 def _single(setup: Setup) -> dict[str, Any]:
     engine = _engine(setup)
-    trainer = build_trainer(setup, LocalPipe(engine), where=f"single process on {engine.device}")
+    trainer = build_trainer(setup, LocalPipe(engine, eval_piece=setup.cfg.data.batch_size),
+                            where=f"single process on {engine.device}")
     return trainer.fit()
 
 
@@ -91,6 +92,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict[str, Any
     setup = Setup(cfg, tuple(dataset.in_shape), dataset.num_classes, ckpt, resume=ckpt)
     engine = _engine(setup)
     train_loader, test_loader = make_loaders(dataset, cfg.data, cfg.run.seed)
-    trainer = Trainer(cfg, LocalPipe(engine), setup.specs, train_loader, test_loader, ckpt,
+    pipe = LocalPipe(engine, eval_piece=cfg.data.batch_size)
+    trainer = Trainer(cfg, pipe, setup.specs, train_loader, test_loader, ckpt,
                       metrics=Metrics(None, progress=False))
     return trainer.evaluate()

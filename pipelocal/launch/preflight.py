@@ -33,7 +33,7 @@ from pipelocal.config import (
     to_toml,
 )
 from pipelocal.data import Dataset, load_dataset
-from pipelocal.device import auto_stages, cpu_threads, place_stage, visible_gpus
+from pipelocal.device import auto_stages, check_bf16, cpu_threads, place_stage, visible_gpus
 from pipelocal.engine import build_blocks
 from pipelocal.pipeline.partition import check_partition, stage_ranges
 from pipelocal.pipeline.plan import make_plan
@@ -228,8 +228,10 @@ def validate(setup: Setup, *, gpus_per_node: int | None = None, nodes: int = 1) 
         check_partition(partition, names)
     gpus = visible_gpus(cfg) if gpus_per_node is None else gpus_per_node
     for local_rank in range(min(stages, max(gpus, 1))):  # raises if the stages do not fit
-        place_stage(stages=stages, gpus_per_node=gpus, nodes=nodes, local_rank=local_rank,
-                    device=cfg.run.device)
+        device = place_stage(stages=stages, gpus_per_node=gpus, nodes=nodes,
+                             local_rank=local_rank, device=cfg.run.device)
+        if gpus_per_node is None:  # this machine's GPUs: ask whether they have bfloat16
+            check_bf16(device, cfg.run.precision)
     return partition
 
 

@@ -11,11 +11,9 @@
 Ray places the actors, owns their lifecycle and detects their death; the data path is the same
 torch.distributed channel as under ``--stages S`` and torchrun (gloo on CPU, NCCL between GPU
 actors), set up as Ray Train does for its workers: rank 0 hosts the store, the driver hands its
-address to the others. A Ray channel would carry every activation through Ray's own transport
-(issue 11 reports a Ray Compiled Graph CPU channel at about 0.19 GB/s against about 2.3 GB/s
-for gloo on loopback on the development machine); for GPU tensors Ray's Direct Transport is
-alpha and Compiled Graphs are in maintenance, so a torch.distributed NCCL group is the
-conservative choice.
+address to the others. A Ray channel would carry every activation through Ray's own transport,
+and for GPU tensors Ray's Direct Transport is alpha and Compiled Graphs are in maintenance, so
+a torch.distributed NCCL group is the conservative choice.
 
 **Why the coordinator lives in rank 0's actor, not in the driver.** The coordinator feeds stage
 0 every batch; in the driver that would be a Ray call (or a transfer) per batch, which the
@@ -44,6 +42,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipelocal.config import Config, ConfigError
+from pipelocal.device import ray_gpu_index
 from pipelocal.launch.preflight import finalise, plan_stages, prepare, validate
 from pipelocal.launch.report import Death, describe_failure, failure_report, forward_stop_signals
 from pipelocal.launch.spawn import Interrupted, PipelineError
@@ -60,6 +59,7 @@ _GRACE_S = 2.0
 """After a stage died: how long the others get to report where they were before being killed."""
 _POLL_S = 0.5
 """How often the driver looks at stop requests while it waits for the actors (seconds)."""
+_NOSET_ENV = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 _FORWARDED_ENV = "PIPELOCAL_"
 """Driver environment variables with this prefix reach the actors (e.g. fault injection)."""
 
@@ -90,9 +90,12 @@ class StageActor:
             store = self._store or dist.TCPStore(
                 host, port, world_size=self.world, is_master=False,
                 timeout=timedelta(seconds=cfg.pipeline.timeout_s))
-            # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: to the placement rule every
-            # actor is a node of one GPU, local rank 0.
-            result = run_rank(cfg, setup, rank=self.rank, world=self.world, local_rank=0,
+            # To the placement rule every actor is a node of its own; its GPU is the one Ray
+            # gave it: cuda:0 where Ray masks CUDA_VISIBLE_DEVICES to it (the default), its
+            # position among the visible GPUs where RAY_EXPERIMENTAL_NOSET_... keeps them all.
+            gpu = ray_gpu_index(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                bool(os.environ.get(_NOSET_ENV)))
+            result = run_rank(cfg, setup, rank=self.rank, world=self.world, local_rank=gpu or 0,
                               local_world=1, nodes=self.world, store=store, stage_box=stage_box)
             return {"result": result}
         except BaseException as exc:  # the driver kills every actor, then raises it

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipelocal.checkpoint import checkpoint_dir
-from pipelocal.device import StepTimer, deterministic_now, memory_stats, reset_memory_stats
-from pipelocal.engine import Engine
+from pipelocal.device import StepTimer, epoch_stats, reset_memory_stats
+from pipelocal.engine import Engine, eval_pieces
 from pipelocal.pipeline.channel import Kind, Message, P2PChannel
 
 __all__ = ["FAULT_ENV", "DistPipe", "Stage", "parse_fault"]
@@ -144,20 +144,13 @@ class Stage:
         return out
 
     def _epoch_stats(self) -> dict[str, Any]:
-        busy = self._timer.pop_seconds()  # on CUDA: a sync point, once per epoch
-        wall = time.perf_counter() - (self.t_start or time.perf_counter())
         stats = {
             "stage": self.stage,
             "blocks": self.engine.pop_train_stats(),
-            "busy(s)": round(busy, 4),
-            "wall(s)": round(wall, 4),
-            "samples": self.samples,
-            "samples/s": round(self.samples / max(busy, 1e-9), 1),
+            **epoch_stats(self._timer, self.t_start, self.samples, self.engine.device),
             "recv_wait(s)": round(self.inbox.recv_wait_s, 4) if self.inbox else 0.0,
             "send_wait(s)": round(self.outbox.send_wait_s, 4) if self.outbox else 0.0,
-            "deterministic": deterministic_now(),
         }
-        stats.update(memory_stats(self.engine.device))
         self._reset_epoch()
         return stats
 
@@ -198,9 +191,8 @@ class DistPipe:
 
     def eval_batch(self, x: Tensor, y: Tensor) -> None:
         # Evaluation batches travel in wire-sized pieces (the wire shape is fixed).
-        for start in range(0, y.numel(), self.wire_batch):
-            end = start + self.wire_batch
-            self.stage.handle(Message(Kind.EVAL, -1, -1, x[start:end], y[start:end]))
+        for px, py in eval_pieces(x, y, self.wire_batch):
+            self.stage.handle(Message(Kind.EVAL, -1, -1, px, py))
 
     def end_epoch(self, epoch: int) -> list[dict[str, Any]]:
         return self.stage.handle(Message(Kind.END_EPOCH, -1, epoch))
