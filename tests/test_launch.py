@@ -39,9 +39,11 @@ def _workers() -> set[int]:
 @pytest.mark.parametrize(
     ("fault", "expected"),
     [
-        ("2:5:raise", ["stage 2", "batch 5", "injected fault in stage 2 at step 5",
-                       "original traceback", "Traceback"]),
-        ("1:5:kill", ["stage 1", "SIGKILL", "checkpoint is still usable"]),
+        ("2:5:raise", ["stage 2", "failed during training at epoch 2/3, batch 1 (step 5)",
+                       "injected fault in stage 2 at step 5", "original traceback",
+                       "Traceback"]),
+        ("1:5:kill", ["stage 1", "SIGKILL", "during training at epoch 2/3, batch 1 (step 5)",
+                      "The last complete checkpoint is ", "step_00000005 (resume with"]),
     ],
 )
 def test_worker_failure_stops_everything(

@@ -153,7 +153,8 @@ def test_nonfinite_loss_stops_or_is_tolerated_and_metrics_stay_strict_json(
     sets = _sets(tmp_path, "optim.lr=1e30", "run.epochs=1")
     assert main(["train", "--stages", "1", *sets, "--set=run.name=stop"]) == EXIT_NONFINITE
     err = capsys.readouterr().err
-    assert "the loss of block conv1 (block 0) became non-finite at step 1 (epoch 1;" in err, err
+    assert "the loss of block conv1 (block 0) became non-finite at epoch 1/1, batch 2 (step 1);" \
+        in err, err
     assert "no checkpoint was written before it" in err, err
     assert not (tmp_path / "stop" / "checkpoints").exists()
 
