@@ -107,8 +107,8 @@ def _raise_if_full(exc: OSError, path: Path, needed: int) -> None:
         have = f", {free:,} are free"
     except OSError:
         have = ""
-    raise DiskFull(f"no space left on the device of {path.parent} ({os.strerror(exc.errno)}): "
-                   f"{path.name} needs {needed:,} bytes{have}") from exc
+    raise DiskFull(f"{os.strerror(exc.errno).lower()} in {path.parent}: {path.name} needs "
+                   f"{needed:,} bytes{have}") from exc
 
 
 def _umask() -> int:

@@ -73,7 +73,7 @@ def raise_outcome(reports: list[dict[str, Any]], run_dir: Path) -> None:
     for r in reports:
         if r.get("type") == DiskFull.__name__:
             remove_incomplete(run_dir)  # the other stages may have written into it since
-            raise DiskFull(f"stage {r['rank']}: {r['message']}")
+            raise DiskFull(r["message"])
 
 
 def _at(phase: str, where: str | None) -> str:
