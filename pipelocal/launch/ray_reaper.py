@@ -8,9 +8,11 @@ or was killed), the reaper kills every process of that instance: those whose com
 its session folder, and those started by its raylet (``RAY_RAYLET_PID`` in their environment;
 the agents rename themselves, so their command line does not say), then exits.
 
-    python -m pipelocal.launch.ray_reaper SESSION_DIR RAY_DIR    # reads stdin until EOF
+    python pipelocal/launch/ray_reaper.py SESSION_DIR RAY_DIR RAYLET_PID   # stdin until EOF
 
-(``RAY_DIR``: the installed ray package, which every process of the instance runs from.)
+(``RAY_DIR``: the installed ray package, which every process of the instance runs from.) It
+runs as a file, not a module of the package, so that it imports nothing but the standard
+library and is watching within a fraction of a second.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["Reaper", "instance_pids", "start_reaper"]
@@ -70,29 +73,34 @@ class Reaper:
             self.proc.wait(timeout=timeout_s)
 
 
+def _raylet(session_dir: str) -> int | None:
+    return next((pid for pid, cmd in _processes()
+                 if session_dir.encode() in cmd and _RAYLET in cmd), None)
+
+
 def start_reaper(session_dir: str, ray_dir: str) -> Reaper:
     """Start the reaper of the local instance with ``session_dir`` (just started by this
     process, from the ray package in ``ray_dir``)."""
+    raylet = _raylet(session_dir)  # found now, while it lives
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelocal.launch.ray_reaper", session_dir, ray_dir],
+        [sys.executable, __file__, session_dir, ray_dir, str(raylet or -1)],
         stdin=subprocess.PIPE, start_new_session=True,  # a Ctrl-C to the job is not for it
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
     return Reaper(proc)
 
 
-def _main(session_dir: str, ray_dir: str) -> None:
+def _main(session_dir: str, ray_dir: str, raylet: int | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # it ends when the driver does, not before
-    raylet = next((pid for pid, cmd in _processes()
-                   if session_dir.encode() in cmd and _RAYLET in cmd), None)  # while it lives
     sys.stdin.buffer.read()  # blocks until the driver closes the pipe or dies: EOF
-    for pid in instance_pids(session_dir, ray_dir, raylet):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:  # already gone
-            pass
+    for _ in range(3):  # again after a pause: a process the dying raylet was just starting
+        for pid in instance_pids(session_dir, ray_dir, raylet):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:  # already gone
+                pass
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1], sys.argv[2])
+    _main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if int(sys.argv[3]) > 0 else None)
