@@ -50,6 +50,8 @@ def _workers() -> set[int]:
                        "Traceback"]),
         ("1:5:kill", ["stage 1", "SIGKILL", "during training at epoch 2/3, batch 1 (step 5)",
                       "The last complete checkpoint is ", "step_00000005 (resume with"]),
+        ("1:2:kill", ["stage 1", "SIGKILL", "during training at epoch 1/3, batch 3 (step 2)",
+                      "No complete checkpoint was written, so the run has to start again"]),
     ],
 )
 def test_worker_failure_stops_everything(
@@ -65,6 +67,7 @@ def test_worker_failure_stops_everything(
     message = str(info.value)
     for text in expected:
         assert text in message, message
+    assert "still usable" not in message, message  # said only of a checkpoint that exists
     assert elapsed < 45, f"failure took {elapsed:.1f} s to surface"  # includes 3 worker start-ups
     assert _workers() - before == set(), "a worker process was left behind"
 

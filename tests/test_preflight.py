@@ -304,3 +304,24 @@ def test_tensorboard_without_the_package_fails_before_any_worker(tmp_path: Path)
     with pytest.raises(ConfigError, match=r"run\.tensorboard = true needs the tensorboard"):
         train(tiny_config(tmp_path, "pipeline.stages=2", "run.tensorboard=true"))
     assert not any(tmp_path.iterdir())
+
+
+def test_one_stage_resumes_in_this_process_even_from_a_ray_run(
+    finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--stages 1 wins over the checkpoint's pipeline.launcher = "ray": no Ray is started."""
+    def no_ray(*args: Any, **kw: Any) -> None:
+        raise AssertionError("Ray was started for a one-stage resume")
+
+    monkeypatch.setattr(launch_mod, "_ray_train", no_ray)
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    ckpt = run / "checkpoints" / "step_00000005"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["config"]["pipeline"].update(launcher="ray", stages=2)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["train", "--resume", str(ckpt), "--stages", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "pipelocal: single process on cpu" in out, out
+    assert read_manifest(run)["step"] == 10
