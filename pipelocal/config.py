@@ -367,8 +367,10 @@ class RunConfig:
     """Run directory name (one folder below run.out_dir); empty = a time stamp. One run at a
     time owns a run directory: a second run with the same name is refused while it runs."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = 0
-    """torch threads of the single-process engine; 0 = torch's default."""
+    threads: int = 1
+    """torch threads of the single-process engine; 0 = torch's default (one per core). 1 by
+    default: where other processes hold cores, more threads spin-wait for them (measured on 2
+    cores at load 6-10: about 7x slower with torch's 2 threads than with 1)."""
     checkpoint_every: int = 1
     """Write a checkpoint every N epochs (and always at the end and on Ctrl-C)."""
     max_steps: int = 0
