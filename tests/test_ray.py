@@ -112,9 +112,11 @@ def _exists(pid: int) -> bool:
 @pytest.mark.parametrize(
     ("fault", "kill", "expected"),
     [
-        ("2:7:raise", None, ["stage 2", "batch 7", "injected fault in stage 2 at step 7",
-                             "original traceback", "Traceback"]),
-        ("1:7:kill", None, ["stage 1", "died", "Ray actor was lost", "checkpoint is still usable"]),
+        ("2:7:raise", None, ["stage 2", "during training at epoch 2/30, batch 3 (step 7)",
+                             "injected fault in stage 2 at step 7", "original traceback",
+                             "Traceback"]),
+        ("1:7:kill", None, ["stage 1", "died", "Ray actor was lost", " was training at epoch 2/30",
+                            "The last complete checkpoint is ", "step_00000005 (resume with"]),
         ("", 1, ["stage 1", "died", "Ray actor was lost"]),
     ],
     ids=["raise", "sigkill", "ray.kill"],

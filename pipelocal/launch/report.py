@@ -84,6 +84,13 @@ def _at(phase: str, where: str | None) -> str:
     return f"during {phase} {'at' if phase == 'training' else 'after'} {where}"
 
 
+def _doing(phase: str, where: str | None) -> str:
+    """`training at epoch 2/3, batch 4 (step 8)`, `in checkpoint after ...`."""
+    if phase == "training":
+        return f"training at {where}" if where else "training"
+    return f"in {phase} after {where}" if where else f"in {phase}"
+
+
 def describe_failure(
     reports: list[dict[str, Any]],
     dead: Death | None,
@@ -119,7 +126,7 @@ def describe_failure(
     if silent and reports:  # alive but mute while the others timed out waiting: frozen
         rank = max(silent)  # the others waited on the last mute one
         phase = progress.get(rank, ("start-up", None))[0]
-        waiting = "; ".join(f"stage {r['rank']} {_at(r['phase'], r.get('where'))}"
+        waiting = "; ".join(f"stage {r['rank']} {_doing(r['phase'], r.get('where'))}"
                             for r in reports)
         return (
             f"stage {rank} (rank {rank}, pid {silent[rank]}) stopped answering, "
@@ -145,7 +152,7 @@ def _last_seen(
     """Where stage ``rank`` was: what it last told its launcher, else its neighbours' places."""
     if rank in progress:
         return _at(*progress[rank])
-    near = [f"stage {r['rank']} was {_at(r['phase'], r.get('where'))}" for r in reports
+    near = [f"stage {r['rank']} was {_doing(r['phase'], r.get('where'))}" for r in reports
             if abs(r["rank"] - rank) == 1]
     return f"while {' and '.join(near)}" if near else "position unknown"
 
