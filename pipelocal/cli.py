@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from pipelocal.config import Config, config_to_dict
+from pipelocal.config import Config, ConfigError, config_to_dict
 from pipelocal.exits import EXIT_INTERRUPTED, EXIT_NONFINITE, exit_status, write_status
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_NONFINITE", "main"]
@@ -41,6 +41,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     install_stop_handlers()  # first Ctrl-C / SIGTERM: checkpoint at the current step, then stop
     t0 = time.perf_counter()
+    if args.resume and args.overwrite:
+        raise ConfigError(f"--resume {args.resume} continues a run and --overwrite replaces "
+                          "one; pass one of them")
     if args.resume and not args.config:
         # Resume with the checkpoint's own config, then apply this command's overrides.
         cfg = resume_config(read_manifest(args.resume), list(args.set or []) + _train_flags(args))

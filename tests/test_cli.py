@@ -193,3 +193,10 @@ def test_train_help_gives_the_single_process_thread_default_and_why(
     out = " ".join(capsys.readouterr().out.split())
     assert "run.threads = 1 torch threads of the single-process engine" in out, out
     assert "spin-wait" in out and "--backend ray is given too" in out and "--overwrite" in out
+
+
+def test_resume_and_overwrite_together_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "--resume", str(tmp_path), "--overwrite"]) == 2
+    assert "--overwrite replaces one; pass one of them" in capsys.readouterr().err
