@@ -35,6 +35,15 @@
 #
 # Checkpoints are written by every stage into the run directory: on several nodes, point
 # run.out_dir at a file system all nodes share.
+#
+# Exit status: that of `pipelocal train` on rank 0 (0 done, 2 config/checkpoint/full disk,
+# 3 non-finite loss, 130 stopped by Ctrl-C or SIGTERM after its checkpoint), which rank 0
+# writes to a status file; torchrun's own status where rank 0 wrote none (1 if a rank died or
+# failed otherwise). torchrun alone exits 1 after any signal, whatever its ranks did. Ctrl-C
+# and SIGTERM to this script are passed on once to torchrun (kept in its own process group, so
+# a terminal's Ctrl-C does not reach it twice), which passes them to the ranks: they write a
+# checkpoint at the current step within torchrun's 30 s shutdown time, and stop. A second one
+# aborts. If this script is killed, torchrun gets SIGTERM (it dies with its parent).
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 NNODES=${NNODES:-1}
@@ -52,15 +61,44 @@ for arg in "$@"; do
   fi
 done
 
+# torchrun as a child that dies with this script (PR_SET_PDEATHSIG = SIGTERM, kept across exec)
+_DIE_WITH_PARENT='import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])'
+
+run_torchrun() {
+  local status_file agent code=0
+  status_file=$(mktemp "${TMPDIR:-/tmp}/pipelocal-status.XXXXXX")
+  trap 'rm -f "$status_file"' EXIT
+  set -m  # torchrun in its own process group: a signal reaches it once, from the traps below
+  PIPELOCAL_STATUS_FILE=$status_file "$PYTHON" -c "$_DIE_WITH_PARENT" "$$" \
+    "$PYTHON" -m torch.distributed.run "$@" &
+  agent=$!
+  set +m
+  trap 'kill -INT "$agent" 2>/dev/null || true' INT
+  trap 'kill -TERM "$agent" 2>/dev/null || true' TERM
+  while true; do
+    code=0
+    wait "$agent" || code=$?
+    kill -0 "$agent" 2>/dev/null || break  # else a trap interrupted the wait: wait again
+  done
+  if [[ -s $status_file ]]; then
+    code=$(<"$status_file")
+  fi
+  exit "$code"
+}
+
 if [[ $NNODES == 1 ]]; then
-  exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$world" \
+  run_torchrun --standalone --nproc-per-node "$world" \
     --max-restarts "${MAX_RESTARTS:-0}" -m pipelocal train "$@"
 fi
 local_addr=()
 if [[ -n ${LOCAL_ADDR:-} ]]; then
   local_addr=(--local-addr "$LOCAL_ADDR")
 fi
-exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" \
+run_torchrun --nnodes "$NNODES" \
   --node-rank "${NODE_RANK:?set NODE_RANK (0 .. NNODES-1)}" \
   --nproc-per-node "$STAGES_PER_NODE" "${local_addr[@]}" --max-restarts "${MAX_RESTARTS:-0}" \
   --rdzv-backend c10d --rdzv-id "${RDZV_ID:-pipelocal}" \

@@ -21,13 +21,9 @@ import time
 from typing import Any
 
 from pipelocal.config import Config, ConfigError, config_to_dict
+from pipelocal.exits import EXIT_INTERRUPTED, EXIT_NONFINITE, exit_status, write_status
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_NONFINITE", "main"]
-
-EXIT_INTERRUPTED = 130
-"""Exit status of a run stopped by Ctrl-C or SIGTERM (after its checkpoint): 128 + SIGINT."""
-EXIT_NONFINITE = 3
-"""Exit status of a run stopped by a NaN/Inf loss (1 = a failure, 2 = a config error)."""
 
 
 def _config(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
@@ -45,6 +41,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     install_stop_handlers()  # first Ctrl-C / SIGTERM: checkpoint at the current step, then stop
     t0 = time.perf_counter()
+    if args.resume and args.overwrite:
+        raise ConfigError(f"--resume {args.resume} continues a run and --overwrite replaces "
+                          "one; pass one of them")
     if args.resume and not args.config:
         # Resume with the checkpoint's own config, then apply this command's overrides.
         cfg = resume_config(read_manifest(args.resume), list(args.set or []) + _train_flags(args))
@@ -86,8 +85,15 @@ def _dry_run(cfg: Config, resume: str | None) -> int:
 
 
 def _train_flags(args: argparse.Namespace) -> list[str]:
-    """--stages and --backend as overrides (they win over --set, like any flag)."""
+    """--stages, --backend and --overwrite as overrides (they win over --set, like any flag).
+
+    ``--stages 1`` without ``--backend`` runs in this process, whatever launcher the config
+    or the resumed checkpoint names (a Ray run resumed on one stage starts no Ray).
+    """
     flags = [f"pipeline.stages={args.stages}"] if args.stages else []
+    if args.stages == 1 and not args.backend:
+        flags.append("pipeline.launcher=spawn")
+    flags += ["run.resume=overwrite"] if args.overwrite else []
     return flags + ([f"pipeline.launcher={args.backend}"] if args.backend else [])
 
 
@@ -214,8 +220,14 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (pipelined when pipeline.stages > 1)",
                        epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     with_config(t)
-    t.add_argument("--stages", type=int, help="pipeline stages (= pipeline.stages)")
+    t.add_argument("--stages", type=int,
+                   help="pipeline stages (= pipeline.stages); 1 runs in this process unless "
+                        "--backend ray is given too")
     t.add_argument("--resume", help="run directory or checkpoint to continue from")
+    t.add_argument("--overwrite", action="store_true",
+                   help="run.name names a directory holding an earlier run: delete it and "
+                        "start afresh (= run.resume = overwrite; without it such a run is "
+                        "refused)")
     t.add_argument("--dry-run", action="store_true",
                    help="validate config, partition and stage shapes, then exit without training")
     t.add_argument("--backend", choices=("spawn", "ray"),
@@ -269,31 +281,27 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelocal.launch import Interrupted, PipelineError
-    from pipelocal.trainer import NonFiniteLoss
-
+    """Run one command; the exit status is one of :mod:`pipelocal.exits` (also written to
+    ``PIPELOCAL_STATUS_FILE`` when set, for launch/torchrun.sh)."""
     args = _parser().parse_args(argv)
     try:
-        return args.func(args)
-    except PipelineError as exc:
-        print(f"pipelocal: pipeline failed: {exc}", file=sys.stderr)
-        return 1
-    except Interrupted as exc:
-        print(f"pipelocal: {exc}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:  # a second Ctrl-C before the run could checkpoint
-        print("pipelocal: aborted by a second interrupt; the last complete checkpoint (if any) "
-              "is still usable", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except NonFiniteLoss as exc:
-        print(f"pipelocal: training diverged: {exc}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except ConfigError as exc:
-        print(f"pipelocal: config error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:  # missing dataset files, checkpoints
-        print(f"pipelocal: {exc}", file=sys.stderr)
-        return 2
+        code = args.func(args)
+    except BaseException as exc:
+        known = exit_status(exc)
+        if known is None:
+            raise
+        code, line = known
+        print(line, file=sys.stderr)
+    if args.func is cmd_train and _speaks_for_the_job():
+        write_status(code)
+    return code
+
+
+def _speaks_for_the_job() -> bool:
+    """Rank 0 speaks for a torchrun job (and any process outside one)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 if __name__ == "__main__":

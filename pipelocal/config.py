@@ -367,8 +367,10 @@ class RunConfig:
     """Run directory name (one folder below run.out_dir); empty = a time stamp. One run at a
     time owns a run directory: a second run with the same name is refused while it runs."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = 0
-    """torch threads of the single-process engine; 0 = torch's default."""
+    threads: int = 1
+    """torch threads of the single-process engine; 0 = torch's default (one per core). 1 by
+    default: where other processes hold cores, more threads spin-wait for them (measured on 2
+    cores at load 6-10: about 7x slower with torch's 2 threads than with 1)."""
     checkpoint_every: int = 1
     """Write a checkpoint every N epochs (and always at the end and on Ctrl-C)."""
     max_steps: int = 0
@@ -378,9 +380,12 @@ class RunConfig:
     deterministic: bool = True
     """Deterministic kernels (cuBLAS workspace, deterministic algorithms, cuDNN deterministic,
     no cuDNN benchmark). Off: cuDNN benchmarks for speed and bitwise exactness holds on CPU only."""
-    resume: Literal["never", "auto"] = "never"
-    """auto: if the run directory (run.name) holds a complete checkpoint, continue from it, as
-    a restarted job must (torchrun --max-restarts, a Slurm requeue); else start afresh."""
+    resume: Literal["never", "auto", "overwrite"] = "never"
+    """What a new run does with a run directory (run.name) that holds a run. never: refuse it
+    (continue it with --resume, or choose another run.name). auto: continue from its latest
+    complete checkpoint, as a restarted job must (torchrun --max-restarts, a Slurm requeue);
+    start afresh if it has none. overwrite (= --overwrite): delete what it holds and start
+    afresh."""
     allow_nonfinite: bool = False
     """Keep training when a block's loss is NaN or Inf (checked once per epoch, where the
     statistics are read anyway); off: the run stops before checkpointing the damaged state."""
@@ -394,9 +399,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "run.epochs", self.epochs, "an integer >= 1")
         _check(self.precision in ("fp32", "bf16"), "run.precision", self.precision, "fp32, bf16")
-        _check(self.resume in ("never", "auto"), "run.resume", self.resume, "never, auto")
+        _check(self.resume in ("never", "auto", "overwrite"), "run.resume", self.resume,
+               "never, auto, overwrite")
         _check(self.resume == "never" or bool(self.name), "run.resume", self.resume,
-               "auto only with a run.name (the directory a restarted job comes back to)")
+               "auto or overwrite only with a run.name (the directory a restarted job comes "
+               "back to, or the one to replace)")
         _check(self.device in ("auto", "cpu", "cuda"), "run.device", self.device,
                "auto, cpu, cuda")
         _check(self.threads >= 0, "run.threads", self.threads, "an integer >= 0")

@@ -27,7 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipelocal.checkpoint import load_block_state, save_block_state
+from pipelocal.checkpoint import (
+    CheckpointError,
+    block_file,
+    load_block_state,
+    save_block_state,
+)
 from pipelocal.config import Config, OptimConfig, RuleConfig, ScheduleConfig
 from pipelocal.device import StepTimer, epoch_stats, reset_memory_stats
 from pipelocal.models import BlockSpec
@@ -415,13 +420,28 @@ class Engine:
     def pop_train_stats(self) -> dict[int, dict[str, Any]]:
         return {b.index: b.pop_stats() for b in self.blocks}
 
-    def save(self, ckpt: Path) -> None:
-        for block in self.blocks:
-            save_block_state(ckpt, block.index, block.checkpoint_state())
+    def save(self, ckpt: Path) -> dict[str, str]:
+        """Write every block's file; returns {file name: sha256} for the manifest."""
+        return {block_file(ckpt, block.index).name:
+                save_block_state(ckpt, block.index, block.checkpoint_state())
+                for block in self.blocks}
 
     def load(self, ckpt: Path) -> None:
         for block in self.blocks:
-            block.load_checkpoint_state(load_block_state(ckpt, block.index))
+            state = load_block_state(ckpt, block.index)
+            try:
+                block.load_checkpoint_state(state)
+            except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+                # e.g. load_state_dict's many-line size-mismatch report: one line, the file.
+                first = str(exc).strip().splitlines()
+                reason = " ".join(s.strip() for s in first[:3]) if first else type(exc).__name__
+                raise CheckpointError(
+                    f"checkpoint file {block_file(ckpt, block.index)} does not fit block "
+                    f"{block.index} ({block.spec.name}) of the model described by "
+                    f"{Path(ckpt) / 'manifest.json'}: {reason[:300]}; the file was written by "
+                    "another model (a manifest edited by hand?): resume with the config it "
+                    "was written with, or start a new run"
+                ) from exc
 
 
 def eval_pieces(x: Tensor, y: Tensor, size: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -475,8 +495,8 @@ class LocalPipe:
         self._reset()  # epoch figures cover training only
         return stats
 
-    def checkpoint(self, ckpt: Path, step: int) -> None:
-        self.engine.save(ckpt)
+    def checkpoint(self, ckpt: Path, step: int) -> dict[str, str]:
+        return self.engine.save(ckpt)
 
     def close(self) -> None:
         pass

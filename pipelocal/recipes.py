@@ -25,14 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelocal.config import Config, ConfigError, apply_overrides, from_dict
+from pipelocal.config import Config, ConfigError, apply_overrides, config_to_dict, from_dict
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["RECIPES_DIR", "Recipe", "compare_run", "find_recipes", "load_recipe"]
+__all__ = ["RECIPES_DIR", "Recipe", "compare_run", "find_recipes", "load_recipe", "mismatches"]
+
+_COMPARED = {"model": None, "rule": None, "optim": None, "schedule": None,
+             "data": ("name", "augment"), "run": ("epochs",)}
+"""What a run must share with a recipe for the paper's figure to be its target (None: the
+whole section); where the data lives, how it is fed and how the run is laid out do not count."""
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs" / "recipes"
 
@@ -103,9 +108,17 @@ def compare_run(recipe: Recipe, run_dir: str | Path) -> str:
     if not lines:
         raise ConfigError(f"run {str(run)!r} has no epoch in metrics.jsonl yet")
     last = lines[-1]
-    rule = tomllib.loads((run / "config.toml").read_text())["rule"]["name"]
+    saved = tomllib.loads((run / "config.toml").read_text())
+    rule = saved["rule"]["name"]
     paper = recipe.reported_error.get(rule)
-    out = [f"{recipe.title} ({recipe.paper}), rule {rule}, after epoch {last['epoch']}:"]
+    out = []
+    differ = mismatches(recipe, saved)
+    if differ:
+        shown = "; ".join(differ[:5]) + (f"; and {len(differ) - 5} more" if len(differ) > 5
+                                         else "")
+        out.append(f"warning: run {str(run)!r} does not match recipe {str(recipe.path)!r} "
+                   f"({shown}): the paper's figures are not its target")
+    out.append(f"{recipe.title} ({recipe.paper}), rule {rule}, after epoch {last['epoch']}:")
 
     def err(acc: float | None) -> str:
         return "-" if acc is None else f"{100 * (1 - acc):.2f}%"
@@ -118,3 +131,16 @@ def compare_run(recipe: Recipe, run_dir: str | Path) -> str:
     out.append(f"  output   paper {'-' if head is None else f'{head:.2f}%'}   "
                f"this run {err(last['test/acc'])}")
     return "\n".join(out)
+
+
+def mismatches(recipe: Recipe, run_config: dict[str, Any]) -> list[str]:
+    """``section.key: recipe X, run Y`` for every setting in which the run (its config.toml,
+    read as a dict) differs from the recipe's column of the run's rule."""
+    rule = run_config.get("rule", {}).get("name")
+    if rule not in recipe.rules:
+        return [f"rule.name: run {rule!r}, recipe {', '.join(recipe.rules)}"]
+    want, have = config_to_dict(recipe.config(rule)), config_to_dict(from_dict(run_config))
+    return [f"{section}.{key}: recipe {want[section][key]!r}, run {have[section][key]!r}"
+            for section, keys in _COMPARED.items()
+            for key in (keys or want[section])
+            if want[section][key] != have[section][key]]

@@ -20,6 +20,13 @@ class Position:
     batch: int = 0
     step: int = 0
 
+    def where(self, epochs: int) -> str:
+        """The batch at this position as the progress line counts it, for every message:
+        ``epoch 2/3, batch 4 (step 8)``, epoch and batch 1-based, the batch within its epoch;
+        step = the batches before it in the whole run (as ``PIPELOCAL_INJECT_FAULT`` and the
+        checkpoint folders count)."""
+        return f"epoch {self.epoch + 1}/{epochs}, batch {self.batch + 1} (step {self.step})"
+
 
 @dataclass
 class Setup:

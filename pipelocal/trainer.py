@@ -23,8 +23,10 @@ from torch import Tensor
 
 from pipelocal.checkpoint import (
     CheckpointError,
+    DiskFull,
     checkpoint_dir,
     commit_checkpoint,
+    locate_full,
     resolve_checkpoint,
 )
 from pipelocal.config import Config, config_to_dict
@@ -77,16 +79,26 @@ def stop_requested() -> bool:
     return _STOP.is_set()
 
 
-def install_stop_handlers() -> None:
+def install_stop_handlers(*, announce: bool = True, same_within_s: float = 0.0) -> None:
     """SIGINT (Ctrl-C) and SIGTERM (Slurm, Kubernetes, docker stop): checkpoint at the current
-    step, then stop; a second one stops at once."""
+    step, then stop; a second one stops at once.
+
+    ``announce``: print the notice (one process of a job does). ``same_within_s``: a second
+    signal this soon after the first is the same request, forwarded (torchrun's agent passes on
+    the signal that the terminal or Slurm also sent to every process).
+    """
+    first: list[float] = []
 
     def handler(signum: int, frame: Any) -> None:
         if _STOP.is_set():
+            if first and time.monotonic() - first[0] < same_within_s:
+                return
             raise KeyboardInterrupt
-        name = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
-        print(f"\n{name}: writing a checkpoint, then stopping (Ctrl-C again to abort)",
-              flush=True)
+        first.append(time.monotonic())
+        if announce:
+            name = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+            print(f"\n{name}: writing a checkpoint, then stopping (Ctrl-C again to abort)",
+                  flush=True)
         _STOP.set()
 
     if threading.current_thread() is threading.main_thread():
@@ -103,7 +115,8 @@ class Pipe(Protocol):
     def eval_batch(self, x: Tensor, y: Tensor) -> None: ...
     def end_epoch(self, epoch: int) -> list[dict[str, Any]]: ...
     def end_eval(self) -> dict[int, dict[str, int]]: ...
-    def checkpoint(self, ckpt: Path, step: int) -> None: ...
+    def checkpoint(self, ckpt: Path, step: int) -> dict[str, str]:
+        """Every stage writes its blocks; returns {file name: sha256} of the files written."""
     def close(self) -> None: ...
 
 
@@ -156,13 +169,14 @@ class Trainer:
                 self.metrics.close_bar()
                 result["stopped"] = "interrupted" if stop_requested() else "max_steps"
                 if i > batch:  # the steps since the epoch began must be finite to be kept
-                    self._check_finite(self.pipe.end_epoch(epoch), epoch_start_step, epoch)
-                self._checkpoint(Position(epoch, i, step))
+                    self._check_finite(self.pipe.end_epoch(epoch), Position(epoch, batch,
+                                                                            epoch_start_step))
+                self._checkpoint(Position(epoch, i, step), Position(epoch, i - 1, step - 1))
                 break
             stage_stats = self.pipe.end_epoch(epoch)  # every stage has finished the epoch
             elapsed = time.perf_counter() - t0
             self.metrics.close_bar()
-            self._check_finite(stage_stats, epoch_start_step, epoch)
+            self._check_finite(stage_stats, Position(epoch, batch, epoch_start_step))
             record = self._epoch_record(epoch, step, samples, elapsed, stage_stats)
             record["data_wait(s)"] = round(batches.wait_s, 3)  # this thread waiting for data
             record.update(self.evaluate())
@@ -174,9 +188,10 @@ class Trainer:
             self.metrics.scalars(record)
             _keep_best(result, record)
             result.update(record)
+            last = Position(epoch, n - 1, step - 1)
             epoch, batch = epoch + 1, 0
             if epoch % cfg.run.checkpoint_every == 0 or epoch == epochs:
-                self._checkpoint(Position(epoch, 0, step))
+                self._checkpoint(Position(epoch, 0, step), last)
         self.metrics.close()
         result["step"] = step
         result["epochs"] = epochs
@@ -184,8 +199,9 @@ class Trainer:
         result["checkpoint"] = str(self.last_checkpoint) if self.last_checkpoint else None
         return result
 
-    def _check_finite(self, stages: list[dict[str, Any]], first_step: int, epoch: int) -> None:
-        """Stop on the first NaN/Inf loss, before anything of it is logged or checkpointed.
+    def _check_finite(self, stages: list[dict[str, Any]], first: Position) -> None:
+        """Stop on the first NaN/Inf loss, before anything of it is logged or checkpointed;
+        ``first`` is the first batch trained since the statistics were last read.
 
         The blocks flag it on the device and the flag is read here with the epoch's sums, so
         the check costs no synchronisation per step (on a GPU: none beyond the epoch's one).
@@ -200,10 +216,12 @@ class Trainer:
                    f"from it with --resume {self.run_dir} and a lower optim.lr"
         except CheckpointError:
             last = "no checkpoint was written before it; start again with a lower optim.lr"
+        where = Position(first.epoch, first.batch + at, first.step + at).where(
+            self.cfg.run.epochs)
         raise NonFiniteLoss(
             f"the loss of block {self.specs[index].name} (block {index}) became non-finite "
-            f"at step {first_step + at} (epoch {epoch + 1}; epoch mean {loss}); the run stopped "
-            f"without checkpointing it: {last}, or set run.allow_nonfinite = true to train on"
+            f"at {where}; epoch mean {loss}; the run stopped without checkpointing it: "
+            f"{last}, or set run.allow_nonfinite = true to train on"
         )
 
     def evaluate(self) -> dict[str, Any]:
@@ -243,9 +261,17 @@ class Trainer:
                     record[f"stage{stage['stage']}/{key}"] = value
         return record
 
-    def _checkpoint(self, pos: Position) -> None:
+    def _checkpoint(self, pos: Position, last: Position) -> None:
+        """Checkpoint resume point ``pos``; ``last`` is the batch trained last, for messages."""
+        try:
+            self._write_checkpoint(pos)
+        except DiskFull as exc:
+            where = last.where(self.cfg.run.epochs) if last.step >= 0 else None
+            raise locate_full(exc, where, self.run_dir, pos.step) from exc
+
+    def _write_checkpoint(self, pos: Position) -> None:
         ckpt = checkpoint_dir(self.run_dir, pos.step)
-        self.pipe.checkpoint(ckpt, pos.step)  # every stage writes its own blocks
+        sha = self.pipe.checkpoint(ckpt, pos.step)  # every stage writes its own blocks
         commit_checkpoint(
             ckpt,
             {
@@ -258,6 +284,7 @@ class Trainer:
                 "partition_auto": self.partition_auto,
                 "config": config_to_dict(self.cfg),
                 "time": time.time(),
+                "sha256": sha,  # of every block file as written; checked when loaded
             },
         )
         self.last_checkpoint = ckpt

@@ -183,3 +183,20 @@ def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     # The same weights on the same test set: the same accuracy as at the end of training.
     assert re.search(r"^test accuracy: ([\d.]+)%$", out, re.MULTILINE).group(1) == final
     assert f"{100 * record['test/acc']:.2f}" == final
+
+
+def test_train_help_gives_the_single_process_thread_default_and_why(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "run.threads = 1 torch threads of the single-process engine" in out, out
+    assert "spin-wait" in out and "--backend ray is given too" in out and "--overwrite" in out
+
+
+def test_resume_and_overwrite_together_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "--resume", str(tmp_path), "--overwrite"]) == 2
+    assert "--overwrite replaces one; pass one of them" in capsys.readouterr().err

@@ -3,15 +3,21 @@ with one error naming the stage, the batch and the original traceback, and no pr
 
 from __future__ import annotations
 
+import errno
 import multiprocessing.context
 import os
+import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from pipelocal.checkpoint import resolve_checkpoint
+from pipelocal.checkpoint import read_manifest, resolve_checkpoint
+from pipelocal.cli import main
 from pipelocal.config import ConfigError
 from pipelocal.launch import PipelineError, train
 from pipelocal.pipeline.stage import FAULT_ENV
@@ -39,9 +45,13 @@ def _workers() -> set[int]:
 @pytest.mark.parametrize(
     ("fault", "expected"),
     [
-        ("2:5:raise", ["stage 2", "batch 5", "injected fault in stage 2 at step 5",
-                       "original traceback", "Traceback"]),
-        ("1:5:kill", ["stage 1", "SIGKILL", "checkpoint is still usable"]),
+        ("2:5:raise", ["stage 2", "failed during training at epoch 2/3, batch 1 (step 5)",
+                       "injected fault in stage 2 at step 5", "original traceback",
+                       "Traceback"]),
+        ("1:5:kill", ["stage 1", "SIGKILL", "during training at epoch 2/3, batch 1 (step 5)",
+                      "The last complete checkpoint is ", "step_00000005 (resume with"]),
+        ("1:2:kill", ["stage 1", "SIGKILL", "during training at epoch 1/3, batch 3 (step 2)",
+                      "No complete checkpoint was written, so the run has to start again"]),
     ],
 )
 def test_worker_failure_stops_everything(
@@ -57,6 +67,7 @@ def test_worker_failure_stops_everything(
     message = str(info.value)
     for text in expected:
         assert text in message, message
+    assert "still usable" not in message, message  # said only of a checkpoint that exists
     assert elapsed < 45, f"failure took {elapsed:.1f} s to surface"  # includes 3 worker start-ups
     assert _workers() - before == set(), "a worker process was left behind"
 
@@ -253,3 +264,68 @@ def test_ray_launcher_without_ray_says_how_to_install(
     with pytest.raises(ConfigError, match=r'pip install -e "\.\[ray\]"'):
         train(tiny_config(tmp_path, "pipeline.launcher=ray"))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A 3 MB tmpfs (root can mount one): room for two checkpoints of a 1.2 MB model, not three.
+    Where it cannot be mounted, None: the test injects ENOSPC at the write instead."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                                 capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):  # no mount command
+        mounted = False
+    yield disk if mounted else None
+    if mounted:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def _third_write_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback: the fsync of the third checkpoint's first block file says ENOSPC."""
+    import pipelocal.checkpoint as ck
+
+    real, calls = ck.os.fsync, []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2 * 6 + 1:  # per checkpoint: 4 block files, manifest.json, latest
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(ck.os, "fsync", fsync)
+
+
+def test_full_disk_is_one_line_keeps_the_last_checkpoint_and_resumes(
+    tmp_path: Path, small_disk: Path | None, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sets = ["model.name=mlp", "model.hidden=128", "data.train_limit=300", "data.batch_size=64",
+            "run.epochs=5", "run.progress=false", "run.name=full", "pipeline.timeout_s=60",
+            "pipeline.threads_per_stage=1", "run.threads=1"]
+    if small_disk is not None:  # the real thing: two spawned stages on a full tmpfs
+        out, stages = small_disk, ["--stages", "2", "--set", "pipeline.partition=[2,2]"]
+    else:
+        out, stages = tmp_path / "out", ["--stages", "1"]
+        _third_write_fails(monkeypatch)
+    args = ["train", *stages, *(f"--set={s}" for s in [*sets, f"run.out_dir={out}"])]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    run = out / "full"
+    ckpts = run / "checkpoints"
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"pipelocal: no space left on device in {ckpts / 'step_00000015'}: "
+                          "block_00"), err
+    assert re.search(r"needs [\d,]+ bytes, [\d,]+ are free \(checkpoint step_00000015, after "
+                     r"epoch 3/5, batch 5 \(step 14\)\); the incomplete checkpoint was removed",
+                     err), err
+    assert f"the last complete checkpoint is {ckpts / 'step_00000010'} (resume with" in err, err
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000005",
+                                                        "step_00000010"]
+    monkeypatch.undo()
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)  # on a disk with room, the last complete checkpoint goes on
+    assert main(["train", "--resume", str(moved), "--stages", "1",
+                 "--set=pipeline.partition=[]"]) == 0
+    assert read_manifest(moved)["step"] == 25

@@ -8,13 +8,17 @@ for bit, as any pipelined run equals the single-process one (tests/test_transpar
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from pipelocal.checkpoint import read_manifest
+from pipelocal.cli import EXIT_INTERRUPTED
 from pipelocal.config import to_toml
 from pipelocal.launch import train
 from tests.conftest import REPO, assert_identical, checkpoint_tensors, tiny_config
@@ -133,3 +137,39 @@ def test_torchrun_script_equals_spawned_pipeline(tmp_path: Path, nodes: int) -> 
     assert "pipelined over 2 stages" in "".join(outputs)
     assert_identical(checkpoint_tensors(tmp_path / "runs" / "torchrun"),
                      checkpoint_tensors(spawned["run_dir"]))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_torchrun_script_exits_130_after_a_stop_signal_and_says_so_once(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """SIGTERM to the script (as Kubernetes or Slurm's batch step sends it), or Ctrl-C to its
+    process group (a terminal): rank 0 checkpoints, and the job exits 130, not torchrun's 1;
+    the stop notice is printed once, by rank 0."""
+    config = _tiny_toml(tmp_path, "pipeline.partition=[2,2]", "run.name=stop", "run.epochs=500")
+    proc = subprocess.Popen(["bash", str(TORCHRUN_SH), "--config", str(config)],
+                            env=_env(STAGES="2"), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    run = tmp_path / "runs" / "stop"
+    try:
+        deadline = time.monotonic() + 600
+        while not (run / "checkpoints" / "latest").exists() and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate(timeout=30)[0][-3000:]
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)  # what a terminal's Ctrl-C does
+        else:
+            proc.send_signal(sig)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode == EXIT_INTERRUPTED, out[-3000:]
+    name = "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)"
+    assert out.count(f"{name}: writing a checkpoint, then stopping") == 1, out[-3000:]
+    step = read_manifest(run)["step"]
+    assert f"stopped (interrupted) at step {step};" in out, out[-3000:]

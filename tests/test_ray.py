@@ -112,9 +112,11 @@ def _exists(pid: int) -> bool:
 @pytest.mark.parametrize(
     ("fault", "kill", "expected"),
     [
-        ("2:7:raise", None, ["stage 2", "batch 7", "injected fault in stage 2 at step 7",
-                             "original traceback", "Traceback"]),
-        ("1:7:kill", None, ["stage 1", "died", "Ray actor was lost", "checkpoint is still usable"]),
+        ("2:7:raise", None, ["stage 2", "during training at epoch 2/30, batch 3 (step 7)",
+                             "injected fault in stage 2 at step 7", "original traceback",
+                             "Traceback"]),
+        ("1:7:kill", None, ["stage 1", "died", "Ray actor was lost", " was training at epoch 2/30",
+                            "The last complete checkpoint is ", "step_00000005 (resume with"]),
         ("", 1, ["stage 1", "died", "Ray actor was lost"]),
     ],
     ids=["raise", "sigkill", "ray.kill"],
@@ -209,6 +211,34 @@ def test_killed_driver_leaves_no_actor(tmp_path: Path) -> None:
     while (_stage_actors() or _live_groups()) and time.monotonic() < deadline:
         time.sleep(0.5)
     _assert_nothing_left([])
+
+
+@pytest.mark.slow
+def test_a_killed_driver_leaves_nothing_of_its_local_instance(tmp_path: Path) -> None:
+    """SIGKILL of a driver that started its own local Ray instance: its raylet, GCS and workers
+    go with it, and so do the agents (ray::DashboardAgent, ray::RuntimeEnvAgent) that otherwise
+    stayed 60-120 s, polling for a dead raylet and then waiting on the dead GCS."""
+    from tests.test_supervision import _assert_all_gone, _descendants
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(REPO)
+    cmd = [sys.executable, "-m", "pipelocal", "train", "--backend", "ray", "--stages", "2",
+           "--set", f"run.out_dir={tmp_path}", "--set", "run.name=own", "--set",
+           "run.epochs=500", "--set", "run.progress=false", "--set", "data.train_limit=300"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    latest = tmp_path / "own" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ray_processes = _descendants(proc.pid)
+    agents = [p for p in ray_processes
+              if b"Agent" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0]]
+    proc.kill()
+    out = proc.communicate(timeout=30)[0]
+    assert latest.exists(), out[-3000:]
+    assert len(agents) >= 2, (agents, out[-3000:])  # DashboardAgent, RuntimeEnvAgent
+    _assert_all_gone(ray_processes, within_s=20)
 
 
 # --------------------------------------------------------------------------- ray job submit

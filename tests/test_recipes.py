@@ -71,3 +71,21 @@ def test_compare_run_prints_the_papers_figure_beside_the_run(tmp_path: Path) -> 
     assert "fc1      paper 2.20%   this run 10.00%" in text
     assert "fc3      paper 1.80%   this run 4.00%" in text
     assert "output   paper 1.80%   this run 3.00%" in text
+
+
+def test_compare_run_warns_when_the_run_is_not_the_recipes(tmp_path: Path) -> None:
+    """A run of the recipe's own config is compared without a word; another model, fewer
+    epochs or another rule is flagged on the first line."""
+    from pipelocal.config import to_toml
+
+    recipe = load_recipe("mostafa-2018/t2-mnist-3x1000-mlp-sym.toml")
+    record = {"epoch": 3, "test/acc": 0.97, "test/acc_local": {}}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    (tmp_path / "config.toml").write_text(to_toml(recipe.config("sym", ["data.data_dir=/x"])))
+    assert not compare_run(recipe, tmp_path).startswith("warning")  # data.data_dir does not count
+    (tmp_path / "config.toml").write_text(to_toml(recipe.config("sym", ["run.epochs=3"])))
+    first = compare_run(recipe, tmp_path).splitlines()[0]
+    assert first.startswith(f"warning: run {str(tmp_path)!r} does not match recipe "), first
+    assert "run.epochs: recipe " in first and ", run 3" in first, first
+    (tmp_path / "config.toml").write_text(to_toml(recipe.config("sym", ["rule.name=predsim"])))
+    assert "rule.name: run 'predsim', recipe " in compare_run(recipe, tmp_path), first

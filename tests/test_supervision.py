@@ -185,17 +185,22 @@ def test_double_ctrl_c_is_an_abort_not_a_crash(tmp_path: Path) -> None:
 def test_frozen_last_stage_is_named_with_its_phase(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The last stage stops (SIGSTOP) at step 7: it writes no report and is still alive when
-    the others time out, so it is the one named, not the stage that timed out first.
+    """The last stage stops (SIGSTOP) at step 22, in the last of 5 epochs (after 4 evaluations
+    and 4 checkpoints): it writes no report and is still alive when the others time out, so it
+    is the one named, at the batch where it froze, not the stage that timed out first.
     (20 s: shorter waits can expire while a loaded machine is still starting the workers.)"""
-    monkeypatch.setenv(FAULT_ENV, "1:7:hang")
+    monkeypatch.setenv(FAULT_ENV, "1:22:hang")
     cfg = tiny_config(tmp_path, "pipeline.stages=2", "pipeline.partition=[2,2]",
-                      "pipeline.timeout_s=20", "run.epochs=3")
+                      "pipeline.timeout_s=20", "run.epochs=5")
     with pytest.raises(PipelineError) as info:
         train(cfg)
     message = str(info.value)
-    assert "stage 1 (rank 1, pid " in message and "stopped answering during training" in message
+    # As the progress line counts: 5 batches per epoch, step 22 = epoch 5, batch 3.
+    assert "stage 1 (rank 1, pid " in message, message
+    assert "stopped answering, during training at epoch 5/5, batch 3 (step 22)" in message, \
+        message
     assert "alive but silent" in message
+    assert "The last complete checkpoint is " in message and "step_00000020" in message, message
     assert not message.startswith("stage 0"), message
 
 
@@ -212,7 +217,7 @@ def test_nan_in_a_pipeline_stops_naming_block_step_and_last_good_checkpoint(
     err = capsys.readouterr().err.strip()
     good = tmp_path / "nan" / "checkpoints" / "step_00000005"
     assert err.startswith("pipelocal: training diverged: the loss of block fc1 (block 2) became "
-                          "non-finite at step 7 (epoch 2;"), err
+                          "non-finite at epoch 2/3, batch 3 (step 7);"), err
     assert f"the last good checkpoint is {good}" in err and "run.allow_nonfinite" in err, err
     assert len(err.splitlines()) == 1, err
     assert resolve_checkpoint(tmp_path / "nan") == good  # nothing non-finite was checkpointed

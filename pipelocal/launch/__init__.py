@@ -6,16 +6,25 @@ Every pipelined path runs the same worker body, :func:`pipelocal.pipeline.worker
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipelocal.checkpoint import read_manifest, resolve_checkpoint
+from pipelocal.checkpoint import read_manifest, resolve_checkpoint, verify_checkpoint
 from pipelocal.config import Config, ConfigError, apply_overrides, from_dict
 from pipelocal.device import configure_determinism, place_stage, visible_gpus
 from pipelocal.engine import Engine, LocalPipe, build_blocks
-from pipelocal.launch.preflight import finalise, plan_stages, prepare, release_run_dir, validate
+from pipelocal.launch.preflight import (
+    auto_resume_point,
+    check_resume,
+    finalise,
+    plan_stages,
+    prepare,
+    release_run_dir,
+    validate,
+)
 from pipelocal.launch.spawn import Interrupted, PipelineError, check_not_stopped, spawn
 from pipelocal.launch.torchrun import torchrun_worker, under_torchrun
 from pipelocal.metrics import Metrics
@@ -32,6 +41,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any] | Non
     for the whole call (a second run on it is refused) and released however the call ends.
     """
     try:
+        done = _already_complete(cfg, resume)
+        if done is not None:  # said at once: no worker, no Ray, no rendezvous
+            return None if under_torchrun() and os.environ.get("RANK", "0") != "0" else done
         if under_torchrun():
             return torchrun_worker(cfg, resume)
         if cfg.pipeline.launcher == "ray":
@@ -48,6 +60,24 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any] | Non
     finally:
         release_run_dir()
         clear_stop()  # a stop request ends this run, never the next one in this process
+
+
+def _already_complete(cfg: Config, resume: str | Path | None) -> dict[str, Any] | None:
+    """The summary of a resumed run that has nothing left to train (None otherwise), from its
+    manifest alone."""
+    point = resume or (auto_resume_point(cfg) if cfg.run.resume == "auto" else None)
+    if not point:
+        return None
+    ckpt = resolve_checkpoint(point)
+    manifest = read_manifest(ckpt)
+    check_resume(cfg, manifest)
+    epochs, max_steps = cfg.run.epochs, cfg.run.max_steps
+    if manifest["epoch"] < epochs and not (max_steps and manifest["step"] >= max_steps):
+        return None
+    verify_checkpoint(ckpt, manifest["num_blocks"])  # "complete" only if it is intact
+    return {"run_dir": str(ckpt.parent.parent), "stopped": "complete",
+            "epoch": min(manifest["epoch"], epochs), "step": manifest["step"],
+            "checkpoint": str(ckpt)}
 
 
 def _ray_train(cfg: Config, resume: str | Path | None) -> dict[str, Any]:

@@ -11,7 +11,9 @@ import fcntl
 import importlib.util
 import multiprocessing
 import os
+import shutil
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,14 +36,17 @@ from pipelocal.config import (
 )
 from pipelocal.data import Dataset, load_dataset
 from pipelocal.device import auto_stages, check_bf16, cpu_threads, place_stage, visible_gpus
-from pipelocal.engine import build_blocks
+from pipelocal.engine import Engine, build_blocks
 from pipelocal.pipeline.partition import check_partition, stage_ranges
 from pipelocal.pipeline.plan import make_plan
+from pipelocal.pipeline.stage import FAULT_ENV, check_fault_spec
 from pipelocal.rules import RULES
 from pipelocal.setup import Position, Setup
 
 __all__ = [
     "auto_resume_point",
+    "check_fits",
+    "check_fresh",
     "check_resume",
     "dry_run",
     "finalise",
@@ -165,13 +170,70 @@ def release_run_dir(run_dir: Path | None = None) -> None:
 
 
 def auto_resume_point(cfg: Config) -> Path | None:
-    """``run.resume = "auto"``: the run directory if it holds a complete checkpoint."""
+    """``run.resume = "auto"``: the run directory if it holds a complete checkpoint; None if
+    it holds no checkpoint at all. A damaged one is an error (offering what verifies), never a
+    reason to start afresh over it."""
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     try:
         resolve_checkpoint(run_dir)
     except CheckpointError:
+        if any((run_dir / "checkpoints").glob("step_*/manifest.json")):
+            raise
         return None
     return run_dir
+
+
+_RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoints")
+"""What makes a folder a run directory that holds a run (an empty one, or one with only the
+lock file, is free)."""
+
+
+def _held_run(run_dir: Path) -> str | None:
+    """What ``run_dir`` holds of an earlier run, for the refusal; None if nothing."""
+    found = [name for name in _RUN_FILES if (run_dir / name).exists()]
+    if not found:
+        return None
+    try:
+        ckpt = resolve_checkpoint(run_dir)
+        return f"{', '.join(found)}; latest checkpoint {ckpt.name}"
+    except CheckpointError:
+        return ", ".join(found)
+
+
+def check_fresh(cfg: Config) -> None:
+    """A new named run must not write into a directory that holds another run (its pruning
+    would delete the new run's checkpoints): refused unless ``run.resume = "overwrite"``, or
+    ``"auto"`` found no checkpoint to continue. A directory in use is refused either way."""
+    if not cfg.run.name:
+        return  # an unnamed run always gets a new directory
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if not run_dir.is_dir():
+        return
+    lock_run_dir(run_dir)  # raises if another run owns it now
+    release_run_dir(run_dir)
+    held = _held_run(run_dir)
+    if held is None or cfg.run.resume in ("overwrite", "auto"):
+        return
+    raise _holds_another(run_dir, held)
+
+
+def _holds_another(run_dir: Path, held: str) -> ConfigError:
+    return ConfigError(
+        f"run directory {run_dir} already holds another run ({held}); continue it with "
+        f"--resume {run_dir}, choose a fresh run.name, or replace it with --overwrite "
+        "(= --set run.resume=overwrite)"
+    )
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    """``run.resume = overwrite`` (or auto without a checkpoint): the earlier run's files go."""
+    for entry in run_dir.iterdir():
+        if entry.name == _LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def prepare(cfg: Config, resume: str | Path | None = None) -> tuple[Setup, Dataset]:
@@ -187,7 +249,22 @@ def prepare(cfg: Config, resume: str | Path | None = None) -> tuple[Setup, Datas
         verify_checkpoint(ckpt, manifest["num_blocks"])
         setup.run_dir, setup.resume = ckpt.parent.parent, ckpt
         setup.start = Position(manifest["epoch"], manifest["batch"], manifest["step"])
+        check_fits(setup)
+    else:
+        check_fresh(cfg)
     return setup, dataset
+
+
+def check_fits(setup: Setup) -> None:
+    """Load the resumed checkpoint into the model the config describes, on the CPU here, so a
+    checkpoint of another model (a manifest edited by hand) is a one-line error before any
+    worker starts, not a load_state_dict traceback in one of them."""
+    assert setup.resume is not None
+    cfg, specs = setup.cfg, setup.specs
+    with warnings.catch_warnings():  # a GPU run's generator state reseeded here: irrelevant
+        warnings.simplefilter("ignore")
+        Engine(build_blocks(cfg, specs, setup.num_classes, range(len(specs)), "cpu")).load(
+            setup.resume)
 
 
 def plan_stages(setup: Setup, *, gpus: int | None = None) -> None:
@@ -223,6 +300,7 @@ def validate(setup: Setup, *, gpus_per_node: int | None = None, nodes: int = 1) 
     if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("run.tensorboard = true needs the tensorboard package (not "
                           "installed): pip install tensorboard, or set run.tensorboard = false")
+    check_fault_spec(os.environ.get(FAULT_ENV, ""), stages)
     partition = list(cfg.pipeline.partition) or ([len(specs)] if stages == 1 else [])
     if partition:
         check_partition(partition, names)
@@ -299,8 +377,25 @@ def open_run_dir(setup: Setup) -> None:
         setup.run_dir = make_run_dir(setup.cfg)
     lock_run_dir(setup.run_dir)
     try:
+        if setup.resume is None and setup.cfg.run.name:
+            check_fresh_locked(setup)
         (setup.run_dir / "config.toml").write_text(to_toml(setup.cfg))
     except OSError as exc:
         release_run_dir(setup.run_dir)
         raise ConfigError(f"cannot write {setup.run_dir / 'config.toml'}: "
                           f"{exc.strerror or exc}; set run.out_dir to a writable folder") from exc
+
+
+def check_fresh_locked(setup: Setup) -> None:
+    """Under the lock: refuse a directory that holds another run (it may have appeared since
+    :func:`check_fresh`), or clear it when the config says so; the config written into the
+    run directory then says ``never`` (a copy of it must not overwrite again)."""
+    run_dir, how = setup.run_dir, setup.cfg.run.resume
+    held = _held_run(run_dir)
+    if held is None:
+        return
+    if how == "never":
+        raise _holds_another(run_dir, held)
+    _clear_run_dir(run_dir)
+    if how == "overwrite":
+        setup.cfg = setup.cfg.replace(run={"resume": "never"})

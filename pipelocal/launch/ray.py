@@ -41,10 +41,18 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from pipelocal.checkpoint import last_complete_note
 from pipelocal.config import Config, ConfigError
 from pipelocal.device import ray_gpu_index
 from pipelocal.launch.preflight import finalise, plan_stages, prepare, validate
-from pipelocal.launch.report import Death, describe_failure, failure_report, forward_stop_signals
+from pipelocal.launch.ray_reaper import Reaper, start_reaper
+from pipelocal.launch.report import (
+    Death,
+    describe_failure,
+    failure_report,
+    forward_stop_signals,
+    raise_outcome,
+)
 from pipelocal.launch.spawn import Interrupted, PipelineError
 from pipelocal.pipeline.stage import Stage
 from pipelocal.pipeline.worker import run_rank
@@ -119,23 +127,25 @@ def ray_train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     finally:
         if started:
             ray.shutdown()
+            started.close()
 
 
-def _connect(cfg: Config) -> bool:
-    """Join the configured cluster, or start a local Ray instance; True if this started one."""
+def _connect(cfg: Config) -> Reaper | None:
+    """Join the configured cluster, or start a local Ray instance (and its reaper, returned)."""
     if ray.is_initialized():
-        return False
+        return None
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address)
-        return False
+        return None
     # A local instance gets at least one logical CPU per stage (S processes on fewer cores,
     # as under --stages S) and the GPUs this process sees.
     stages = cfg.pipeline.stages or len(cfg.pipeline.partition) or 2
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     start_local(num_cpus=max(cores or 1, math.ceil(stages * cfg.ray.cpus_per_stage)),
                 num_gpus=torch.cuda.device_count() if cfg.run.device != "cpu" else 0)
-    return True
+    session = ray._private.worker.global_worker.node.get_session_dir_path()
+    return start_reaper(session, os.path.dirname(ray.__file__))  # nothing outlives us
 
 
 def start_local(**options: Any) -> None:
@@ -227,16 +237,18 @@ def _run(setup: Setup, actors: list[Any]) -> dict[str, Any]:
     pids = [i["pid"] for i in infos]
     runs = {a.run.remote(cfg, setup if r == 0 else None, host, port): r
             for r, a in enumerate(actors)}
-    result, reports, dead = _supervise(actors, runs, pids)
+    result, reports, dead = _supervise(actors, runs, pids, setup)
     if result is not None and not reports and dead is None:
         return result
+    raise_outcome(reports, setup.run_dir)  # a non-finite loss, a full disk: not a crash
     nodes = {i["rank"]: i["node"] for i in infos}
     raise PipelineError(describe_failure(
-        reports, dead, f"the Ray stage actors ended without a result (nodes by stage: {nodes})"))
+        reports, dead, f"the Ray stage actors ended without a result (nodes by stage: {nodes})",
+        run_dir=setup.run_dir))
 
 
 def _supervise(
-    actors: list[Any], runs: dict[Any, int], pids: list[int]
+    actors: list[Any], runs: dict[Any, int], pids: list[int], setup: Setup
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]], Death | None]:
     """Wait for the S run futures: the summary, the failure reports, the stage that died."""
     result, reports, dead = None, [], None
@@ -247,8 +259,8 @@ def _supervise(
                 actors[0].stop.remote()  # fire and forget: rank 0 checkpoints, then STOP flows
                 stop_sent = True
             if hits[0] > 1:
-                raise Interrupted("aborted by a second interrupt before the checkpoint; the "
-                                  "last complete checkpoint is still usable")
+                raise Interrupted("aborted by a second interrupt before the checkpoint; "
+                                  f"{last_complete_note(setup.run_dir)}")
             ready, _ = ray.wait(list(runs), num_returns=1, timeout=_POLL_S)
             for ref in ready:
                 rank = runs.pop(ref)

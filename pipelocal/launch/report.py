@@ -17,13 +17,16 @@ import threading
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from pipelocal.checkpoint import DiskFull, last_complete_note, remove_incomplete
 from pipelocal.pipeline.channel import PeerError
 from pipelocal.pipeline.stage import Stage
-from pipelocal.trainer import request_stop
+from pipelocal.trainer import NonFiniteLoss, request_stop
 
-__all__ = ["Death", "describe_failure", "failure_report", "forward_stop_signals"]
+__all__ = ["Death", "describe_failure", "failure_report", "forward_stop_signals",
+           "raise_outcome"]
 
 _SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
               "timed out", "timeout")
@@ -43,13 +46,14 @@ class Death:
 def failure_report(rank: int, stage_box: list[Stage], exc: BaseException) -> dict[str, Any]:
     """Where a worker was (stage, phase, epoch, batch) when ``exc`` ended it, and its traceback."""
     stage = stage_box[0] if stage_box else None
-    epoch, step = stage.current if stage else (-1, -1)
+    pos = stage.position if stage else None
     text = f"{type(exc).__name__}: {exc}"
     return {
         "rank": rank,
         "pid": os.getpid(),
-        "epoch": epoch,
-        "step": step,
+        "epoch": pos.epoch if pos else -1,
+        "step": pos.step if pos else -1,
+        "where": stage.where() if stage else None,
         "phase": stage.phase if stage else "start-up",
         "error": text,
         "type": type(exc).__name__,
@@ -60,64 +64,97 @@ def failure_report(rank: int, stage_box: list[Stage], exc: BaseException) -> dic
     }
 
 
+def raise_outcome(reports: list[dict[str, Any]], run_dir: Path) -> None:
+    """A worker's report that is a training outcome, not a crash, raised as itself: a
+    non-finite loss (exit 3), a full disk (exit 2; its incomplete checkpoint removed)."""
+    for r in reports:
+        if r.get("type") == NonFiniteLoss.__name__:
+            raise NonFiniteLoss(r["message"])
+    for r in reports:
+        if r.get("type") == DiskFull.__name__:
+            remove_incomplete(run_dir)  # the other stages may have written into it since
+            raise DiskFull(r["message"])
+
+
+def _at(phase: str, where: str | None) -> str:
+    """`during training at epoch 2/3, batch 4 (step 8)`, or after the last batch for the
+    other phases (checkpoint, evaluation, ...)."""
+    if where is None:
+        return f"during {phase}"
+    return f"during {phase} {'at' if phase == 'training' else 'after'} {where}"
+
+
+def _doing(phase: str, where: str | None) -> str:
+    """`training at epoch 2/3, batch 4 (step 8)`, `in checkpoint after ...`."""
+    if phase == "training":
+        return f"training at {where}" if where else "training"
+    return f"in {phase} after {where}" if where else f"in {phase}"
+
+
 def describe_failure(
     reports: list[dict[str, Any]],
     dead: Death | None,
     fallback: str,
     *,
     silent: dict[int, int | str] | None = None,
-    phases: dict[int, tuple[str, int, int]] | None = None,
+    progress: dict[int, tuple[str, str | None]] | None = None,
+    run_dir: Path | None = None,
 ) -> str:
-    """One message for the user: the primary failure, its stage, batch and original traceback.
+    """One message for the user: the primary failure, its stage, position and original
+    traceback; every position as the progress line counts (:meth:`Position.where`).
 
     ``silent``: {rank: pid} of workers that were alive but sent no report while the others
-    gave up waiting (frozen); ``phases``: the last phase each worker announced.
+    gave up waiting (frozen); ``progress``: {rank: (phase, position)} each worker last told its
+    launcher; ``run_dir``: to name the checkpoint to go on from.
     """
+    progress = progress or {}
+    left = last_complete_note(run_dir) if run_dir is not None else ""
+    left = f" {left[0].upper()}{left[1:]}." if left else ""
     primary = [r for r in reports if not r["secondary"]]
     if primary:
         r = min(primary, key=lambda r: r["rank"])
-        where = f"epoch {r['epoch']}, batch {r['step']}" if r["step"] >= 0 else r["phase"]
         return (
-            f"stage {r['rank']} (rank {r['rank']}, pid {r['pid']}) failed at {where}: "
-            f"{r['error']}\n--- original traceback of stage {r['rank']} ---\n{r['traceback']}"
+            f"stage {r['rank']} (rank {r['rank']}, pid {r['pid']}) failed "
+            f"{_at(r['phase'], r.get('where'))}: {r['error']}\n"
+            f"--- original traceback of stage {r['rank']} ---\n{r['traceback']}"
         )
     if dead is not None:
         return (
-            f"stage {dead.rank} (rank {dead.rank}, pid {dead.pid}) died, {dead.cause}"
-            f"{_near(dead.rank, reports)}; the other stages were stopped. The last complete "
-            "checkpoint is still usable."
+            f"stage {dead.rank} (rank {dead.rank}, pid {dead.pid}) died, {dead.cause}, "
+            f"{_last_seen(dead.rank, reports, progress)}; the other stages were stopped.{left}"
         )
     if silent and reports:  # alive but mute while the others timed out waiting: frozen
         rank = max(silent)  # the others waited on the last mute one
-        phase, epoch, step = (phases or {}).get(rank, ("start-up", -1, -1))
-        since = f" (since epoch {epoch + 1}, batch {step})" if step >= 0 else ""
-        waiting = "; ".join(f"stage {r['rank']} in {r['phase']}" for r in reports)
+        phase = progress.get(rank, ("start-up", None))[0]
+        waiting = "; ".join(f"stage {r['rank']} {_doing(r['phase'], r.get('where'))}"
+                            for r in reports)
         return (
-            f"stage {rank} (rank {rank}, pid {silent[rank]}) stopped answering during {phase}"
-            f"{since}{_near(rank, reports)}: it was alive but silent when the other stages gave "
-            f"up waiting for it ({waiting}; pipeline.timeout_s). It was killed with the others. "
+            f"stage {rank} (rank {rank}, pid {silent[rank]}) stopped answering, "
+            f"{_last_seen(rank, reports, progress)}: it was alive but silent when the other "
+            f"stages gave up waiting for it ({waiting}; pipeline.timeout_s). It was killed with "
+            "the others. "
             + ("A stage still starting up may only be slow (imports, a loaded machine): "
-               "raise pipeline.timeout_s. " if phase == "start-up" else
+               "raise pipeline.timeout_s." if phase == "start-up" else
                "A frozen stage is stopped (SIGSTOP, a debugger), deadlocked or stuck in a "
-               "device call. ")
-            + "The last complete checkpoint is still usable."
+               "device call.")
+            + left
         )
     if reports:
         r = reports[0]
-        return (f"stage {r['rank']} (rank {r['rank']}) failed during {r['phase']} at batch "
-                f"{r['step']}: {r['error']}\n{r['traceback']}")
+        return (f"stage {r['rank']} (rank {r['rank']}) failed {_at(r['phase'], r.get('where'))}"
+                f": {r['error']}\n{r['traceback']}")
     return fallback
 
 
-def _near(rank: int, reports: list[dict[str, Any]]) -> str:
-    """Where stage ``rank`` was, from its neighbours: the stages after it had finished the
-    batches before the lost one, the stages before it had sent it."""
-    down = [r["step"] + 1 for r in reports if r["rank"] > rank and r["step"] >= 0]
-    up = [r["step"] for r in reports if r["rank"] < rank and r["step"] >= 0]
-    if not (down or up):
-        return ""
-    lo, hi = (max(down) if down else 0), (max(up) if up else max(down))
-    return f" at batch {lo}" if lo >= hi else f" between batches {lo} and {hi}"
+def _last_seen(
+    rank: int, reports: list[dict[str, Any]], progress: dict[int, tuple[str, str | None]]
+) -> str:
+    """Where stage ``rank`` was: what it last told its launcher, else its neighbours' places."""
+    if rank in progress:
+        return _at(*progress[rank])
+    near = [f"stage {r['rank']} was {_doing(r['phase'], r.get('where'))}" for r in reports
+            if abs(r["rank"] - rank) == 1]
+    return f"while {' and '.join(near)}" if near else "position unknown"
 
 
 @contextlib.contextmanager

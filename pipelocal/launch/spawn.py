@@ -27,17 +27,29 @@ from torch.multiprocessing.spawn import (
     ProcessRaisedException,
 )
 
+from pipelocal.checkpoint import last_complete_note
 from pipelocal.launch.preflight import finalise
-from pipelocal.launch.report import Death, describe_failure, failure_report, forward_stop_signals
+from pipelocal.launch.report import (
+    Death,
+    describe_failure,
+    failure_report,
+    forward_stop_signals,
+    raise_outcome,
+)
 from pipelocal.pipeline.worker import run_rank
-from pipelocal.setup import Setup
-from pipelocal.trainer import NonFiniteLoss, stop_requested, watch_stop_file
+from pipelocal.setup import Position, Setup
+from pipelocal.trainer import stop_requested, watch_stop_file
 
 __all__ = ["Interrupted", "PipelineError", "check_not_stopped", "die_with_parent", "spawn"]
 
 _GRACE_S = 2.0
 """After the first failure: how long the other workers get to report before they are killed."""
 _PR_SET_PDEATHSIG = 1
+_PHASES = ("start-up", "training", "evaluation", "end-of-epoch gather", "evaluation gather",
+           "checkpoint", "shutdown")
+"""Phases a worker reports through shared memory (by index), as :class:`Stage` names them."""
+_SLOTS = 4
+"""Shared-memory integers per worker: phase index, epoch, batch, step (-1 = none yet)."""
 
 
 class PipelineError(RuntimeError):
@@ -73,7 +85,8 @@ def _write(path: Path, obj: Any) -> None:
     os.replace(tmp_path, path)
 
 
-def _worker_main(rank: int, setup: Setup, port: int, parent: int, talk: str) -> None:
+def _worker_main(rank: int, setup: Setup, port: int, parent: int, talk: str,
+                 progress: Any) -> None:
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the supervisor's
     talk_dir, world, stage_box = Path(talk), setup.cfg.pipeline.stages, []
@@ -83,8 +96,11 @@ def _worker_main(rank: int, setup: Setup, port: int, parent: int, talk: str) -> 
         store = dist.TCPStore("127.0.0.1", port, world_size=world, is_master=False,
                               timeout=timedelta(seconds=setup.cfg.pipeline.timeout_s))
 
-        def on_phase(phase: str, epoch: int, step: int) -> None:
-            _write(talk_dir / f"phase{rank}.pkl", (phase, epoch, step))
+        def on_phase(phase: str, pos: Position | None) -> None:
+            # Every message: four integers into shared memory, no file, no lock.
+            at = rank * _SLOTS
+            progress[at + 1:at + _SLOTS] = [pos.epoch, pos.batch, pos.step] if pos else [-1] * 3
+            progress[at] = _PHASES.index(phase) if phase in _PHASES else 0
 
         result = run_rank(setup.cfg, setup, rank=rank, world=world, local_rank=rank,
                           local_world=world, store=store, stage_box=stage_box,
@@ -103,14 +119,27 @@ def spawn(setup: Setup, partition: list[int]) -> dict[str, Any]:
     cfg, world = setup.cfg, setup.cfg.pipeline.stages
     store = dist.TCPStore("127.0.0.1", 0, world_size=world, is_master=True,
                           wait_for_workers=False, timeout=timedelta(seconds=cfg.pipeline.timeout_s))
+    progress = tmp.get_context("spawn").RawArray("q", [0, -1, -1, -1] * world)
     with tempfile.TemporaryDirectory(prefix="pipelocal-") as talk:
-        ctx = tmp.start_processes(_worker_main, args=(setup, store.port, os.getpid(), talk),
+        ctx = tmp.start_processes(_worker_main,
+                                  args=(setup, store.port, os.getpid(), talk, progress),
                                   nprocs=world, join=False, start_method="spawn")
-        failure = _supervise(ctx, Path(talk))
-        return _outcome(ctx, Path(talk), failure)
+        failure = _supervise(ctx, Path(talk), setup)
+        return _outcome(ctx, Path(talk), failure, setup, _positions(progress, world, setup))
 
 
-def _supervise(ctx: Any, talk: Path) -> BaseException | None:
+def _positions(progress: Any, world: int, setup: Setup) -> dict[int, tuple[str, str | None]]:
+    """{rank: (phase, position)} as each worker last put them in shared memory."""
+    out = {}
+    for rank in range(world):
+        phase, epoch, batch, step = progress[rank * _SLOTS:(rank + 1) * _SLOTS]
+        where = (Position(epoch, batch, step).where(setup.cfg.run.epochs) if step >= 0
+                 else None)
+        out[rank] = (_PHASES[phase], where)
+    return out
+
+
+def _supervise(ctx: Any, talk: Path, setup: Setup) -> BaseException | None:
     """Wait for the workers; forward one stop request; a second one kills them."""
     with forward_stop_signals() as hits:
         try:
@@ -120,7 +149,7 @@ def _supervise(ctx: Any, talk: Path) -> BaseException | None:
                 if hits[0] > 1:
                     _kill(ctx)
                     return Interrupted("aborted by a second interrupt before the checkpoint; "
-                                       "the last complete checkpoint is still usable")
+                                       f"{last_complete_note(setup.run_dir)}")
                 try:
                     if ctx.join(timeout=0.5, grace_period=_GRACE_S):
                         return None
@@ -138,16 +167,15 @@ def _kill(ctx: Any) -> None:
         p.join(timeout=10)
 
 
-def _outcome(ctx: Any, talk: Path, failure: BaseException | None) -> dict[str, Any]:
+def _outcome(ctx: Any, talk: Path, failure: BaseException | None, setup: Setup,
+             progress: dict[int, tuple[str, str | None]]) -> dict[str, Any]:
     if isinstance(failure, Interrupted):
         raise failure
     reports = [pickle.loads(p.read_bytes()) for p in sorted(talk.glob("error*.pkl"))]
     result_file = talk / "result.pkl"
     if failure is None and not reports and result_file.exists():
         return pickle.loads(result_file.read_bytes())
-    for r in reports:
-        if r.get("type") == NonFiniteLoss.__name__:  # a training outcome, not a crash
-            raise NonFiniteLoss(r["message"])
+    raise_outcome(reports, setup.run_dir)  # a non-finite loss, a full disk: not a crash
     dead = None
     if isinstance(failure, ProcessExitedException) and failure.exit_code < 0:
         rank = failure.error_index
@@ -160,8 +188,7 @@ def _outcome(ctx: Any, talk: Path, failure: BaseException | None) -> dict[str, A
     silent = {rank: p.pid for rank, p in enumerate(ctx.processes)
               if (dead is None or rank != dead.rank) and p.exitcode is not None
               and p.exitcode < 0 and rank not in reported}
-    phases = {int(p.stem[5:]): pickle.loads(p.read_bytes()) for p in talk.glob("phase*.pkl")}
     codes = {rank: p.exitcode for rank, p in enumerate(ctx.processes)}
     raise PipelineError(describe_failure(
         reports, dead, f"pipeline workers ended without a result (exit codes by stage: {codes})",
-        silent=silent, phases=phases))
+        silent=silent, progress=progress, run_dir=setup.run_dir))

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from pipelocal.config import Config, ConfigError
 from pipelocal.device import configure_determinism, visible_gpus
+from pipelocal.exits import exit_status, write_status
 from pipelocal.launch.preflight import finalise, plan_stages, prepare, validate
 from pipelocal.launch.spawn import die_with_parent
 from pipelocal.pipeline.worker import run_rank
@@ -25,6 +26,10 @@ from pipelocal.setup import Setup
 from pipelocal.trainer import install_stop_handlers
 
 __all__ = ["torchrun_worker", "under_torchrun"]
+
+_FORWARDED_S = 2.0
+"""A second Ctrl-C / SIGTERM this soon after the first is the same one: torchrun's agent
+forwards to every rank the signal it got, which a terminal or Slurm also sent them."""
 
 
 def under_torchrun() -> bool:
@@ -65,9 +70,10 @@ def torchrun_worker(cfg: Config, resume: str | Path | None) -> dict[str, Any] | 
     # creates a handle, so the flags must precede the first CUDA op (run_rank sets them again).
     configure_determinism(torch.device("cuda" if visible_gpus(cfg) else "cpu"),
                           cfg.run.deterministic)
+    # Every rank stops through rank 0 (the coordinator), which alone says so.
+    install_stop_handlers(announce=rank == 0, same_within_s=_FORWARDED_S)
     setup: Setup | None = None
     if rank == 0:
-        install_stop_handlers()
         setup, _ = prepare(cfg, resume)
         plan_stages(setup)
         setup.note = f"{world} torchrun processes, one per stage"
@@ -77,9 +83,17 @@ def torchrun_worker(cfg: Config, resume: str | Path | None) -> dict[str, Any] | 
         return run_rank(cfg, setup, rank=rank, world=world, local_rank=local_rank,
                         local_world=local_world, nodes=world // local_world,
                         store=_attempt_store(cfg, rank, world))
-    except BaseException:
+    except BaseException as exc:
         # torchelastic sees the exit code and stops the other ranks; a process group with
         # transfers that can never complete must not be torn down by the interpreter's exit.
-        traceback.print_exc()
+        known = exit_status(exc)  # a NaN, a full disk: one line and its status, as elsewhere
+        if known is None:
+            traceback.print_exc()
+        else:
+            print(known[1], file=sys.stderr)
+        code = known[0] if known else 1
+        if rank == 0:
+            write_status(code)
+        sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
+        os._exit(code)

@@ -24,12 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pipelocal.checkpoint import checkpoint_dir
+from pipelocal.checkpoint import DiskFull, checkpoint_dir, locate_full
+from pipelocal.config import ConfigError
 from pipelocal.device import StepTimer, epoch_stats, reset_memory_stats
 from pipelocal.engine import Engine, eval_pieces
 from pipelocal.pipeline.channel import Kind, Message, P2PChannel
+from pipelocal.setup import Position
 
-__all__ = ["FAULT_ENV", "DistPipe", "Stage", "parse_fault"]
+__all__ = ["FAULT_ENV", "DistPipe", "Stage", "check_fault_spec", "parse_fault"]
 
 FAULT_ENV = "PIPELOCAL_INJECT_FAULT"
 """Fault injection for tests: ``"<stage>:<step>:<kind>"``, kind raise, kill, hang or nan (the
@@ -48,17 +50,23 @@ class Stage:
         outbox: P2PChannel | None,
         control: dist.ProcessGroup,
         run_dir: Path,
+        start: Position | None = None,
+        epochs: int = 0,
     ) -> None:
         self.stage, self.engine = stage, engine
         self.inbox, self.outbox, self.control = inbox, outbox, control
         self.run_dir = Path(run_dir)
         self.current: tuple[int, int] = (-1, -1)
         """(epoch, step) of the message being handled, for error reports."""
+        self.start, self.epochs = start or Position(), epochs
+        self.position: Position | None = None
+        """The last training batch this stage began (None before the first), for reports."""
+        self._epoch_first_step = 0
         self.phase = "start-up"
         """What the stage is doing, for error reports: start-up, training, evaluation, ..."""
-        self.on_phase: Callable[[str, int, int], None] | None = None
-        """Called with (phase, epoch, step) when the phase changes (a few times per epoch), so
-        a launcher can say what a stage that stopped answering was doing."""
+        self.on_phase: Callable[[str, Position | None], None] | None = None
+        """Called with (phase, position) for every message (cheap: a launcher keeps the last
+        one), so that it can say what a stage that stopped answering or died was doing."""
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         self._fault = parse_fault(os.environ.get(FAULT_ENV, ""), stage) if first_attempt else None
         self._timer = StepTimer(engine.device)
@@ -78,9 +86,22 @@ class Stage:
         while self.handle(self.inbox.recv()) is not False:
             pass
 
+    def where(self) -> str | None:
+        """The last training batch begun, as every message names a position (or None)."""
+        return None if self.position is None else self.position.where(self.epochs)
+
+    def _track(self, msg: Message) -> None:
+        if msg.kind != Kind.TRAIN:
+            return
+        if self.position is None or msg.epoch != self.position.epoch:  # an epoch's first batch
+            resumed = msg.epoch == self.start.epoch and msg.step == self.start.step
+            self._epoch_first_step = msg.step - (self.start.batch if resumed else 0)
+        self.position = Position(msg.epoch, msg.step - self._epoch_first_step, msg.step)
+
     def handle(self, msg: Message) -> Any:
         """Process one message; returns the gathered results on rank 0, False after STOP."""
         self.current = (msg.epoch, msg.step)
+        self._track(msg)
         if msg.kind in (Kind.TRAIN, Kind.EVAL):
             self._enter("training" if msg.kind == Kind.TRAIN else "evaluation")
             self._compute(msg)
@@ -96,8 +117,11 @@ class Stage:
             return gathered
         if msg.kind == Kind.CHECKPOINT:
             self._enter("checkpoint")
-            self.engine.save(checkpoint_dir(self.run_dir, msg.step))
-            gathered = self._gather(self.engine.indices)
+            try:
+                sha = self.engine.save(checkpoint_dir(self.run_dir, msg.step))
+            except DiskFull as exc:
+                raise locate_full(exc, self.where(), self.run_dir, msg.step) from exc
+            gathered = self._gather(sha)  # rank 0 writes every file's sha256 in the manifest
             self._reset_epoch()  # nor checkpoint writes
             return gathered
         self._enter("shutdown")  # STOP: passed on with its trailers; the inbox's are drained
@@ -108,10 +132,9 @@ class Stage:
         return False
 
     def _enter(self, phase: str) -> None:
-        if phase != self.phase:
-            self.phase = phase
-            if self.on_phase is not None:
-                self.on_phase(phase, *self.current)
+        self.phase = phase
+        if self.on_phase is not None:
+            self.on_phase(phase, self.position)
 
     def _compute(self, msg: Message) -> None:
         assert msg.x is not None and msg.y is not None
@@ -167,6 +190,23 @@ class Stage:
         raise RuntimeError(f"injected fault in stage {self.stage} at step {step}")
 
 
+def check_fault_spec(spec: str, stages: int) -> None:
+    """Before any worker starts: a malformed spec, or one for a stage the run does not have, is
+    a config error (a single-process run has no stages to inject into)."""
+    if not spec:
+        return
+    try:
+        parse_fault(spec, 0)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    target = int(spec.split(":")[0])
+    if stages < 2 or target >= stages:
+        raise ConfigError(
+            f"{FAULT_ENV} = {spec!r} targets stage {target} but this run has {stages} "
+            f"stage(s){' (the single-process engine injects nothing)' if stages < 2 else ''}; "
+            f"use a stage from 0 to {max(stages - 1, 0)} of a pipelined run, or unset it")
+
+
 def parse_fault(spec: str, stage: int) -> tuple[int, str] | None:
     """``"<stage>:<step>:<kind>"`` -> (step, kind) for this stage; a malformed spec is an error."""
     if not spec:
@@ -203,9 +243,12 @@ class DistPipe:
             merged.update(stats)
         return merged
 
-    def checkpoint(self, ckpt: Path, step: int) -> None:
+    def checkpoint(self, ckpt: Path, step: int) -> dict[str, str]:
         # Returns once every stage has written its blocks; the trainer then commits the manifest.
-        self.stage.handle(Message(Kind.CHECKPOINT, step))
+        merged: dict[str, str] = {}
+        for sha in self.stage.handle(Message(Kind.CHECKPOINT, step)):
+            merged.update(sha)
+        return merged
 
     def close(self) -> None:
         """Send STOP (and its trailers) down the pipeline and wait until delivered."""

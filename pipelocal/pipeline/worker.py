@@ -30,7 +30,7 @@ from pipelocal.pipeline.nccl_order import SerialTransport, nccl_order_requested
 from pipelocal.pipeline.partition import stage_ranges
 from pipelocal.pipeline.stage import DistPipe, Stage
 from pipelocal.rules import RULES
-from pipelocal.setup import Setup
+from pipelocal.setup import Position, Setup
 from pipelocal.trainer import build_trainer
 
 __all__ = ["build_stage", "configure_rank", "edge_groups", "run_rank", "wire_dtype"]
@@ -102,7 +102,7 @@ def build_stage(
     outbox = (P2PChannel(wire_shape_in=None, wire_shape_out=specs[r.stop - 1].wire_shape,
                          data_group=edges[rank], **wire) if rank < world - 1 else None)
     return Stage(rank, engine, inbox=inbox, outbox=outbox, control=control,
-                 run_dir=setup.run_dir)
+                 run_dir=setup.run_dir, start=setup.start, epochs=cfg.run.epochs)
 
 
 def run_rank(
@@ -116,13 +116,13 @@ def run_rank(
     nodes: int = 1,
     store: dist.Store | None = None,
     stage_box: list[Stage] | None = None,
-    on_phase: Callable[[str, int, int], None] | None = None,
+    on_phase: Callable[[str, Position | None], None] | None = None,
 ) -> dict[str, Any] | None:
     """Run rank ``rank`` to the end; returns the training summary on rank 0.
 
     ``setup`` is needed on rank 0 only (the others receive it). ``stage_box`` receives the
     Stage as soon as it exists, so that a launcher can report where a failure happened;
-    ``on_phase`` is told each phase change (see :attr:`Stage.on_phase`).
+    ``on_phase`` is told the phase and position of each message (see :attr:`Stage.on_phase`).
     """
     device = configure_rank(cfg, world=world, local_rank=local_rank, local_world=local_world,
                             nodes=nodes)
