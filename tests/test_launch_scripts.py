@@ -101,41 +101,47 @@ def test_slurm_without_gpus_asks_for_stages_per_node(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- torchrun, for real
 
 
+_FAKE_SRUN = """#!/usr/bin/env bash
+# srun on one host: one task per "node" (SLURM_NODEID 0 .. SLURM_NNODES-1), the highest status
+pids=()
+for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" & pids+=($!); done
+code=0
+for p in "${pids[@]}"; do c=0; wait "$p" || c=$?; ((c > code)) && code=$c; done
+exit $code
+"""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("nodes", [2])  # one node: test_transparency.py's torchrun tests
-def test_torchrun_script_equals_spawned_pipeline(tmp_path: Path, nodes: int) -> None:
-    """One node (--standalone), or two "nodes" on this host with a c10d rendezvous."""
+def test_slurm_job_of_two_nodes_equals_spawned_pipeline(tmp_path: Path) -> None:
+    """launch/slurm.sbatch as a Slurm job of two "nodes" on this host (srun and scontrol
+    stand-ins): each node runs launch/torchrun.sh, the c10d rendezvous joins them, and the
+    result is bitwise the spawned pipeline's, with point-to-point ops in NCCL's order."""
     spawned = train(tiny_config(tmp_path / "spawn", "pipeline.stages=2",
                                 "pipeline.partition=[2,2]"))
-    config = _tiny_toml(tmp_path, "pipeline.partition=[2,2]", "run.name=torchrun")
-    args = ("--config", str(config))
-    if nodes == 1:
-        procs = [subprocess.Popen(["bash", str(TORCHRUN_SH), *args], env=_env(STAGES="2"),
-                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True)]
-    else:
-        common = {"NNODES": "2", "STAGES_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
-                  "MASTER_PORT": str(_free_port()), "LOCAL_ADDR": "127.0.0.1",
-                  "RDZV_ID": f"test-{os.getpid()}",
-                  "PIPELOCAL_NCCL_ORDER": "1"}  # point-to-point ops in NCCL's order
-        procs = [subprocess.Popen(["bash", str(TORCHRUN_SH), *args],
-                                  env=_env(NODE_RANK=str(rank), **common), cwd=REPO,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for rank in range(2)]
-    outputs = []
+    config = _tiny_toml(tmp_path, "pipeline.partition=[2,2]")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(_FAKE_SRUN)
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    job = f"test{os.getpid()}"
+    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_NNODES="2", SLURM_JOB_ID=job,
+               SLURM_JOB_NODELIST="node[0-1]", SLURM_SUBMIT_DIR=str(REPO),
+               STAGES_PER_NODE="1", MASTER_PORT=str(_free_port()), LOCAL_ADDR="127.0.0.1",
+               PIPELOCAL_NCCL_ORDER="1")
+    proc = subprocess.Popen(["bash", str(SLURM_SBATCH), "--config", str(config)], env=env,
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=240)[0])
+        out = proc.communicate(timeout=240)[0]
     finally:
-        for p in procs:  # a failed or hung node must not outlive the test
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=30)
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
-    # c10d numbers the nodes itself (NODE_RANK is only a hint), so either node may run rank 0.
-    assert "pipelined over 2 stages" in "".join(outputs)
-    assert_identical(checkpoint_tensors(tmp_path / "runs" / "torchrun"),
+        if proc.poll() is None:  # a hung node must not outlive the test
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode == 0, out[-3000:]
+    assert "pipelined over 2 stages" in out
+    assert_identical(checkpoint_tensors(tmp_path / "runs" / f"slurm-{job}"),
                      checkpoint_tensors(spawned["run_dir"]))
 
 
