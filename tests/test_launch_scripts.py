@@ -1,8 +1,9 @@
 """The scripts in launch/: their --dry-run checks, and the multi-node path proven on one host.
 
-Two torchrun "nodes" here are two ``launch/torchrun.sh`` processes with NODE_RANK 0 and 1 and a
-c10d rendezvous on 127.0.0.1; their checkpoint must equal the spawned ``--stages 2`` run's bit
-for bit, as any pipelined run equals the single-process one (tests/test_transparency.py).
+Two "nodes" here are a Slurm job on this host (stand-ins for srun and scontrol): each runs
+``launch/torchrun.sh`` with its node index, with a c10d rendezvous on 127.0.0.1; their
+checkpoint must equal the spawned ``--stages 2`` run's bit for bit, as any pipelined run equals
+the single-process one (tests/test_transparency.py).
 """
 
 from __future__ import annotations
