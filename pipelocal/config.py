@@ -253,6 +253,14 @@ class ScheduleConfig:
     """step: milestones as epochs, as the authors' ``--lr-decay-milestones``: the factor of
     (0-based) epoch e is gamma ** (number of milestones <= e), i.e. bisect_right."""
     gamma: float = 0.25
+    warmup_epochs: int = 0
+    """cosine: epochs of linear warm-up before the cosine (the AugLocal authors: 10), with the
+    authors' formula: epochs count e = 1..E, cos(e) = optim.lr / 2 (1 + cos(pi e / E)), epoch
+    e <= W = warmup_epochs trains at cos(e) (e - 1) / W + warmup_start_lr (W + 1 - e) / W, later
+    epochs at cos(e), so the last epoch trains at lr 0; 0 = no warm-up (cosine over e = 0..E-1,
+    starting at optim.lr)."""
+    warmup_start_lr: float = 0.01
+    """cosine with warm-up: the learning rate of the first epoch (absolute, not a factor)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -277,6 +285,13 @@ class ScheduleConfig:
             "in schedule.milestones",
         )
         _check(0 < self.gamma <= 1, "schedule.gamma", self.gamma, "0 < gamma <= 1")
+        _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", self.warmup_epochs,
+               "an integer >= 0 (0 = no warm-up)")
+        _check(self.warmup_epochs == 0 or self.name == "cosine", "schedule.warmup_epochs",
+               self.warmup_epochs, f"0 with schedule.name = {self.name!r}: the warm-up leads "
+               "into the cosine schedule (set schedule.name = \"cosine\")")
+        _check(self.warmup_start_lr >= 0, "schedule.warmup_start_lr", self.warmup_start_lr,
+               "a learning rate >= 0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -32,7 +32,15 @@ from pipelocal.models import BlockSpec
 from pipelocal.rules import RULES, LocalRule, RuleContext, build_rule
 from pipelocal.rules.fa import feedback_align
 
-__all__ = ["Engine", "LocalBlock", "LocalPipe", "block_seed", "build_blocks", "lr_factor"]
+__all__ = [
+    "Engine",
+    "LocalBlock",
+    "LocalPipe",
+    "block_seed",
+    "build_blocks",
+    "learning_rate",
+    "lr_factor",
+]
 
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 """run.precision -> the autocast dtype of the blocks and heads (master weights stay float32)."""
@@ -59,6 +67,22 @@ def lr_factor(cfg: ScheduleConfig, epoch: int, epochs: int) -> float:
     if cfg.name == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     return 1.0
+
+
+def learning_rate(cfg: ScheduleConfig, base_lr: float, epoch: int, epochs: int) -> float:
+    """The learning rate of ``epoch`` (0-based) of ``epochs``, for ``base_lr`` = optim.lr.
+
+    With ``warmup_epochs`` = W > 0 (cosine only) the AugLocal authors' ``adjust_learning_rate``
+    term for term, on their 1-based epoch e = epoch + 1: cos(e) = base_lr / 2 (1 + cos(pi e /
+    E)); e <= W: cos(e) (e - 1) / W + start (W + 1 - e) / W. Else ``base_lr * lr_factor``.
+    """
+    if cfg.name != "cosine" or cfg.warmup_epochs == 0:
+        return base_lr * lr_factor(cfg, epoch, epochs)
+    e, w = epoch + 1, cfg.warmup_epochs
+    lr = 0.5 * base_lr * (1 + math.cos(math.pi * e / epochs))
+    if e <= w:
+        lr = lr * (e - 1) / w + cfg.warmup_start_lr * (w + 1 - e) / w
+    return lr
 
 
 def _optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -133,7 +157,7 @@ class LocalBlock(nn.Module):
         """Set the learning rate of ``epoch`` (the schedule is a pure function of the epoch)."""
         if epoch != self.epoch:
             self.epoch = epoch
-            lr = self.base_lr * lr_factor(self.schedule, epoch, self.epochs)
+            lr = learning_rate(self.schedule, self.base_lr, epoch, self.epochs)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
 
