@@ -87,6 +87,11 @@ class ModelConfig:
     """BatchNorm after each hidden layer (conv3x3-BN-nonlin in the paper)."""
     input_shape: tuple[int, ...] = ()
     """Input shape (C, H, W) the model is built for; empty = taken from the dataset."""
+    init: Literal["auto", "pytorch", "he-normal"] = "auto"
+    """Weight initialisation: pytorch = PyTorch's defaults (and the output layer's weight at
+    zero under a local rule with rule.zero_init); he-normal = every conv of the blocks and the
+    auxiliary nets from normal(0, sqrt(2 / (k^2 C_out))), linear layers at PyTorch's default;
+    auto = the rule's authors' choice (he-normal for auglocal, dgl, infopro; else pytorch)."""
 
     def __post_init__(self) -> None:
         _check_name("model.name", self.name, registered_names("model"))
@@ -102,6 +107,8 @@ class ModelConfig:
         _check(
             self.nonlin in ("relu", "leaky_relu"), "model.nonlin", self.nonlin, "relu, leaky_relu"
         )
+        _check(self.init in ("auto", "pytorch", "he-normal"), "model.init", self.init,
+               "auto, pytorch, he-normal")
         _check(
             len(self.input_shape) in (0, 3) and all(d > 0 for d in self.input_shape),
             "model.input_shape",
@@ -191,8 +198,9 @@ class RuleConfig:
     """sim: per-channel standard deviation of conv maps with H > 1 in the similarity matrix;
     false = the authors' ``--no-similarity-std`` (flatten)."""
     zero_init: bool = True
-    """pred: local classifier weights (bpf: and bias) start at zero, and so does the output
-    layer's weight under a local rule, as in the authors' code; false = PyTorch's default."""
+    """pred: local classifier weights (bpf: and bias) start at zero, and, with model.init =
+    pytorch, so does the output layer's weight under a local rule, as in the authors' code;
+    false = PyTorch's default."""
     scale_output_loss: bool = True
     """predsim(-bpf): the output layer's cross-entropy is scaled by (1 - beta), as the authors."""
     classifier_loss: Literal["ce", "hinge"] = "ce"

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from pipelocal.checkpoint import load_block_state, save_block_state
 from pipelocal.config import Config, OptimConfig, RuleConfig, ScheduleConfig
 from pipelocal.models import BlockSpec
+from pipelocal.models.init import he_normal_
 from pipelocal.rules import RULES, LocalRule, RuleContext, build_rule
 from pipelocal.rules.fa import feedback_align
 
@@ -115,6 +116,7 @@ class LocalBlock(nn.Module):
         device: torch.device | str = "cpu",
         precision: str = "fp32",
         context: RuleContext | None = None,
+        init: str = "auto",
     ) -> None:
         super().__init__()
         self.index, self.spec = index, spec
@@ -132,9 +134,13 @@ class LocalBlock(nn.Module):
             if spec.kind != "output":
                 shape = spec.wire_shape if rule_cls.on_wire else spec.out_shape
                 self.rule = build_rule(shape, num_classes, rule, context)
+            self.init = rule_cls.authors_init if init == "auto" else init
+            if self.init == "he-normal":
+                he_normal_(self)  # body and rule heads, from this block's seed
             if rule_cls.feedback_alignment:
                 self.body = feedback_align(self.body)
-        if spec.kind == "output" and rule.zero_init and not rule_cls.is_global:
+        if (spec.kind == "output" and self.init == "pytorch" and rule.zero_init
+                and not rule_cls.is_global):
             # The authors zero the output layer's weight whenever the hidden layers learn locally.
             nn.init.zeros_([m for m in self.body.modules() if isinstance(m, nn.Linear)][-1].weight)
         self.output_scale = rule_cls.output_loss_scale(rule) if spec.kind == "output" else 1.0
@@ -340,6 +346,7 @@ def build_blocks(
             device=device,
             precision=cfg.run.precision,
             context=RuleContext(tuple(specs), i),
+            init=cfg.model.init,
         )
         for i in indices
     ]

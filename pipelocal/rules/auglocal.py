@@ -75,6 +75,7 @@ def build_aux_net(
 
 @register_rule("auglocal")
 class AugLocalRule(AuxNetRule):
+    authors_init: ClassVar[str] = "he-normal"  # the AugLocal authors' ResNet
     needs_context: ClassVar[bool] = True
 
     def __init__(

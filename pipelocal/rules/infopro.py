@@ -52,6 +52,7 @@ def unit_range(image: Tensor) -> Tensor:
 
 @register_rule("infopro")
 class InfoProRule(LocalRule):
+    authors_init: ClassVar[str] = "he-normal"  # the AugLocal authors' ResNet
     needs_context: ClassVar[bool] = True
     needs_image: ClassVar[bool] = True
 
