@@ -16,6 +16,7 @@ import types
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,6 +50,7 @@ EXPECTED_MISSING = {
     "cifar10": ("cifar-10-batches-py", "data_batch_1"),
     "cifar100": ("cifar-100-python", "train"),
     "svhn": (".", "train_32x32.mat"),
+    "svhn-extra": (".", "extra_32x32.mat"),
     "stl10": ("stl10_binary", "train_X.bin"),
     "mnist-10k": (".", "t10k-images-idx3-ubyte.gz"),
 }
@@ -109,7 +111,7 @@ def _shifts_found(before: torch.Tensor, after: torch.Tensor, px: int) -> list[tu
 # --------------------------------------------------------------------------- registry
 
 
-def test_registry_lists_all_ten_names() -> None:
+def test_registry_lists_all_eleven_names() -> None:
     assert available_datasets() == [
         "cifar10",
         "cifar100",
@@ -120,6 +122,7 @@ def test_registry_lists_all_ten_names() -> None:
         "mnist-10k",
         "stl10",
         "svhn",
+        "svhn-extra",
         "synthetic-cifar",
     ]
 
@@ -175,6 +178,35 @@ def test_missing_files_error(name: str, tmp_path: Path) -> None:
     assert filename in message and name in message
     assert str((tmp_path / subdir).resolve()) in message
     assert isinstance(info.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize(("name", "splits", "n_train"), [
+    ("svhn", ["train", "test"], 3), ("svhn-extra", ["train", "extra", "test"], 8)])
+def test_svhn_trains_on_split_train_and_svhn_extra_adds_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, splits: list[str], n_train: int
+) -> None:
+    """ChenxiangMA/AugLocal ``train.py`` line 125: ``{'split': 'train'}`` (73,257 images), as
+    the AugLocal paper (app. A.1); ``svhn-extra`` adds split 'extra' (Nøkland & Eidnes)."""
+    import torchvision.datasets as tvd
+
+    sizes = {"train": 3, "extra": 5, "test": 2}
+    opened: list[str] = []
+
+    class FakeSVHN:
+        split_list = tvd.SVHN.split_list
+
+        def __init__(self, root: str, split: str, download: bool) -> None:
+            opened.append(split)
+            n = sizes[split]
+            self.data = np.full((n, 3, 32, 32), len(opened), dtype=np.uint8)
+            self.labels = np.arange(n) % 10
+
+    for f in tvd.SVHN.split_list.values():
+        (tmp_path / f[1]).write_bytes(b"")
+    monkeypatch.setattr(tvd, "SVHN", FakeSVHN)
+    ds = load_dataset(DataConfig(name=name, data_dir=str(tmp_path)))
+    assert opened == splits
+    assert len(ds.train) == n_train and len(ds.test) == 2 and ds.name == name
 
 
 def test_missing_files_error_tells_how_to_download(tmp_path: Path) -> None:
