@@ -132,7 +132,10 @@ class DataConfig:
     jitter_px: int = 2
     """jitter: random translation of up to this many pixels (zero fill)."""
     pad_px: int = 4
-    """padcrop: zero padding before the random crop back to the input size."""
+    """padcrop: padding before the random crop back to the input size."""
+    pad_mode: Literal["zeros", "reflect"] = "zeros"
+    """padcrop: how the border is filled: zeros (torchvision's RandomCrop(padding=...)) or
+    reflect (mirrored, without repeating the edge pixel: the AugLocal authors' CIFAR-10)."""
     cutout_px: int = 16
     """cutout: side of the zeroed square."""
     classes_per_batch: int = 0
@@ -154,6 +157,8 @@ class DataConfig:
         _check(
             self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, ">= 1"
         )
+        _check(self.pad_mode in ("zeros", "reflect"), "data.pad_mode", self.pad_mode,
+               "zeros, reflect")
         for aug in self.augment:
             _check(
                 aug in AUGMENTATIONS, "data.augment", self.augment, ", ".join(AUGMENTATIONS)

@@ -383,6 +383,45 @@ def test_translation_moves_content_by_at_most_px(aug: str, key: str, px: int) ->
     assert any(s != (0, 0) for s in shifts) and len(set(shifts)) > 3
 
 
+# The 4x4 image 0..15 reflect-padded by 1 px, by hand: row -1 mirrors row 1, column -1
+# mirrors column 1 (the edge pixel is not repeated), and likewise at the far sides.
+_REFLECT_PAD1 = [
+    [5, 4, 5, 6, 7, 6],
+    [1, 0, 1, 2, 3, 2],
+    [5, 4, 5, 6, 7, 6],
+    [9, 8, 9, 10, 11, 10],
+    [13, 12, 13, 14, 15, 14],
+    [9, 8, 9, 10, 11, 10],
+]
+
+
+def test_padcrop_reflect_is_the_auglocal_authors_cifar_padding() -> None:
+    """ChenxiangMA/AugLocal ``train.py`` lines 129-136: ``F.pad(x, (4, 4, 4, 4),
+    mode='reflect')``, then ``RandomCrop(32)``: every output is one crop of the reflect-padded
+    image (here 1 px on a 4x4 image, padded by hand above)."""
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(32, 1, 1, 1)
+    out = random_translate(x, 1, torch.Generator().manual_seed(0), "reflect")
+    padded = torch.tensor(_REFLECT_PAD1, dtype=torch.float32)
+    crops = {(oy, ox): padded[oy:oy + 4, ox:ox + 4] for oy in range(3) for ox in range(3)}
+    found = {next(k for k, c in crops.items() if torch.equal(o[0], c)) for o in out}
+    assert len(found) >= 5  # 32 draws of 9 offsets
+    zeros = random_translate(x, 1, torch.Generator().manual_seed(0))
+    assert (zeros == 0).sum() > (x == 0).sum()  # the zero fill shows, the reflection does not
+    assert (out == 0).sum() <= len(x)  # the padded image holds one 0 (its corner)
+    with pytest.raises(ValueError, match="reflect padding by 4 px"):
+        random_translate(x, 4, torch.Generator(), "reflect")
+
+
+def test_pad_mode_reaches_the_training_batches() -> None:
+    split = _synthetic(h=8, w=8)
+    batches = {mode: _raw_loader(split, augment=("padcrop",), pad_px=2,
+                                 pad_mode=mode).batch(0, 0)[0]
+               for mode in ("zeros", "reflect")}
+    assert (batches["zeros"] == 0).any() and not (batches["reflect"] == 0).any()
+    with pytest.raises(ConfigError, match=r"data\.pad_mode"):
+        DataConfig(pad_mode="edge")  # type: ignore[arg-type]
+
+
 def test_random_translate_with_known_generator() -> None:
     x = torch.zeros(1, 1, 9, 9)
     x[0, 0, 4, 4] = 1.0
