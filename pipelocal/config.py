@@ -199,6 +199,10 @@ class RuleConfig:
     linearly interpolated between them (the AugLocal authors' ResNet-32 values)."""
     infopro_ce: tuple[float, ...] = (0.05, 0.5)
     """infopro: cross-entropy weight (lambda_2) at the first and the last hidden block."""
+    infopro_target: Literal["dataset", "minmax"] = "dataset"
+    """infopro: the image the decoder reconstructs: dataset = the input un-normalised with the
+    dataset's mean and std (the authors); minmax = each sample and channel rescaled to [0, 1]
+    by its own minimum and maximum."""
     similarity_std: bool = True
     """sim: per-channel standard deviation of conv maps with H > 1 in the similarity matrix;
     false = the authors' ``--no-similarity-std`` (flatten)."""
@@ -224,6 +228,8 @@ class RuleConfig:
             value = getattr(self, key)
             _check(len(value) == 2 and min(value) >= 0, f"rule.{key}", value,
                    "[first, last]: two weights >= 0")
+        _check(self.infopro_target in ("dataset", "minmax"), "rule.infopro_target",
+               self.infopro_target, "dataset, minmax")
         _check(0.0 <= self.beta <= 1.0, "rule.beta", self.beta, "0 <= beta <= 1")
         _check(self.dim_in_decoder >= 1, "rule.dim_in_decoder", self.dim_in_decoder, ">= 1")
         _check(

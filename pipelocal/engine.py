@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from pipelocal.checkpoint import load_block_state, save_block_state
 from pipelocal.config import Config, OptimConfig, RuleConfig, ScheduleConfig
+from pipelocal.data import dataset_stats
 from pipelocal.models import BlockSpec
 from pipelocal.models.init import he_normal_
 from pipelocal.rules import RULES, LocalRule, RuleContext, build_rule
@@ -333,6 +334,8 @@ def build_blocks(
     device: torch.device | str,
 ) -> list[LocalBlock]:
     """Build blocks ``indices`` of the model; block i is the same whichever process builds it."""
+    stats = dataset_stats(cfg.data) if getattr(RULES.get(cfg.rule.name), "needs_image",
+                                               False) else None
     return [
         LocalBlock(
             i,
@@ -345,7 +348,7 @@ def build_blocks(
             seed=cfg.run.seed,
             device=device,
             precision=cfg.run.precision,
-            context=RuleContext(tuple(specs), i),
+            context=RuleContext(tuple(specs), i, stats),
             init=cfg.model.init,
         )
         for i in indices

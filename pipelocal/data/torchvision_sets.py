@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipelocal.data.registry import Dataset, DatasetError, Split, register_dataset
+from pipelocal.data.registry import (
+    DATASET_STATS,
+    Dataset,
+    DatasetError,
+    Split,
+    register_dataset,
+)
 
 if TYPE_CHECKING:
     from pipelocal.config import DataConfig
@@ -35,6 +41,7 @@ _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "svhn-extra": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
     "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
 }
+DATASET_STATS.update(_STATS)
 _MNIST_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
 _CIFAR_CLASSES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 _SVHN_SPLITS = {"svhn": ("train",), "svhn-extra": ("train", "extra")}
