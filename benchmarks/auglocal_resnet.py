@@ -65,6 +65,7 @@ from pipelocal.models import build_model
 from pipelocal.pipeline.cost import block_costs
 from pipelocal.pipeline.partition import balanced_partition, stage_ranges
 from pipelocal.pipeline.plan import make_plan
+from pipelocal.rules import end_to_end_top
 
 NAME = "auglocal_resnet"
 # label -> rule overrides
@@ -134,7 +135,8 @@ def cost_partition(args: argparse.Namespace) -> tuple[list[int], list[dict[str, 
     costs = block_costs(cfg, specs, 10)
     table = [{"block": c.name, "body_macs": c.body_macs, "aux_macs": c.rule_macs}
              for c in costs]
-    return balanced_partition([c.train_macs for c in costs], 2), table
+    together = end_to_end_top(cfg.rule, len(specs))  # the top that learns end to end
+    return balanced_partition([c.train_macs for c in costs], 2, together=together), table
 
 
 def profiled_partition(args: argparse.Namespace) -> list[int]:

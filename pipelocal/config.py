@@ -192,6 +192,12 @@ class RuleConfig:
     classifier, so its d = aux_depth + 1)."""
     pyramid_tau: float = 0.5
     """auglocal: decay factor tau of the pyramidal depth d_j (0 = depth d for every block)."""
+    top_layers: Literal["backprop", "local"] = "backprop"
+    """auglocal: backprop = the last aux_depth + 1 layers and the classifier train end to end
+    from the output loss, and only the layers below them have auxiliary nets (the authors'
+    code, ``local_module_num -= aux_net_depth``); these top layers run in one pipeline stage.
+    local = every hidden layer has its own auxiliary net (the paper's text: 16 / 55 local
+    layers on ResNet-32 / 110)."""
     aux_feature_dim: int = 128
     """infopro: hidden fully connected units of the auxiliary classifier (conv-AP-128FC-FC)."""
     infopro_recon: tuple[float, ...] = (5.0, 0.2)
@@ -223,6 +229,8 @@ class RuleConfig:
         _check(self.aux_depth >= 1, "rule.aux_depth", self.aux_depth, "an integer >= 1")
         _check(0.0 <= self.pyramid_tau <= 1.0, "rule.pyramid_tau", self.pyramid_tau,
                "0 <= tau <= 1")
+        _check(self.top_layers in ("backprop", "local"), "rule.top_layers", self.top_layers,
+               "backprop, local")
         _check(self.aux_feature_dim >= 1, "rule.aux_feature_dim", self.aux_feature_dim, ">= 1")
         for key in ("infopro_recon", "infopro_ce"):
             value = getattr(self, key)

@@ -31,7 +31,7 @@ from pipelocal.config import Config, OptimConfig, RuleConfig, ScheduleConfig
 from pipelocal.data import dataset_stats
 from pipelocal.models import BlockSpec
 from pipelocal.models.init import he_normal_
-from pipelocal.rules import RULES, LocalRule, RuleContext, build_rule
+from pipelocal.rules import RULES, LocalRule, RuleContext, build_rule, end_to_end_top
 from pipelocal.rules.fa import feedback_align
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "build_blocks",
     "learning_rate",
     "lr_factor",
+    "train_end_to_end",
 ]
 
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
@@ -118,9 +119,13 @@ class LocalBlock(nn.Module):
         precision: str = "fp32",
         context: RuleContext | None = None,
         init: str = "auto",
+        top: range | None = None,
     ) -> None:
         super().__init__()
         self.index, self.spec = index, spec
+        self.top = top
+        """The top blocks this one learns with, end to end, from the output loss (see
+        :func:`~pipelocal.rules.end_to_end_top`); None: it learns from its own loss."""
         self.schedule, self.epochs, self.base_lr = schedule, epochs, optim.lr
         self.autocast_dtype = _AUTOCAST[precision]
         seed_i = self.seed = block_seed(seed, index)
@@ -132,7 +137,7 @@ class LocalBlock(nn.Module):
             torch.random.default_generator.manual_seed(seed_i)
             self.body = spec.make()
             self.rule: LocalRule | None = None
-            if spec.kind != "output":
+            if spec.kind != "output" and (top is None or rule_cls.is_global):
                 shape = spec.wire_shape if rule_cls.on_wire else spec.out_shape
                 self.rule = build_rule(shape, num_classes, rule, context)
             self.init = rule_cls.authors_init if init == "auto" else init
@@ -160,6 +165,11 @@ class LocalBlock(nn.Module):
     def is_output(self) -> bool:
         return self.spec.kind == "output"
 
+    @property
+    def end_to_end(self) -> bool:
+        """True if this block learns together with the blocks above it (:attr:`top`)."""
+        return self.top is not None
+
     def set_epoch(self, epoch: int) -> None:
         """Set the learning rate of ``epoch`` (the schedule is a pure function of the epoch)."""
         if epoch != self.epoch:
@@ -178,6 +188,8 @@ class LocalBlock(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """This block's loss on its output ``h`` and the class scores it predicts (if any)."""
         if self.rule is None:
+            if not self.is_output:  # an end-to-end top block: only the output loss trains it
+                return h.new_zeros(()), None
             return self.output_scale * F.cross_entropy(h, y), h.detach()
         if self.needs_image:
             return self.rule.loss(h, y, image=image)  # type: ignore[call-arg]
@@ -219,6 +231,12 @@ class LocalBlock(nn.Module):
 
     def train_step(self, x: Tensor, y: Tensor, image: Tensor | None = None) -> Tensor:
         """One update on (x, y); ``image`` is the model's input, for rules that need it."""
+        if self.end_to_end:
+            raise RuntimeError(
+                f"block {self.index} ({self.spec.name}) learns end to end with blocks "
+                f"{self.top.start}..{self.top.stop - 1} from the output loss; train them "
+                "together (Engine.train_batch, train_end_to_end), not one by one"
+            )
         # Every block starts from float32: whether its input came straight from the block before
         # (bf16 under autocast) or over a wire in any dtype, it computes the same thing.
         x = x.float()
@@ -241,7 +259,7 @@ class LocalBlock(nn.Module):
             h = self(x.float())
             out = self.pass_on(h)
             if self.rule is None:
-                return out, h
+                return out, h if self.is_output else None
             return out, self.rule.logits(out if self.on_wire else h)
 
     # ------------------------------------------------------------------ statistics
@@ -336,6 +354,7 @@ def build_blocks(
     """Build blocks ``indices`` of the model; block i is the same whichever process builds it."""
     stats = dataset_stats(cfg.data) if getattr(RULES.get(cfg.rule.name), "needs_image",
                                                False) else None
+    top = end_to_end_top(cfg.rule, len(specs))
     return [
         LocalBlock(
             i,
@@ -350,9 +369,34 @@ def build_blocks(
             precision=cfg.run.precision,
             context=RuleContext(tuple(specs), i, stats),
             init=cfg.model.init,
+            top=top if len(top) > 1 and i in top else None,
         )
         for i in indices
     ]
+
+
+def train_end_to_end(blocks: Sequence[LocalBlock], x: Tensor, y: Tensor) -> Tensor:
+    """One backprop step of ``blocks`` (contiguous, the output block last) on (x, y).
+
+    The output's cross-entropy (plus, for glob+sim, every hidden block's sim loss) flows back
+    through all of them; each block's own optimiser then steps. Used for global rules (every
+    block) and for AugLocal's end-to-end top layers.
+    """
+    losses: list[Tensor] = []
+    for block in blocks:
+        block.train(True)
+        with block.autocast():
+            h = block(x.float())
+            loss, scores = block.local_loss(h, y)
+        losses.append(loss)  # zero for a top block without a loss of its own; glob+sim: sim
+        block.record(loss, scores, y)
+        x = block.pass_on(h)
+    for block in blocks:
+        block.optimizer.zero_grad(set_to_none=True)
+    torch.stack(losses).sum().backward()
+    for block in blocks:
+        block.optimizer.step()
+    return x.detach()
 
 
 class Engine:
@@ -365,6 +409,8 @@ class Engine:
         self.is_global = rule is not None and rule.is_global
         self.needs_image = any(b.needs_image for b in self.blocks)
         """Some block's rule needs the model's input image (InfoPro): see :meth:`train`."""
+        self._top = self.blocks if self.is_global else [b for b in self.blocks if b.end_to_end]
+        """The blocks trained together, end to end, by the output loss (all: a global rule)."""
         self._eval_correct: dict[int, Tensor] = {}
         self._eval_count = 0
 
@@ -383,13 +429,27 @@ class Engine:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         for block in self.blocks:
             block.set_epoch(epoch)
-        if self.is_global:
-            return self._train_global(x, y)
+        self._check_top()
         if self.needs_image:
             image = self.input_image(x, image)
-        for block in self.blocks:
+        for block in self.blocks[: len(self.blocks) - len(self._top)]:
             x = block.train_step(x, y, image)
-        return x
+        return train_end_to_end(self._top, x, y) if self._top else x
+
+    def _check_top(self) -> None:
+        """The end-to-end blocks must all be here: a gradient cannot cross two engines."""
+        if self.is_global:
+            if not self.blocks[-1].is_output or self.blocks[0].index != 0:
+                raise RuntimeError("global (backprop) rules need every block in one engine")
+            return
+        if self._top and [b.index for b in self._top] != list(self._top[0].top or ()):
+            top = self._top[0].top
+            assert top is not None
+            raise RuntimeError(
+                f"blocks {top.start}..{top.stop - 1} learn end to end from the output loss, "
+                f"but this engine holds blocks {self.indices}; put all of them in one engine "
+                "(one stage of pipeline.partition)"
+            )
 
     def input_image(self, x: Tensor, image: Tensor | None) -> Tensor:
         """The model's input batch: ``x`` itself when this engine starts at block 0."""
@@ -401,26 +461,6 @@ class Engine:
                 "arrived with the activation; the pipeline channel must carry it"
             )
         return image.to(self.device, non_blocking=True)
-
-    def _train_global(self, x: Tensor, y: Tensor) -> Tensor:
-        """glob / glob+sim: end-to-end backprop of the output's cross-entropy (+ sim losses)."""
-        if not self.blocks[-1].is_output or self.blocks[0].index != 0:
-            raise RuntimeError("global (backprop) rules need every block in one engine")
-        losses: list[Tensor] = []
-        for block in self.blocks:
-            block.train(True)
-            with block.autocast():
-                h = block(x.float())
-                loss, scores = block.local_loss(h, y)
-            losses.append(loss)  # glob: zero for hidden blocks; glob+sim: their sim loss
-            block.record(loss, scores, y)
-            x = block.pass_on(h)
-        for block in self.blocks:
-            block.optimizer.zero_grad(set_to_none=True)
-        torch.stack(losses).sum().backward()
-        for block in self.blocks:
-            block.optimizer.step()
-        return x.detach()
 
     @torch.no_grad()
     def eval_batch(self, x: Tensor, y: Tensor) -> Tensor:

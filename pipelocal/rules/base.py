@@ -47,6 +47,12 @@ class LocalRule(nn.Module):
     (:mod:`pipelocal.models.init`): ``pytorch`` or ``he-normal``."""
 
     @classmethod
+    def end_to_end_layers(cls, cfg: RuleConfig) -> int:
+        """How many top blocks (the output block included) learn together, end to end, from
+        the output loss (1: the output block alone; global rules: all of them)."""
+        return 1
+
+    @classmethod
     def output_loss_scale(cls, cfg: RuleConfig) -> float:
         """Factor on the output layer's cross-entropy under this rule (1 unless overridden)."""
         return 1.0
