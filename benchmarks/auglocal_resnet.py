@@ -22,11 +22,18 @@ Committed results:
 
     python benchmarks/auglocal_resnet.py --rules --partition-limit 1024 --partition-repeats 3
 
-* ``results/auglocal_resnet_accuracy.json`` (accuracy: 2 epochs of 250 steps of 32 images, seeds
-  0 and 1; 1079 s on the otherwise quiet machine)::
+* ``results/auglocal_resnet_accuracy_authors.json`` (accuracy with the authors' defaults:
+  AugLocal's top aux_depth + 1 blocks end to end, he-normal init for auglocal / dgl / infopro,
+  InfoPro's strided head and un-normalised target; 2 epochs of 250 steps of 32 images, seeds 0
+  and 1)::
 
     python benchmarks/auglocal_resnet.py --epochs 2 --repeats 2 --batch-size 32 \
-        --skip-partition --out benchmarks/results/auglocal_resnet_accuracy.json
+        --skip-partition --out benchmarks/results/auglocal_resnet_accuracy_authors.json
+
+* ``results/auglocal_resnet_accuracy.json``: the same command before those defaults (an aux net
+  on every hidden block, PyTorch's init with the output weight zeroed, InfoPro's stride-1 head
+  and min-max target; 1079 s on the otherwise quiet machine). The partition result above was
+  measured before them too.
 
 Quick smoke test (writes to /tmp):
 
