@@ -87,6 +87,11 @@ class ModelConfig:
     """BatchNorm after each hidden layer (conv3x3-BN-nonlin in the paper)."""
     input_shape: tuple[int, ...] = ()
     """Input shape (C, H, W) the model is built for; empty = taken from the dataset."""
+    init: Literal["auto", "pytorch", "he-normal"] = "auto"
+    """Weight initialisation: pytorch = PyTorch's defaults (and the output layer's weight at
+    zero under a local rule with rule.zero_init); he-normal = every conv of the blocks and the
+    auxiliary nets from normal(0, sqrt(2 / (k^2 C_out))), linear layers at PyTorch's default;
+    auto = the rule's authors' choice (he-normal for auglocal, dgl, infopro; else pytorch)."""
 
     def __post_init__(self) -> None:
         _check_name("model.name", self.name, registered_names("model"))
@@ -102,6 +107,8 @@ class ModelConfig:
         _check(
             self.nonlin in ("relu", "leaky_relu"), "model.nonlin", self.nonlin, "relu, leaky_relu"
         )
+        _check(self.init in ("auto", "pytorch", "he-normal"), "model.init", self.init,
+               "auto, pytorch, he-normal")
         _check(
             len(self.input_shape) in (0, 3) and all(d > 0 for d in self.input_shape),
             "model.input_shape",
@@ -125,7 +132,10 @@ class DataConfig:
     jitter_px: int = 2
     """jitter: random translation of up to this many pixels (zero fill)."""
     pad_px: int = 4
-    """padcrop: zero padding before the random crop back to the input size."""
+    """padcrop: padding before the random crop back to the input size."""
+    pad_mode: Literal["zeros", "reflect"] = "zeros"
+    """padcrop: how the border is filled: zeros (torchvision's RandomCrop(padding=...)) or
+    reflect (mirrored, without repeating the edge pixel: the AugLocal authors' CIFAR-10)."""
     cutout_px: int = 16
     """cutout: side of the zeroed square."""
     classes_per_batch: int = 0
@@ -147,6 +157,8 @@ class DataConfig:
         _check(
             self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, ">= 1"
         )
+        _check(self.pad_mode in ("zeros", "reflect"), "data.pad_mode", self.pad_mode,
+               "zeros, reflect")
         for aug in self.augment:
             _check(
                 aug in AUGMENTATIONS, "data.augment", self.augment, ", ".join(AUGMENTATIONS)
@@ -180,6 +192,12 @@ class RuleConfig:
     classifier, so its d = aux_depth + 1)."""
     pyramid_tau: float = 0.5
     """auglocal: decay factor tau of the pyramidal depth d_j (0 = depth d for every block)."""
+    top_layers: Literal["backprop", "local"] = "backprop"
+    """auglocal: backprop = the last aux_depth + 1 layers and the classifier train end to end
+    from the output loss, and only the layers below them have auxiliary nets (the authors'
+    code, ``local_module_num -= aux_net_depth``); these top layers run in one pipeline stage.
+    local = every hidden layer has its own auxiliary net (the paper's text: 16 / 55 local
+    layers on ResNet-32 / 110)."""
     aux_feature_dim: int = 128
     """infopro: hidden fully connected units of the auxiliary classifier (conv-AP-128FC-FC)."""
     infopro_recon: tuple[float, ...] = (5.0, 0.2)
@@ -187,12 +205,17 @@ class RuleConfig:
     linearly interpolated between them (the AugLocal authors' ResNet-32 values)."""
     infopro_ce: tuple[float, ...] = (0.05, 0.5)
     """infopro: cross-entropy weight (lambda_2) at the first and the last hidden block."""
+    infopro_target: Literal["dataset", "minmax"] = "dataset"
+    """infopro: the image the decoder reconstructs: dataset = the input un-normalised with the
+    dataset's mean and std (the authors); minmax = each sample and channel rescaled to [0, 1]
+    by its own minimum and maximum."""
     similarity_std: bool = True
     """sim: per-channel standard deviation of conv maps with H > 1 in the similarity matrix;
     false = the authors' ``--no-similarity-std`` (flatten)."""
     zero_init: bool = True
-    """pred: local classifier weights (bpf: and bias) start at zero, and so does the output
-    layer's weight under a local rule, as in the authors' code; false = PyTorch's default."""
+    """pred: local classifier weights (bpf: and bias) start at zero, and, with model.init =
+    pytorch, so does the output layer's weight under a local rule, as in the authors' code;
+    false = PyTorch's default."""
     scale_output_loss: bool = True
     """predsim(-bpf): the output layer's cross-entropy is scaled by (1 - beta), as the authors."""
     classifier_loss: Literal["ce", "hinge"] = "ce"
@@ -206,11 +229,15 @@ class RuleConfig:
         _check(self.aux_depth >= 1, "rule.aux_depth", self.aux_depth, "an integer >= 1")
         _check(0.0 <= self.pyramid_tau <= 1.0, "rule.pyramid_tau", self.pyramid_tau,
                "0 <= tau <= 1")
+        _check(self.top_layers in ("backprop", "local"), "rule.top_layers", self.top_layers,
+               "backprop, local")
         _check(self.aux_feature_dim >= 1, "rule.aux_feature_dim", self.aux_feature_dim, ">= 1")
         for key in ("infopro_recon", "infopro_ce"):
             value = getattr(self, key)
             _check(len(value) == 2 and min(value) >= 0, f"rule.{key}", value,
                    "[first, last]: two weights >= 0")
+        _check(self.infopro_target in ("dataset", "minmax"), "rule.infopro_target",
+               self.infopro_target, "dataset, minmax")
         _check(0.0 <= self.beta <= 1.0, "rule.beta", self.beta, "0 <= beta <= 1")
         _check(self.dim_in_decoder >= 1, "rule.dim_in_decoder", self.dim_in_decoder, ">= 1")
         _check(
@@ -253,6 +280,14 @@ class ScheduleConfig:
     """step: milestones as epochs, as the authors' ``--lr-decay-milestones``: the factor of
     (0-based) epoch e is gamma ** (number of milestones <= e), i.e. bisect_right."""
     gamma: float = 0.25
+    warmup_epochs: int = 0
+    """cosine: epochs of linear warm-up before the cosine (the AugLocal authors: 10), with the
+    authors' formula: epochs count e = 1..E, cos(e) = optim.lr / 2 (1 + cos(pi e / E)), epoch
+    e <= W = warmup_epochs trains at cos(e) (e - 1) / W + warmup_start_lr (W + 1 - e) / W, later
+    epochs at cos(e), so the last epoch trains at lr 0; 0 = no warm-up (cosine over e = 0..E-1,
+    starting at optim.lr)."""
+    warmup_start_lr: float = 0.01
+    """cosine with warm-up: the learning rate of the first epoch (absolute, not a factor)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -277,6 +312,13 @@ class ScheduleConfig:
             "in schedule.milestones",
         )
         _check(0 < self.gamma <= 1, "schedule.gamma", self.gamma, "0 < gamma <= 1")
+        _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", self.warmup_epochs,
+               "an integer >= 0 (0 = no warm-up)")
+        _check(self.warmup_epochs == 0 or self.name == "cosine", "schedule.warmup_epochs",
+               self.warmup_epochs, f"0 with schedule.name = {self.name!r}: the warm-up leads "
+               "into the cosine schedule (set schedule.name = \"cosine\")")
+        _check(self.warmup_start_lr >= 0, "schedule.warmup_start_lr", self.warmup_start_lr,
+               "a learning rate >= 0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

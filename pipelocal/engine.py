@@ -34,13 +34,23 @@ from pipelocal.checkpoint import (
     save_block_state,
 )
 from pipelocal.config import Config, OptimConfig, RuleConfig, ScheduleConfig
+from pipelocal.data import dataset_stats
 from pipelocal.device import StepTimer, epoch_stats, reset_memory_stats
 from pipelocal.models import BlockSpec
-from pipelocal.rules import RULES, LocalRule, RuleContext, build_rule
+from pipelocal.models.init import he_normal_
+from pipelocal.rules import RULES, LocalRule, RuleContext, build_rule, end_to_end_top
 from pipelocal.rules.fa import feedback_align
 
 __all__ = [
-    "Engine", "LocalBlock", "LocalPipe", "block_seed", "build_blocks", "eval_pieces", "lr_factor",
+    "Engine",
+    "LocalBlock",
+    "LocalPipe",
+    "block_seed",
+    "build_blocks",
+    "eval_pieces",
+    "learning_rate",
+    "lr_factor",
+    "train_end_to_end",
 ]
 
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
@@ -68,6 +78,22 @@ def lr_factor(cfg: ScheduleConfig, epoch: int, epochs: int) -> float:
     if cfg.name == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     return 1.0
+
+
+def learning_rate(cfg: ScheduleConfig, base_lr: float, epoch: int, epochs: int) -> float:
+    """The learning rate of ``epoch`` (0-based) of ``epochs``, for ``base_lr`` = optim.lr.
+
+    With ``warmup_epochs`` = W > 0 (cosine only) the AugLocal authors' ``adjust_learning_rate``
+    term for term, on their 1-based epoch e = epoch + 1: cos(e) = base_lr / 2 (1 + cos(pi e /
+    E)); e <= W: cos(e) (e - 1) / W + start (W + 1 - e) / W. Else ``base_lr * lr_factor``.
+    """
+    if cfg.name != "cosine" or cfg.warmup_epochs == 0:
+        return base_lr * lr_factor(cfg, epoch, epochs)
+    e, w = epoch + 1, cfg.warmup_epochs
+    lr = 0.5 * base_lr * (1 + math.cos(math.pi * e / epochs))
+    if e <= w:
+        lr = lr * (e - 1) / w + cfg.warmup_start_lr * (w + 1 - e) / w
+    return lr
 
 
 def _optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -100,9 +126,14 @@ class LocalBlock(nn.Module):
         device: torch.device | str = "cpu",
         precision: str = "fp32",
         context: RuleContext | None = None,
+        init: str = "auto",
+        top: range | None = None,
     ) -> None:
         super().__init__()
         self.index, self.spec = index, spec
+        self.top = top
+        """The top blocks this one learns with, end to end, from the output loss (see
+        :func:`~pipelocal.rules.end_to_end_top`); None: it learns from its own loss."""
         self.schedule, self.epochs, self.base_lr = schedule, epochs, optim.lr
         self.autocast_dtype = _AUTOCAST[precision]
         seed_i = self.seed = block_seed(seed, index)
@@ -114,12 +145,16 @@ class LocalBlock(nn.Module):
             torch.random.default_generator.manual_seed(seed_i)
             self.body = spec.make()
             self.rule: LocalRule | None = None
-            if spec.kind != "output":
+            if spec.kind != "output" and (top is None or rule_cls.is_global):
                 shape = spec.wire_shape if rule_cls.on_wire else spec.out_shape
                 self.rule = build_rule(shape, num_classes, rule, context)
+            self.init = rule_cls.authors_init if init == "auto" else init
+            if self.init == "he-normal":
+                he_normal_(self)  # body and rule heads, from this block's seed
             if rule_cls.feedback_alignment:
                 self.body = feedback_align(self.body)
-        if spec.kind == "output" and rule.zero_init and not rule_cls.is_global:
+        if (spec.kind == "output" and self.init == "pytorch" and rule.zero_init
+                and not rule_cls.is_global):
             # The authors zero the output layer's weight whenever the hidden layers learn locally.
             nn.init.zeros_([m for m in self.body.modules() if isinstance(m, nn.Linear)][-1].weight)
         self.output_scale = rule_cls.output_loss_scale(rule) if spec.kind == "output" else 1.0
@@ -138,11 +173,16 @@ class LocalBlock(nn.Module):
     def is_output(self) -> bool:
         return self.spec.kind == "output"
 
+    @property
+    def end_to_end(self) -> bool:
+        """True if this block learns together with the blocks above it (:attr:`top`)."""
+        return self.top is not None
+
     def set_epoch(self, epoch: int) -> None:
         """Set the learning rate of ``epoch`` (the schedule is a pure function of the epoch)."""
         if epoch != self.epoch:
             self.epoch = epoch
-            lr = self.base_lr * lr_factor(self.schedule, epoch, self.epochs)
+            lr = learning_rate(self.schedule, self.base_lr, epoch, self.epochs)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
 
@@ -156,6 +196,8 @@ class LocalBlock(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """This block's loss on its output ``h`` and the class scores it predicts (if any)."""
         if self.rule is None:
+            if not self.is_output:  # an end-to-end top block: only the output loss trains it
+                return h.new_zeros((), dtype=torch.float32), None
             return self.output_scale * F.cross_entropy(h, y), h.detach()
         if self.needs_image:
             return self.rule.loss(h, y, image=image)  # type: ignore[call-arg]
@@ -197,6 +239,12 @@ class LocalBlock(nn.Module):
 
     def train_step(self, x: Tensor, y: Tensor, image: Tensor | None = None) -> Tensor:
         """One update on (x, y); ``image`` is the model's input, for rules that need it."""
+        if self.end_to_end:
+            raise RuntimeError(
+                f"block {self.index} ({self.spec.name}) learns end to end with blocks "
+                f"{self.top.start}..{self.top.stop - 1} from the output loss; train them "
+                "together (Engine.train_batch, train_end_to_end), not one by one"
+            )
         # Every block starts from float32: whether its input came straight from the block before
         # (bf16 under autocast) or over a wire in any dtype, it computes the same thing.
         x = x.float()
@@ -219,7 +267,7 @@ class LocalBlock(nn.Module):
             h = self(x.float())
             out = self.pass_on(h)
             if self.rule is None:
-                return out, h
+                return out, h if self.is_output else None
             return out, self.rule.logits(out if self.on_wire else h)
 
     # ------------------------------------------------------------------ statistics
@@ -312,6 +360,9 @@ def build_blocks(
     device: torch.device | str,
 ) -> list[LocalBlock]:
     """Build blocks ``indices`` of the model; block i is the same whichever process builds it."""
+    stats = dataset_stats(cfg.data) if getattr(RULES.get(cfg.rule.name), "needs_image",
+                                               False) else None
+    top = end_to_end_top(cfg.rule, len(specs))
     return [
         LocalBlock(
             i,
@@ -324,10 +375,36 @@ def build_blocks(
             seed=cfg.run.seed,
             device=device,
             precision=cfg.run.precision,
-            context=RuleContext(tuple(specs), i),
+            context=RuleContext(tuple(specs), i, stats),
+            init=cfg.model.init,
+            top=top if len(top) > 1 and i in top else None,
         )
         for i in indices
     ]
+
+
+def train_end_to_end(blocks: Sequence[LocalBlock], x: Tensor, y: Tensor) -> Tensor:
+    """One backprop step of ``blocks`` (contiguous, the output block last) on (x, y).
+
+    The output's cross-entropy (plus, for glob+sim, every hidden block's sim loss) flows back
+    through all of them; each block's own optimiser then steps. Used for global rules (every
+    block) and for AugLocal's end-to-end top layers.
+    """
+    losses: list[Tensor] = []
+    for block in blocks:
+        block.train(True)
+        with block.autocast():
+            h = block(x.float())
+            loss, scores = block.local_loss(h, y)
+        losses.append(loss)  # zero for a top block without a loss of its own; glob+sim: sim
+        block.record(loss, scores, y)
+        x = block.pass_on(h)
+    for block in blocks:
+        block.optimizer.zero_grad(set_to_none=True)
+    torch.stack(losses).sum().backward()
+    for block in blocks:
+        block.optimizer.step()
+    return x.detach()
 
 
 class Engine:
@@ -340,6 +417,8 @@ class Engine:
         self.is_global = rule is not None and rule.is_global
         self.needs_image = any(b.needs_image for b in self.blocks)
         """Some block's rule needs the model's input image (InfoPro): see :meth:`train`."""
+        self._top = self.blocks if self.is_global else [b for b in self.blocks if b.end_to_end]
+        """The blocks trained together, end to end, by the output loss (all: a global rule)."""
         self._eval_correct: dict[int, Tensor] = {}
         self._eval_count = 0
 
@@ -358,13 +437,27 @@ class Engine:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         for block in self.blocks:
             block.set_epoch(epoch)
-        if self.is_global:
-            return self._train_global(x, y)
+        self._check_top()
         if self.needs_image:
             image = self.input_image(x, image)
-        for block in self.blocks:
+        for block in self.blocks[: len(self.blocks) - len(self._top)]:
             x = block.train_step(x, y, image)
-        return x
+        return train_end_to_end(self._top, x, y) if self._top else x
+
+    def _check_top(self) -> None:
+        """The end-to-end blocks must all be here: a gradient cannot cross two engines."""
+        if self.is_global:
+            if not self.blocks[-1].is_output or self.blocks[0].index != 0:
+                raise RuntimeError("global (backprop) rules need every block in one engine")
+            return
+        if self._top and [b.index for b in self._top] != list(self._top[0].top or ()):
+            top = self._top[0].top
+            assert top is not None
+            raise RuntimeError(
+                f"blocks {top.start}..{top.stop - 1} learn end to end from the output loss, "
+                f"but this engine holds blocks {self.indices}; put all of them in one engine "
+                "(one stage of pipeline.partition)"
+            )
 
     def input_image(self, x: Tensor, image: Tensor | None) -> Tensor:
         """The model's input batch: ``x`` itself when this engine starts at block 0."""
@@ -376,26 +469,6 @@ class Engine:
                 "arrived with the activation; the pipeline channel must carry it"
             )
         return image.to(self.device, non_blocking=True)
-
-    def _train_global(self, x: Tensor, y: Tensor) -> Tensor:
-        """glob / glob+sim: end-to-end backprop of the output's cross-entropy (+ sim losses)."""
-        if not self.blocks[-1].is_output or self.blocks[0].index != 0:
-            raise RuntimeError("global (backprop) rules need every block in one engine")
-        losses: list[Tensor] = []
-        for block in self.blocks:
-            block.train(True)
-            with block.autocast():
-                h = block(x.float())
-                loss, scores = block.local_loss(h, y)
-            losses.append(loss)  # glob: zero for hidden blocks; glob+sim: their sim loss
-            block.record(loss, scores, y)
-            x = block.pass_on(h)
-        for block in self.blocks:
-            block.optimizer.zero_grad(set_to_none=True)
-        torch.stack(losses).sum().backward()
-        for block in self.blocks:
-            block.optimizer.step()
-        return x.detach()
 
     @torch.no_grad()
     def eval_batch(self, x: Tensor, y: Tensor) -> Tensor:

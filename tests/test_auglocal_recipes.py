@@ -45,3 +45,26 @@ def test_recipe_trains_one_step_at_reduced_size(name: str) -> None:
     assert out.shape == (4, 10)
     losses = [b.pop_stats()["loss"] for b in blocks]
     assert all(torch.isfinite(torch.tensor(v)) for v in losses), losses
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.toml")))
+def test_recipe_uses_the_authors_settings(name: str) -> None:
+    """ChenxiangMA/AugLocal: ``train.py`` lines 129-152 (transforms), 125 (SVHN split 'train'),
+    84 (AugLocal's top), 430-438 (warm-up); ``networks/resnet.py`` 166-172 (init);
+    ``exp_imagenet/imagenet_DDP.py`` 474-477 (ImageNet: the cosine alone)."""
+    cfg = load_config(RECIPES / f"{name}.toml", [])
+    assert cfg.model.init == "he-normal"
+    imagenet = name.endswith("_imagenet")
+    assert (cfg.schedule.name, cfg.schedule.warmup_epochs) == ("cosine", 0 if imagenet else 10)
+    if not imagenet:
+        assert cfg.schedule.warmup_start_lr == 0.01
+    data = {"cifar10": (("padcrop", "flip"), 4, "reflect"), "svhn": (("padcrop",), 2, "zeros"),
+            "stl10": (("padcrop", "flip"), 4, "zeros")}
+    dataset = name.rsplit("_", 1)[1]
+    if dataset in data:
+        assert (cfg.data.name, (cfg.data.augment, cfg.data.pad_px, cfg.data.pad_mode)) == (
+            dataset, data[dataset])
+    if cfg.rule.name == "auglocal":
+        assert cfg.rule.top_layers == "backprop"
+    if cfg.rule.name == "predsim":
+        assert not cfg.rule.zero_init

@@ -16,6 +16,7 @@ import types
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,6 +50,7 @@ EXPECTED_MISSING = {
     "cifar10": ("cifar-10-batches-py", "data_batch_1"),
     "cifar100": ("cifar-100-python", "train"),
     "svhn": (".", "train_32x32.mat"),
+    "svhn-extra": (".", "extra_32x32.mat"),
     "stl10": ("stl10_binary", "train_X.bin"),
     "mnist-10k": (".", "t10k-images-idx3-ubyte.gz"),
 }
@@ -109,7 +111,7 @@ def _shifts_found(before: torch.Tensor, after: torch.Tensor, px: int) -> list[tu
 # --------------------------------------------------------------------------- registry
 
 
-def test_registry_lists_all_ten_names() -> None:
+def test_registry_lists_all_eleven_names() -> None:
     assert available_datasets() == [
         "cifar10",
         "cifar100",
@@ -120,6 +122,7 @@ def test_registry_lists_all_ten_names() -> None:
         "mnist-10k",
         "stl10",
         "svhn",
+        "svhn-extra",
         "synthetic-cifar",
     ]
 
@@ -175,6 +178,35 @@ def test_missing_files_error(name: str, tmp_path: Path) -> None:
     assert filename in message and name in message
     assert str((tmp_path / subdir).resolve()) in message
     assert isinstance(info.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize(("name", "splits", "n_train"), [
+    ("svhn", ["train", "test"], 3), ("svhn-extra", ["train", "extra", "test"], 8)])
+def test_svhn_trains_on_split_train_and_svhn_extra_adds_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, splits: list[str], n_train: int
+) -> None:
+    """ChenxiangMA/AugLocal ``train.py`` line 125: ``{'split': 'train'}`` (73,257 images), as
+    the AugLocal paper (app. A.1); ``svhn-extra`` adds split 'extra' (Nøkland & Eidnes)."""
+    import torchvision.datasets as tvd
+
+    sizes = {"train": 3, "extra": 5, "test": 2}
+    opened: list[str] = []
+
+    class FakeSVHN:
+        split_list = tvd.SVHN.split_list
+
+        def __init__(self, root: str, split: str, download: bool) -> None:
+            opened.append(split)
+            n = sizes[split]
+            self.data = np.full((n, 3, 32, 32), len(opened), dtype=np.uint8)
+            self.labels = np.arange(n) % 10
+
+    for f in tvd.SVHN.split_list.values():
+        (tmp_path / f[1]).write_bytes(b"")
+    monkeypatch.setattr(tvd, "SVHN", FakeSVHN)
+    ds = load_dataset(DataConfig(name=name, data_dir=str(tmp_path)))
+    assert opened == splits
+    assert len(ds.train) == n_train and len(ds.test) == 2 and ds.name == name
 
 
 def test_missing_files_error_tells_how_to_download(tmp_path: Path) -> None:
@@ -349,6 +381,45 @@ def test_translation_moves_content_by_at_most_px(aug: str, key: str, px: int) ->
     before = split.x[_raw_loader(split).batch_indices(0, 0)].float() / 255
     shifts = _shifts_found(before, x, px)
     assert any(s != (0, 0) for s in shifts) and len(set(shifts)) > 3
+
+
+# The 4x4 image 0..15 reflect-padded by 1 px, by hand: row -1 mirrors row 1, column -1
+# mirrors column 1 (the edge pixel is not repeated), and likewise at the far sides.
+_REFLECT_PAD1 = [
+    [5, 4, 5, 6, 7, 6],
+    [1, 0, 1, 2, 3, 2],
+    [5, 4, 5, 6, 7, 6],
+    [9, 8, 9, 10, 11, 10],
+    [13, 12, 13, 14, 15, 14],
+    [9, 8, 9, 10, 11, 10],
+]
+
+
+def test_padcrop_reflect_is_the_auglocal_authors_cifar_padding() -> None:
+    """ChenxiangMA/AugLocal ``train.py`` lines 129-136: ``F.pad(x, (4, 4, 4, 4),
+    mode='reflect')``, then ``RandomCrop(32)``: every output is one crop of the reflect-padded
+    image (here 1 px on a 4x4 image, padded by hand above)."""
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(32, 1, 1, 1)
+    out = random_translate(x, 1, torch.Generator().manual_seed(0), "reflect")
+    padded = torch.tensor(_REFLECT_PAD1, dtype=torch.float32)
+    crops = {(oy, ox): padded[oy:oy + 4, ox:ox + 4] for oy in range(3) for ox in range(3)}
+    found = {next(k for k, c in crops.items() if torch.equal(o[0], c)) for o in out}
+    assert len(found) >= 5  # 32 draws of 9 offsets
+    zeros = random_translate(x, 1, torch.Generator().manual_seed(0))
+    assert (zeros == 0).sum() > (x == 0).sum()  # the zero fill shows, the reflection does not
+    assert (out == 0).sum() <= len(x)  # the padded image holds one 0 (its corner)
+    with pytest.raises(ValueError, match="reflect padding by 4 px"):
+        random_translate(x, 4, torch.Generator(), "reflect")
+
+
+def test_pad_mode_reaches_the_training_batches() -> None:
+    split = _synthetic(h=8, w=8)
+    batches = {mode: _raw_loader(split, augment=("padcrop",), pad_px=2,
+                                 pad_mode=mode).batch(0, 0)[0]
+               for mode in ("zeros", "reflect")}
+    assert (batches["zeros"] == 0).any() and not (batches["reflect"] == 0).any()
+    with pytest.raises(ConfigError, match=r"data\.pad_mode"):
+        DataConfig(pad_mode="edge")  # type: ignore[arg-type]
 
 
 def test_random_translate_with_known_generator() -> None:

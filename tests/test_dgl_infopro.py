@@ -10,7 +10,7 @@ from pipelocal.config import Config, ModelConfig, RuleConfig
 from pipelocal.engine import Engine, build_blocks
 from pipelocal.models import build_model
 from pipelocal.rules import RuleContext, build_rule
-from pipelocal.rules.infopro import infopro_weights, unit_range
+from pipelocal.rules.infopro import infopro_weights, unit_range, unnormalise
 from tests.conftest import assert_identical
 
 
@@ -37,10 +37,13 @@ def test_dgl_on_fc_features_is_the_mlp() -> None:
         (24, 24), (24, 24), (24, 10)]
 
 
-def _infopro_rules(width: float = 1.0) -> list[nn.Module]:
+_CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+
+def _infopro_rules(width: float = 1.0, **cfg: object) -> list[nn.Module]:
     specs = build_model(ModelConfig(name="resnet32", width=width), (3, 32, 32), 10)
-    cfg = RuleConfig(name="infopro")
-    return [build_rule(s.out_shape, 10, cfg, RuleContext(specs, j))
+    rule_cfg = RuleConfig(name="infopro", **cfg)  # type: ignore[arg-type]
+    return [build_rule(s.out_shape, 10, rule_cfg, RuleContext(specs, j, _CIFAR_STATS))
             for j, s in enumerate(specs[:-1])]
 
 
@@ -56,6 +59,44 @@ def test_infopro_heads_follow_the_paper_table() -> None:
         assert [(c.out_channels, c.kernel_size) for c in dec] == [(12, (3, 3)), (3, (3, 3))]
     h = torch.randn(2, 64, 8, 8)
     assert rules[11].reconstruct(h).shape == (2, 3, 32, 32)
+
+
+def test_infopro_classifier_conv_has_stride_2_where_it_widens() -> None:
+    """ChenxiangMA/AugLocal ``networks/auxiliary_nets.py`` lines 179-210 (``'InfoPro'``):
+    Conv2d(16, 32, 3, stride=2), Conv2d(32, 64, 3, stride=2), Conv2d(64, 64, 3, stride=1).
+    On ResNet-32's 32x32 / 16x16 / 8x8 maps the conv outputs 16x16 / 8x8 / 8x8."""
+    rules = _infopro_rules()
+    for j, size, stride, out in [(1, 32, 2, 16), (6, 16, 2, 8), (11, 8, 1, 8)]:
+        conv = _types(rules[j].classifier, nn.Conv2d)[0]
+        assert conv.stride == (stride, stride) and conv.padding == (1, 1), j
+        c = conv.in_channels
+        assert conv(torch.zeros(1, c, size, size)).shape[-2:] == (out, out)
+
+
+def test_infopro_target_is_the_image_unnormalised_with_the_dataset_stats() -> None:
+    """ChenxiangMA/AugLocal ``networks/resnet.py`` lines 173-191 (``_image_restore``):
+    normalized * std + mean. By hand, CIFAR-10 (pipelocal's stats): a normalised 0 is the mean
+    (0.4914, 0.4822, 0.4465), a normalised 1 is mean + std (0.7384, 0.7257, 0.7081)."""
+    image = torch.zeros(2, 3, 4, 4)
+    image[1] = 1.0
+    rule = _infopro_rules(0.25)[3]
+    target = rule.target(image)
+    assert torch.allclose(target[0, :, 0, 0], torch.tensor([0.4914, 0.4822, 0.4465]))
+    assert torch.allclose(target[1, :, 0, 0], torch.tensor([0.7384, 0.7257, 0.7081]))
+    assert torch.equal(target, unnormalise(image, _CIFAR_STATS))
+    assert rule.target(torch.full((1, 3, 1, 1), 10.0)).unique().tolist() == [1.0]  # clamped
+    minmax = _infopro_rules(0.25, infopro_target="minmax")[3]
+    assert torch.equal(minmax.target(image), unit_range(image))  # constant channels -> 0
+
+
+def test_infopro_needs_the_dataset_stats_unless_minmax() -> None:
+    specs = build_model(ModelConfig(name="resnet32", width=0.25), (3, 32, 32), 10)
+    with pytest.raises(ValueError, match="infopro_target"):
+        build_rule(specs[0].out_shape, 10, RuleConfig(name="infopro"), RuleContext(specs, 0))
+    cfg = Config().replace(model={"name": "resnet32", "width": 0.25},
+                           data={"name": "synthetic-cifar"}, rule={"name": "infopro"})
+    block = build_blocks(cfg, specs, 10, [0], "cpu")[0]
+    assert block.rule.image_stats == ((0.5,) * 3, (((256**2 - 1) / 12) ** 0.5 / 255,) * 3)
 
 
 def test_infopro_weights_interpolate_from_first_to_last_hidden_block() -> None:

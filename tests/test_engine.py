@@ -15,13 +15,22 @@ import torch
 from pipelocal.checkpoint import checkpoint_dir
 from pipelocal.config import (
     Config,
+    ConfigError,
     ModelConfig,
     OptimConfig,
     RuleConfig,
     ScheduleConfig,
     load_config,
 )
-from pipelocal.engine import Engine, LocalBlock, LocalPipe, block_seed, build_blocks, lr_factor
+from pipelocal.engine import (
+    Engine,
+    LocalBlock,
+    LocalPipe,
+    block_seed,
+    build_blocks,
+    learning_rate,
+    lr_factor,
+)
 from pipelocal.models import BlockSpec, build_model
 from tests.conftest import assert_identical
 
@@ -416,6 +425,45 @@ def test_cosine_schedule_goes_from_one_to_near_zero() -> None:
     assert all(a > b for a, b in itertools.pairwise(got))
     assert 0 <= got[-1] < 1e-3
     assert lr_factor(cfg, 100, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_warmup_is_the_auglocal_authors_formula() -> None:
+    """ChenxiangMA/AugLocal ``train.py``, ``adjust_learning_rate`` (lines 430-438), called once
+    per epoch with e = 1..400 (line 233), lr 0.8, 10 warm-up epochs from 0.01. By hand, with
+    cos(pi/200) = 0.99987663, cos(pi/40) = 0.99691733, cos(11 pi/400) = 0.99627038:
+    e = 1: 0.01; e = 2: 0.4 * 1.99987663 / 10 + 0.009 = 0.08899507;
+    e = 10: 0.4 * 1.99691733 * 9/10 + 0.001 = 0.71989024; e = 11: 0.4 * 1.99627038 = 0.79850815;
+    e = 200: 0.4; e = 400: 0."""
+    cfg = ScheduleConfig(name="cosine", warmup_epochs=10, warmup_start_lr=0.01)
+    want = {1: 0.01, 2: 0.08899507, 10: 0.71989024, 11: 0.79850815, 200: 0.4, 400: 0.0}
+    for e, lr in want.items():
+        assert learning_rate(cfg, 0.8, e - 1, 400) == pytest.approx(lr, abs=1e-8), e
+    got = [learning_rate(cfg, 0.8, e, 400) for e in range(400)]
+    assert all(a < b for a, b in itertools.pairwise(got[:10]))  # warming up
+    assert all(a > b for a, b in itertools.pairwise(got[10:]))  # then the cosine down to 0
+    # without a warm-up: today's cosine, from the full learning rate at epoch 0
+    plain = ScheduleConfig(name="cosine")
+    assert learning_rate(plain, 0.8, 0, 400) == 0.8 == 0.8 * lr_factor(plain, 0, 400)
+
+
+def test_lr_warmup_sets_every_param_group_once_per_epoch() -> None:
+    schedule = ScheduleConfig(name="cosine", warmup_epochs=10)
+    cfg = _cfg("predsim", "optim.name=sgd", "optim.lr=0.8", "run.epochs=400",
+               "schedule.name=cosine", "schedule.warmup_epochs=10")
+    block = _blocks(cfg, [0])[0]
+    assert block.schedule == schedule
+    block.set_epoch(1)  # the authors' e = 2
+    assert [g["lr"] for g in block.optimizer.param_groups] == [pytest.approx(0.08899507)]
+
+
+@pytest.mark.parametrize(("kwargs", "key"), [
+    ({"warmup_epochs": -1}, "schedule.warmup_epochs"),
+    ({"name": "step", "warmup_epochs": 10}, "schedule.warmup_epochs"),
+    ({"name": "cosine", "warmup_start_lr": -0.1}, "schedule.warmup_start_lr"),
+])
+def test_warmup_settings_are_validated(kwargs: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        ScheduleConfig(**kwargs)
 
 
 def test_constant_schedule() -> None:

@@ -99,3 +99,29 @@ def test_balanced_partition_rejects_impossible_stage_counts(stages: int) -> None
     with pytest.raises(ConfigError) as err:
         balanced_partition([1, 1, 1], stages)
     assert f"3 blocks into {stages} stages" in str(err.value) and "1..3" in str(err.value)
+
+
+def test_balanced_partition_never_starts_a_stage_inside_blocks_kept_together() -> None:
+    times = [1.0] * 10
+    for stages in range(1, 8):
+        split = balanced_partition(times, stages, together=range(6, 10))
+        starts = [r.start for r in stage_ranges(split)]
+        assert not any(6 < s < 10 for s in starts), (stages, split)
+        assert len(split) == stages and sum(split) == 10
+    assert balanced_partition(times, 2, together=range(6, 10)) == [5, 5]
+    assert balanced_partition(times, 7, together=range(6, 10)) == [1, 1, 1, 1, 1, 1, 4]
+    with pytest.raises(ConfigError, match=r"blocks 6\.\.9 share one stage.*use 1\.\.7 stages"):
+        balanced_partition(times, 8, together=range(6, 10))
+
+
+def test_check_partition_names_the_split_group_and_a_fix() -> None:
+    names = [f"b{i}" for i in range(6)]
+    check_partition([4, 2], names, together=range(4, 6))  # the group whole: fine
+    with pytest.raises(ConfigError) as err:
+        check_partition([5, 1], names, together=range(4, 6), why="learn together")
+    msg = str(err.value)
+    assert "pipeline.partition = [5, 1] starts a stage at block b5" in msg
+    assert "inside blocks b4..b5, which learn together" in msg
+    assert "e.g. pipeline.partition = [3, 3]" in msg
+    with pytest.raises(ConfigError, match="use at most 5 stages"):
+        check_partition([1, 1, 1, 1, 1, 1], names, together=range(4, 6))

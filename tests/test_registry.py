@@ -20,7 +20,7 @@ _LAYERS = [
     {"rules", "setup"},
     {"engine", "trainer"},
     {"pipeline"},
-    {"launch"},
+    {"launch", "exits"},
     {"cli", "__main__"},
 ]
 _LAYER = {name: i for i, names in enumerate(_LAYERS) for name in names}

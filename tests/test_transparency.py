@@ -62,9 +62,13 @@ _CASES = [
     _case(("rule.name=predsim", "run.precision=bf16"), 2, "predsim-bf16-S2"),
     _case(("rule.name=pred-bpf", "run.precision=bf16"), 3, "pred-bpf-bf16-S3"),
     # Every auxiliary-net rule and deep model once; InfoPro's input image travels with the
-    # activation.
+    # activation. AugLocal's top aux_depth + 1 blocks learn end to end (rule.top_layers =
+    # backprop): here stage 1 is exactly that top (s3b1..out); with top_layers = local every
+    # block learns alone and any split works.
     _case(("rule.name=auglocal", "model.name=resnet32", "rule.aux_depth=4", *_DEEP), 2,
-          "auglocal-resnet32-S2", (7, 9)),
+          "auglocal-resnet32-S2", (11, 5)),
+    _case(("rule.name=auglocal", "model.name=resnet32", "rule.aux_depth=4",
+           "rule.top_layers=local", *_DEEP), 2, "auglocal-local-top-resnet32-S2", (7, 9)),
     _case(("rule.name=auglocal", "model.name=resnet110", *_DEEP, "model.width=0.0625"), 2,
           "auglocal-resnet110-S2", (20, 35)),
     _case(("rule.name=infopro", "model.name=resnet34", *_DEEP, "model.width=0.0625"), 2,

@@ -2,9 +2,16 @@
 
     python configs/auglocal/generate.py        # from the repository root; rewrites the TOMLs
 
-Each file holds the paper's training settings (appendix A.2) and, in its header, the accuracy
-the paper reports for that cell. The paper's text extraction lost the depth d of several
-AugLocal rows; those files say so and use an assumed depth (never a number presented as read).
+Each file holds the paper's training settings (appendix A.2), completed from the authors' code
+(ChenxiangMA/AugLocal, which trains every method of the tables: BP, PredSim, DGL, InfoPro,
+AugLocal), and, in its header, the accuracy the paper reports for that cell. From the code:
+10 epochs of linear warm-up from lr 0.01 into the cosine (``train.py``,
+``adjust_learning_rate``; not on ImageNet), he-normal convs with the output fc at PyTorch's
+default (``networks/resnet.py``), reflect padding on CIFAR-10, ``RandomCrop(96, padding=4)`` +
+flip on STL-10, SVHN's split 'train' only, and AugLocal's top aux_depth + 1 layers trained end
+to end (``rule.top_layers = "backprop"``, the default). The paper's text extraction lost the
+depth d of several AugLocal rows; those files say so and use an assumed depth (never a number
+presented as read).
 
 Depth: the paper's d counts the auxiliary net's linear classifier (sec. 4.1: d = 2 is "one
 hidden layer in addition to the linear classifier"), pipelocal's ``rule.aux_depth`` counts only
@@ -18,14 +25,22 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# dataset -> (data section lines, lr, batch size)
+# dataset -> (data section lines, lr, batch size); the transforms of the authors' train.py
 _DATA = {
-    "cifar10": (['name = "cifar10"', 'augment = ["padcrop", "flip"]', "pad_px = 4"], 0.8, 1024),
-    "svhn": (['name = "svhn"', 'augment = ["padcrop"]', "pad_px = 2"], 0.8, 1024),
-    # "random translation followed by random horizontal flip": the amount is not in the paper.
-    "stl10": (['name = "stl10"', 'augment = ["jitter", "flip"]',
-               "jitter_px = 12  # not given in the paper: assumed"], 0.1, 128),
+    "cifar10": (['name = "cifar10"', 'augment = ["padcrop", "flip"]', "pad_px = 4",
+                 'pad_mode = "reflect"  # train.py: F.pad(mode="reflect") + RandomCrop(32)'],
+                0.8, 1024),
+    "svhn": (['name = "svhn"  # split train: 73,257 images', 'augment = ["padcrop"]',
+              "pad_px = 2"], 0.8, 1024),
+    # the paper: "random translation followed by random horizontal flip"; train.py:
+    # RandomCrop(96, padding=4) + RandomHorizontalFlip
+    "stl10": (['name = "stl10"', 'augment = ["padcrop", "flip"]', "pad_px = 4"], 0.1, 128),
 }
+_TOP = ('top_layers = "backprop"  # train.py: local_module_num -= aux_net_depth: the top '
+        "aux_depth + 1 layers learn end to end")
+# The authors' train.py (--cos_lr): 10 warm-up epochs from 0.01, then the cosine; ImageNet's
+# imagenet_DDP.py: the cosine alone.
+_WARMUP = ["warmup_epochs = 10", "warmup_start_lr = 0.01"]
 _EPOCHS = 400
 
 # Table 1: ResNet-32 / ResNet-110, test accuracy (%) mean ± std on CIFAR-10, SVHN, STL-10.
@@ -88,8 +103,8 @@ _INFOPRO = {"resnet32": ((5.0, 0.2), (0.05, 0.5)), "resnet110": ((5.0, 0.5), (0.
 def _rule(method: str, model: str, depth: int | None) -> list[str]:
     if method == "bp":
         return ['name = "glob"']
-    if method == "predsim":
-        return ['name = "predsim"', "beta = 0.99"]
+    if method == "predsim":  # the authors' PredSim head is a plain nn.Linear
+        return ['name = "predsim"', "beta = 0.99", "zero_init = false"]
     if method == "dgl":
         return ['name = "dgl"']
     if method == "infopro":
@@ -98,16 +113,17 @@ def _rule(method: str, model: str, depth: int | None) -> list[str]:
                 f"infopro_recon = [{recon[0]}, {recon[1]}]", f"infopro_ce = [{ce[0]}, {ce[1]}]"]
     assert depth is not None
     return ['name = "auglocal"', f"aux_depth = {depth - 1}  # the paper's d = {depth}",
-            "pyramid_tau = 0.5"]
+            "pyramid_tau = 0.5", _TOP]
 
 
 def _toml(header: list[str], model: list[str], data: list[str], rule: list[str],
-          lr: float, epochs: int, stages: int) -> str:
+          lr: float, epochs: int, stages: int, *, warmup: bool = True) -> str:
     sections = [
-        ("model", model), ("data", data), ("rule", rule),
+        ("model", [*model, 'init = "he-normal"  # the authors\' code, for every method']),
+        ("data", data), ("rule", rule),
         ("optim", ['name = "sgd"', f"lr = {lr}", "momentum = 0.9", "nesterov = true",
                    "weight_decay = 1e-4"]),
-        ("schedule", ['name = "cosine"']),
+        ("schedule", ['name = "cosine"', *(_WARMUP if warmup else [])]),
         ("pipeline", [f"stages = {stages}"]),
         ("run", [f"epochs = {epochs}"]),
     ]
@@ -165,14 +181,18 @@ def recipes() -> dict[str, str]:
             header.append("d of this row: lost in the text extraction of table 4; the "
                           "figure is left empty (aux_depth = the default, not the paper's)")
             rule = ['name = "auglocal"', "# aux_depth = ?  (lost in the text)",
-                    "pyramid_tau = 0.5"]
+                    "pyramid_tau = 0.5", _TOP]
         else:
             rule = _rule(method, model, depth)
         if model == "vgg13" and method != "bp":
             header.append("the paper's VGG13 aux classifiers have 512 hidden units; pipelocal's "
                           "AugLocal head is GAP + linear and DGL's MLP width is 4x channels")
+        if model == "vgg13":
+            header.append("the authors' VGG13 also draws its linear layers from normal(0, 0.01); "
+                          "pipelocal's he-normal leaves them at PyTorch's default")
         out[f"{model}_{method}_imagenet"] = _toml(
-            header, model_lines, [f"batch_size = {batch}"], rule, lr, epochs, _stages(method))
+            header, model_lines, [f"batch_size = {batch}"], rule, lr, epochs, _stages(method),
+            warmup=False)
     return out
 
 

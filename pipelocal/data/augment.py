@@ -20,17 +20,25 @@ from pipelocal.config import AUGMENTATIONS
 __all__ = ["AUGMENTATIONS", "apply_augmentations", "cutout", "random_flip", "random_translate"]
 
 
-def random_translate(x: torch.Tensor, px: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero-pad by ``px`` and crop back to H x W at a random offset per sample.
+def random_translate(
+    x: torch.Tensor, px: int, generator: torch.Generator, mode: str = "zeros"
+) -> torch.Tensor:
+    """Pad by ``px`` and crop back to H x W at a random offset per sample.
 
     The content of sample ``b`` moves by ``(px - oy[b], px - ox[b])`` pixels, i.e. by at most
     ``px`` in each direction; the crops are gathered with index arithmetic, no per-sample loop.
+    ``mode``: the padding, ``zeros`` (torchvision's ``RandomCrop(padding=px)``) or ``reflect``
+    (mirrored without repeating the edge, ``F.pad(mode="reflect")``).
     """
     if px == 0:
         return x
     n, c, h, w = x.shape
     dev = x.device
-    padded = F.pad(x, (px, px, px, px))  # [N, C, H+2px, W+2px], zeros
+    if mode == "reflect" and px >= min(h, w):
+        raise ValueError(f"reflect padding by {px} px needs images larger than {px} px, got "
+                         f"{h}x{w}; lower data.pad_px or set data.pad_mode = \"zeros\"")
+    padded = F.pad(x, (px, px, px, px), mode="constant" if mode == "zeros" else mode)
+    # padded: [N, C, H+2px, W+2px]
     oy = torch.randint(0, 2 * px + 1, (n,), generator=generator).to(dev)
     ox = torch.randint(0, 2 * px + 1, (n,), generator=generator).to(dev)
     rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # [N, 1, H, 1]
@@ -70,6 +78,7 @@ def apply_augmentations(
     jitter_px: int,
     pad_px: int,
     cutout_px: int,
+    pad_mode: str = "zeros",
 ) -> torch.Tensor:
     """Apply the named augmentations in the fixed order of :data:`AUGMENTATIONS`.
 
@@ -80,7 +89,7 @@ def apply_augmentations(
     if "flip" in names:
         x = random_flip(x, generator)
     if "padcrop" in names:
-        x = random_translate(x, pad_px, generator)
+        x = random_translate(x, pad_px, generator, pad_mode)
     if "cutout" in names:
         x = cutout(x, cutout_px, generator)
     return x

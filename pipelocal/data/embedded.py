@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipelocal.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
-from pipelocal.data.registry import Dataset, DatasetError, Split, register_dataset
+from pipelocal.data.registry import (
+    DATASET_STATS,
+    Dataset,
+    DatasetError,
+    Split,
+    register_dataset,
+)
 
 if TYPE_CHECKING:
     from pipelocal.config import DataConfig
@@ -38,6 +44,8 @@ SYNTHETIC_CIFAR_SIZES = (10_000, 2_000)
 """synthetic-cifar: training and test images."""
 # Uniform integers 0..255 scaled to [0, 1]: mean 1/2, std sqrt((256**2 - 1) / 12) / 255.
 _UNIFORM_MEAN, _UNIFORM_STD = 0.5, ((256**2 - 1) / 12) ** 0.5 / 255
+DATASET_STATS["mnist-10k"] = (_MNIST_MEAN, _MNIST_STD)
+DATASET_STATS["synthetic-cifar"] = ((_UNIFORM_MEAN,) * 3, (_UNIFORM_STD,) * 3)
 
 
 def fixed_split(x: torch.Tensor, y: torch.Tensor, n_train: int) -> tuple[Split, Split]:

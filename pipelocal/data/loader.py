@@ -119,6 +119,7 @@ class BatchLoader:
         jitter_px: int = 2,
         pad_px: int = 4,
         cutout_px: int = 16,
+        pad_mode: str = "zeros",
         classes_per_batch: int = 0,
         classes_per_batch_until_epoch: int = 0,
         num_classes: int = 10,
@@ -127,6 +128,8 @@ class BatchLoader:
         for key, value in (("jitter_px", jitter_px), ("pad_px", pad_px), ("cutout_px", cutout_px)):
             if value < 0:
                 raise ValueError(f"{key} = {value} is invalid; accepted: an integer >= 0")
+        if pad_mode not in ("zeros", "reflect"):
+            raise ValueError(f"pad_mode = {pad_mode!r} is invalid; accepted: zeros, reflect")
         self._split = split
         self._labels = split.y.cpu()  # the plans are drawn on CPU wherever the split lives
         self._batch_size = batch_size
@@ -135,7 +138,8 @@ class BatchLoader:
         self._mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)  # [1, C, 1, 1]
         self._std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self._augment = tuple(augment)
-        self._px = {"jitter_px": jitter_px, "pad_px": pad_px, "cutout_px": cutout_px}
+        self._px = {"jitter_px": jitter_px, "pad_px": pad_px, "cutout_px": cutout_px,
+                    "pad_mode": pad_mode}
         self._classes_per_batch = classes_per_batch
         self._until_epoch = classes_per_batch_until_epoch
         self._num_classes = num_classes
@@ -286,6 +290,7 @@ def make_loaders(ds: Dataset, cfg: DataConfig, seed: int) -> tuple[BatchLoader, 
         jitter_px=cfg.jitter_px,
         pad_px=cfg.pad_px,
         cutout_px=cfg.cutout_px,
+        pad_mode=cfg.pad_mode,
         classes_per_batch=cfg.classes_per_batch,
         classes_per_batch_until_epoch=cfg.classes_per_batch_until_epoch,
         num_classes=ds.num_classes,

@@ -9,6 +9,7 @@ validation and the tests all enumerate :func:`available_datasets`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,11 +23,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATASETS",
+    "DATASET_STATS",
     "Dataset",
     "DatasetError",
     "Split",
     "UnknownDatasetError",
     "available_datasets",
+    "dataset_stats",
     "load_dataset",
     "register_dataset",
 ]
@@ -106,3 +109,25 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         limited = Split(ds.train.x[: cfg.train_limit], ds.train.y[: cfg.train_limit])
         ds = dataclasses.replace(ds, train=limited)
     return ds
+
+
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+DATASET_STATS: dict[str, Stats] = {}
+"""name -> (mean, std) of the datasets whose normalisation is fixed in advance, so that
+:func:`dataset_stats` need not load them."""
+
+
+def dataset_stats(cfg: DataConfig) -> Stats:
+    """(mean, std) the loaders normalise ``cfg.name`` with, without loading it if it is known
+    in advance (:data:`DATASET_STATS`); else from the loaded dataset, once per process."""
+    if cfg.name in DATASET_STATS:
+        return DATASET_STATS[cfg.name]
+    return _loaded_stats(cfg.name, cfg.data_dir)
+
+
+@functools.lru_cache(maxsize=8)
+def _loaded_stats(name: str, data_dir: str) -> Stats:
+    from pipelocal.config import DataConfig
+
+    ds = DATASETS.get(name)(DataConfig(name=name, data_dir=data_dir))
+    return tuple(ds.mean), tuple(ds.std)

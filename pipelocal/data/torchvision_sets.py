@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipelocal.data.registry import Dataset, DatasetError, Split, register_dataset
+from pipelocal.data.registry import (
+    DATASET_STATS,
+    Dataset,
+    DatasetError,
+    Split,
+    register_dataset,
+)
 
 if TYPE_CHECKING:
     from pipelocal.config import DataConfig
@@ -32,10 +38,14 @@ _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "svhn-extra": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
     "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
 }
+DATASET_STATS.update(_STATS)
 _MNIST_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
 _CIFAR_CLASSES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+_SVHN_SPLITS = {"svhn": ("train",), "svhn-extra": ("train", "extra")}
+"""The SVHN splits each name trains on (it always tests on 'test')."""
 
 
 def required_files(name: str, root: str | Path) -> tuple[Path, list[str]]:
@@ -55,8 +65,8 @@ def required_files(name: str, root: str | Path) -> tuple[Path, list[str]]:
         cls = getattr(tvd, _CIFAR_CLASSES[name])
         names = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         return root / cls.base_folder, names
-    if name == "svhn":
-        return root, [tvd.SVHN.split_list[s][1] for s in ("train", "extra", "test")]
+    if name in _SVHN_SPLITS:
+        return root, [tvd.SVHN.split_list[s][1] for s in (*_SVHN_SPLITS[name], "test")]
     if name == "stl10":  # torchvision checks every file, the unlabeled one included
         names = [f for f, _ in tvd.STL10.train_list + tvd.STL10.test_list]
         return root / tvd.STL10.base_folder, names
@@ -156,19 +166,29 @@ def _cifar100(cfg: DataConfig) -> Dataset:
     return _cifar("cifar100", cfg)
 
 
-@register_dataset("svhn")
-def _svhn(cfg: DataConfig) -> Dataset:
+def _svhn(name: str, cfg: DataConfig, train_splits: tuple[str, ...]) -> Dataset:
     import torchvision.datasets as tvd
 
-    parts = {s: _open("svhn", cfg, tvd.SVHN, split=s) for s in ("train", "extra", "test")}
-    # the paper's protocol: train on train + extra (604,388 images), test on test
+    parts = {s: _open(name, cfg, tvd.SVHN, split=s) for s in (*train_splits, "test")}
     train = _split(
-        np.concatenate([parts["train"].data, parts["extra"].data]),
-        np.concatenate([parts["train"].labels, parts["extra"].labels]),
+        np.concatenate([parts[s].data for s in train_splits]),
+        np.concatenate([parts[s].labels for s in train_splits]),
         "NCHW",
     )
     test = _split(parts["test"].data, parts["test"].labels, "NCHW")
-    return _dataset("svhn", train, test, 10)
+    return _dataset(name, train, test, 10)
+
+
+@register_dataset("svhn")
+def _svhn_train(cfg: DataConfig) -> Dataset:
+    """The 73,257 images of split 'train' (the AugLocal and InfoPro authors' protocol)."""
+    return _svhn("svhn", cfg, ("train",))
+
+
+@register_dataset("svhn-extra")
+def _svhn_extra(cfg: DataConfig) -> Dataset:
+    """'train' + 'extra': 604,388 images (Nøkland & Eidnes's protocol)."""
+    return _svhn("svhn-extra", cfg, ("train", "extra"))
 
 
 @register_dataset("stl10")

@@ -37,10 +37,10 @@ from pipelocal.config import (
 from pipelocal.data import Dataset, load_dataset
 from pipelocal.device import auto_stages, check_bf16, cpu_threads, place_stage, visible_gpus
 from pipelocal.engine import Engine, build_blocks
-from pipelocal.pipeline.partition import check_partition, stage_ranges
+from pipelocal.pipeline.partition import check_partition, max_stages, stage_ranges
 from pipelocal.pipeline.plan import make_plan
 from pipelocal.pipeline.stage import FAULT_ENV, check_fault_spec
-from pipelocal.rules import RULES
+from pipelocal.rules import RULES, end_to_end_top
 from pipelocal.setup import Position, Setup
 
 __all__ = [
@@ -274,10 +274,23 @@ def plan_stages(setup: Setup, *, gpus: int | None = None) -> None:
         requested=cfg.pipeline.stages,
         partition=len(cfg.pipeline.partition),
         gpus=visible_gpus(cfg) if gpus is None else gpus,
-        num_blocks=len(setup.specs),
+        num_blocks=_stage_units(cfg, len(setup.specs)),
         is_global=RULES.get(cfg.rule.name).is_global,
     )
     setup.cfg = cfg.replace(pipeline={"stages": stages})
+
+
+def _stage_units(cfg: Config, num_blocks: int) -> int:
+    """The most stages the model can run as: end-to-end top blocks share one stage."""
+    if RULES.get(cfg.rule.name).is_global:
+        return num_blocks
+    return max_stages(num_blocks, end_to_end_top(cfg.rule, num_blocks))
+
+
+def _top_reason(cfg: Config, top: range) -> str:
+    return (f"learn end to end from the output loss (rule.name = {cfg.rule.name!r}, "
+            f"rule.top_layers = {cfg.rule.top_layers!r}: the top rule.aux_depth + 1 = "
+            f"{len(top)} blocks; rule.top_layers = 'local' gives each its own auxiliary net)")
 
 
 def validate(setup: Setup, *, gpus_per_node: int | None = None, nodes: int = 1) -> list[int]:
@@ -297,13 +310,22 @@ def validate(setup: Setup, *, gpus_per_node: int | None = None, nodes: int = 1) 
             f"pipeline.stages = {stages} but model {cfg.model.name} has only {len(specs)} blocks "
             f"({', '.join(names)}); use at most {len(specs)} stages"
         )
+    top = end_to_end_top(cfg.rule, len(specs))
+    if not rule.is_global and stages > max_stages(len(specs), top):
+        raise ConfigError(
+            f"pipeline.stages = {stages} but blocks {names[top.start]}..{names[-1]} of model "
+            f"{cfg.model.name} {_top_reason(cfg, top)} and share one stage, so its "
+            f"{len(specs)} blocks form at most {max_stages(len(specs), top)} stages; use at "
+            f"most {max_stages(len(specs), top)} stages"
+        )
     if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("run.tensorboard = true needs the tensorboard package (not "
                           "installed): pip install tensorboard, or set run.tensorboard = false")
     check_fault_spec(os.environ.get(FAULT_ENV, ""), stages)
     partition = list(cfg.pipeline.partition) or ([len(specs)] if stages == 1 else [])
     if partition:
-        check_partition(partition, names)
+        together = range(0) if rule.is_global else top
+        check_partition(partition, names, together=together, why=_top_reason(cfg, top))
     gpus = visible_gpus(cfg) if gpus_per_node is None else gpus_per_node
     for local_rank in range(min(stages, max(gpus, 1))):  # raises if the stages do not fit
         device = place_stage(stages=stages, gpus_per_node=gpus, nodes=nodes,

@@ -6,11 +6,14 @@ from collections.abc import Sequence
 
 from pipelocal.config import ConfigError
 
-__all__ = ["balanced_partition", "check_partition", "stage_ranges"]
+__all__ = ["balanced_partition", "check_partition", "max_stages", "stage_ranges"]
 
 
-def check_partition(partition: Sequence[int], names: Sequence[str]) -> None:
-    """Fail unless ``partition`` assigns every one of the model's blocks to exactly one stage."""
+def check_partition(
+    partition: Sequence[int], names: Sequence[str], *, together: range = range(0), why: str = ""
+) -> None:
+    """Fail unless ``partition`` assigns every one of the model's blocks to exactly one stage,
+    and blocks ``together`` (``why``: the reason, for the message) to one stage."""
     n = len(names)
     if len(partition) > n:
         raise ConfigError(
@@ -23,6 +26,31 @@ def check_partition(partition: Sequence[int], names: Sequence[str]) -> None:
             f"model has {n} ({', '.join(names)}); give {len(partition)} counts >= 1 that sum "
             f"to {n}, or [] for an automatic partition"
         )
+    cuts = [r.start for r in stage_ranges(partition)[1:] if _inside(r.start, together)]
+    if cuts:
+        first, last = names[together.start], names[together.stop - 1]
+        raise ConfigError(
+            f"pipeline.partition = {list(partition)} starts a stage at block {names[cuts[0]]}, "
+            f"inside blocks {first}..{last}, which {why or 'learn end to end'} and so must "
+            f"share one stage; {_fix(n, len(partition), together)}"
+        )
+
+
+def _inside(cut: int, together: range) -> bool:
+    """A stage starting at block ``cut`` would split ``together``."""
+    return together.start < cut < together.stop
+
+
+def max_stages(num_blocks: int, together: range = range(0)) -> int:
+    """The most stages ``num_blocks`` blocks can form when blocks ``together`` share one."""
+    return num_blocks - max(len(together) - 1, 0)
+
+
+def _fix(n: int, stages: int, together: range) -> str:
+    if stages > max_stages(n, together):
+        return f"use at most {max_stages(n, together)} stages"
+    even = balanced_partition([1.0] * n, stages, together=together)
+    return f"e.g. pipeline.partition = {even}, or [] for an automatic partition"
 
 
 def stage_ranges(partition: Sequence[int]) -> list[range]:
@@ -40,15 +68,21 @@ def balanced_partition(
     *,
     memory: Sequence[float] | None = None,
     memory_cap: float = 0.0,
+    together: range = range(0),
 ) -> list[int]:
     """The contiguous split of blocks into ``stages`` groups minimising the slowest group's time.
 
     ``memory[i]`` is block i's memory need; with ``memory_cap`` > 0 no group may exceed it.
-    Exact dynamic programme over split points, O(stages * n^2).
+    Blocks ``together`` land in one group (no stage starts inside them). Exact dynamic
+    programme over split points, O(stages * n^2).
     """
     n = len(times)
-    if not 1 <= stages <= n:
-        raise ConfigError(f"cannot split {n} blocks into {stages} stages; use 1..{n} stages")
+    most = max_stages(n, together)
+    if not 1 <= stages <= most:
+        kept = (f" (blocks {together.start}..{together.stop - 1} share one stage)"
+                if most < n else "")
+        raise ConfigError(f"cannot split {n} blocks into {stages} stages{kept}; use "
+                          f"1..{most} stages")
     mem = list(memory) if memory is not None else [0.0] * n
     prefix_t, prefix_m = [0.0], [0.0]
     for t, m in zip(times, mem):
@@ -57,6 +91,8 @@ def balanced_partition(
     inf = float("inf")
 
     def cost(i: int, j: int) -> float:  # blocks i..j-1 as one stage
+        if _inside(i, together) or _inside(j, together):
+            return inf
         if memory_cap > 0 and prefix_m[j] - prefix_m[i] > memory_cap:
             return inf
         return prefix_t[j] - prefix_t[i]

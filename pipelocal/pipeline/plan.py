@@ -11,15 +11,17 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from pipelocal.config import Config
-from pipelocal.engine import build_blocks
+from pipelocal.engine import build_blocks, train_end_to_end
 from pipelocal.models import BlockSpec
 from pipelocal.pipeline.partition import balanced_partition, stage_ranges
+from pipelocal.rules import end_to_end_top
 
 __all__ = ["BlockProfile", "Plan", "make_plan", "profile_blocks"]
 
@@ -43,6 +45,21 @@ class BlockProfile:
         return self.state_bytes + self.work_bytes
 
 
+def _timed(step: Callable[[], Tensor], device: torch.device, reps: int) -> tuple[float, Tensor]:
+    """(median seconds of ``reps`` calls of ``step`` after one warm-up call, its output)."""
+    out = step()  # warm-up (allocations, optimiser state)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # CPU-GPU sync point: time whole steps
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], out
+
+
 def profile_blocks(
     cfg: Config,
     specs: Sequence[BlockSpec],
@@ -51,38 +68,36 @@ def profile_blocks(
     *,
     reps: int = 3,
 ) -> list[BlockProfile]:
+    """Time each block's training step; blocks that learn end to end together (AugLocal's top
+    layers, every block of a global rule) are timed as one step, shared out evenly."""
     b = cfg.data.batch_size
     blocks = build_blocks(cfg, specs, num_classes, range(len(specs)), device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((b, *specs[0].in_shape), generator=gen).to(device)
     y = torch.randint(num_classes, (b,), generator=gen).to(device)
     image = x  # the model's input, for rules that also need it (InfoPro)
-    out: list[BlockProfile] = []
-    for block, spec in zip(blocks, specs):
+    times: list[float] = []
+    for block in blocks:
         block.set_epoch(0)
-        nxt = block.train_step(x, y, image)  # warm-up (allocations, optimiser state)
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # CPU-GPU sync point: time whole steps
-            t0 = time.perf_counter()
-            block.train_step(x, y, image)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        n_param = sum(p.numel() for p in block.parameters())
-        opt_slots = 2 if cfg.optim.name == "adam" else 1
-        out.append(
-            BlockProfile(
-                name=spec.name,
-                time_s=sorted(times)[len(times) // 2],
-                activation_bytes=4 * b * math.prod(spec.wire_shape),
-                state_bytes=4 * n_param * (2 + opt_slots),
-                work_bytes=4 * b * math.prod(spec.out_shape) * 3,
-            )
+    local = [blk for blk in blocks if not blk.end_to_end]
+    top = blocks[len(local):]
+    for block in local:
+        t, x = _timed(lambda blk=block, x=x: blk.train_step(x, y, image), device, reps)
+        times.append(t)
+    if top:
+        t, _ = _timed(lambda x=x: train_end_to_end(top, x, y), device, reps)
+        times += [t / len(top)] * len(top)
+    opt_slots = 2 if cfg.optim.name == "adam" else 1
+    return [
+        BlockProfile(
+            name=spec.name,
+            time_s=t,
+            activation_bytes=4 * b * math.prod(spec.wire_shape),
+            state_bytes=4 * sum(p.numel() for p in block.parameters()) * (2 + opt_slots),
+            work_bytes=4 * b * math.prod(spec.out_shape) * 3,
         )
-        x = nxt
-    return out
+        for block, spec, t in zip(blocks, specs, times)
+    ]
 
 
 @dataclass(frozen=True)
@@ -94,6 +109,8 @@ class Plan:
     concurrent: int = 0
     """How many stages can compute at once: on CPU, cores // threads per stage (stages beyond
     it share cores); 0 = every stage (one device each)."""
+    together: range = range(0)
+    """Blocks that learn end to end together and so share one stage (shown in the table)."""
 
     def stage_time(self, s: int) -> float:
         return sum(self.profiles[i].time_s for i in stage_ranges(self.partition)[s])
@@ -152,6 +169,10 @@ class Plan:
             f"({single / self.batch_time:.2f}x one process at "
             f"{self.batch_size / single:,.0f} samples/s)"
         )
+        if len(self.together) > 1:
+            first, last = (self.profiles[i].name for i in (self.together[0], self.together[-1]))
+            lines.append(f"blocks {first}..{last} learn end to end from the output loss: one "
+                         "stage, timed as one step (shared out evenly above)")
         return "\n".join(lines + self.warnings())
 
 
@@ -159,14 +180,16 @@ def make_plan(
     cfg: Config, specs: Sequence[BlockSpec], num_classes: int, device: torch.device
 ) -> Plan:
     profiles = profile_blocks(cfg, specs, num_classes, device)
+    top = end_to_end_top(cfg.rule, len(specs))
     partition = balanced_partition(
         [p.time_s for p in profiles],
         cfg.pipeline.stages,
         memory=[p.memory_bytes for p in profiles],
         memory_cap=cfg.pipeline.memory_cap_gib * _GIB,
+        together=top,
     )
     concurrent = 0
     if device.type == "cpu":  # stages are processes sharing this machine's cores
         concurrent = max(1, len(os.sched_getaffinity(0)) // max(torch.get_num_threads(), 1))
     return Plan(partition, profiles, cfg.data.batch_size, cfg.pipeline.channel_depth,
-                concurrent)
+                concurrent, top)

@@ -42,6 +42,16 @@ class LocalRule(nn.Module):
     """True for ``fa``: every weight layer of every block sends its error down through a fixed
     random matrix instead of its transposed weight."""
 
+    authors_init: ClassVar[str] = "pytorch"
+    """The weight initialisation of the rule's authors, used when ``model.init = "auto"``
+    (:mod:`pipelocal.models.init`): ``pytorch`` or ``he-normal``."""
+
+    @classmethod
+    def end_to_end_layers(cls, cfg: RuleConfig) -> int:
+        """How many top blocks (the output block included) learn together, end to end, from
+        the output loss (1: the output block alone; global rules: all of them)."""
+        return 1
+
     @classmethod
     def output_loss_scale(cls, cfg: RuleConfig) -> float:
         """Factor on the output layer's cross-entropy under this rule (1 unless overridden)."""

@@ -22,6 +22,9 @@ class RuleContext:
     """Every block of the model, in order (the output block last)."""
     index: int
     """The index of the block this rule is attached to."""
+    image_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    """(mean, std) per channel the model's input was normalised with (InfoPro un-normalises
+    its reconstruction target with them); None where no rule needs them."""
 
     @property
     def num_layers(self) -> int:

@@ -10,6 +10,7 @@ On fc features [B, D] only the MLP is used, with width D.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 from torch import nn
 
@@ -48,6 +49,7 @@ def mlp_sr(shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
 
 @register_rule("dgl")
 class DGLRule(AuxNetRule):
+    authors_init: ClassVar[str] = "he-normal"  # the AugLocal authors' ResNet
     def __init__(self, shape: tuple[int, ...], num_classes: int, cfg: RuleConfig) -> None:
         super().__init__(shape, num_classes, cfg)
         self.aux = mlp_sr(self.shape, num_classes)
