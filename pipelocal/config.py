@@ -411,8 +411,8 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 1
     """torch threads of the single-process engine; 0 = torch's default (one per core). 1 by
-    default: where other processes hold cores, more threads spin-wait for them (measured on 2
-    cores at load 6-10: about 7x slower with torch's 2 threads than with 1)."""
+    default: where other processes hold cores, more threads spin-wait for them and the engine
+    runs several times slower than with one."""
     checkpoint_every: int = 1
     """Write a checkpoint every N epochs (and always at the end and on Ctrl-C)."""
     max_steps: int = 0
