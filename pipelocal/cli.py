@@ -28,9 +28,10 @@ __all__ = ["EXIT_INTERRUPTED", "EXIT_NONFINITE", "main"]
 
 def _config(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
     from pipelocal.config import load_config
+    from pipelocal.recipes import recipe_path
 
     overrides = list(args.set or []) + (extra or [])
-    return load_config(args.config, overrides)
+    return load_config(None if args.config is None else recipe_path(args.config), overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -190,11 +191,13 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     if args.recipe and args.run:
         print(compare_run(load_recipe(args.recipe), args.run))
         return 0
-    import os
+    from pipelocal.recipes import RECIPES_DIR
 
     recipes = [load_recipe(args.recipe)] if args.recipe else find_recipes()
     for r in recipes:
-        path = os.path.relpath(r.path)
+        # A packaged recipe by its name (what --config takes too), another by its path.
+        path = (r.path.relative_to(RECIPES_DIR).as_posix() if r.path.is_relative_to(RECIPES_DIR)
+                else str(r.path))
         figures = "  ".join(f"{rule} {r.headline(rule)}%" for rule in r.rules)
         print(f"{r.title:<52} {figures}\n    {path}")
         for rule in r.rules if args.recipe else ():
@@ -210,7 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", help="TOML config file (CLI --set wins over it)")
+        sp.add_argument("--config", help="TOML config file, or a recipe's name as `pipelocal "
+                        "recipes` lists it (CLI --set wins over it)")
         sp.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                         help="override one config value; repeatable")
 
@@ -262,7 +266,8 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_config)
 
     r = sub.add_parser("recipes", help="the papers' table rows as configs, with their figures")
-    r.add_argument("recipe", nargs="?", help="one recipe (path or path below configs/recipes)")
+    r.add_argument("recipe", nargs="?",
+                   help="one recipe: its name as `pipelocal recipes` lists it, or a path")
     r.add_argument("--run", help="run directory to compare with the recipe's figures")
     r.set_defaults(func=cmd_recipes)
 

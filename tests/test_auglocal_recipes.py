@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from pipelocal.config import load_config
 from pipelocal.engine import Engine, build_blocks
 from pipelocal.models import build_model
+from pipelocal.recipes import RECIPES_DIR
+from pipelocal.recipes.ma_2024 import recipes
 
-RECIPES = Path(__file__).resolve().parents[1] / "configs" / "auglocal"
-sys.path.insert(0, str(RECIPES))
-from generate import recipes  # noqa: E402
+RECIPES = RECIPES_DIR / "ma-2024"
 
 _TINY = ["model.width=0.0625", "model.fc_width=16", "model.input_shape=[3, 16, 16]"]
 
@@ -25,7 +22,7 @@ def test_recipe_files_are_the_generated_ones_and_load() -> None:
     # Tables 1 (2 nets x 9 methods x 3 sets), 2 (6 x 2) and 4 (7 rows).
     assert len(files) == 54 + 12 + 7
     for name, text in files.items():
-        assert "# paper: " in text, name  # every recipe names the figure it should reproduce
+        assert "# paper: " in text and "[recipe]" in text, name  # the figure to reproduce
         load_config(RECIPES / f"{name}.toml", [])
 
 

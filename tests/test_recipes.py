@@ -1,4 +1,6 @@
-"""Tests for the paper recipes: every file in configs/recipes builds its model and trains a step."""
+"""Tests for the paper recipes (package data of pipelocal.recipes): every Nøkland & Eidnes and
+Mostafa et al. row builds its model and trains a step (the AugLocal paper's cells have their own
+tests, tests/test_auglocal_recipes.py); every recipe of the three papers loads."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pipelocal.engine import Engine, build_blocks
 from pipelocal.models import build_model
 from pipelocal.recipes import RECIPES_DIR, compare_run, find_recipes, load_recipe
 
-_PATHS = sorted(RECIPES_DIR.rglob("*.toml"))
+_PATHS = sorted(p for p in RECIPES_DIR.rglob("*.toml") if p.parent.name != "ma-2024")
 # Reduced size: every model at a 1/32 (MLP: 16 units) scale, a batch of 4.
 _SMALL = ["model.width=0.03125", "model.hidden=16", "model.fc_width=16", "run.epochs=1"]
 
@@ -40,9 +42,18 @@ def test_every_recipe_builds_its_model_and_trains_one_step(path: Path) -> None:
     assert out.shape == (4, recipe.classes) and torch.isfinite(out).all()
 
 
-def test_recipes_cover_both_papers_main_tables() -> None:
-    titles = {r.title for r in find_recipes()}
+def test_recipes_cover_the_papers_main_tables() -> None:
+    recipes = find_recipes()
+    assert {r.paper for r in recipes} == {"Nøkland & Eidnes 2019",
+                                          "Mostafa, Ramesh & Cauwenberghs 2018",
+                                          "Ma et al. 2024"}
+    titles = {r.title for r in recipes if r.paper != "Ma et al. 2024"}
     assert len(titles) == len(_PATHS) == 58
+    auglocal = [r for r in recipes if r.paper == "Ma et al. 2024"]
+    assert len(auglocal) == 73 and len({r.title for r in auglocal}) == 73
+    cell = load_recipe("ma-2024/resnet32_auglocal-d4_cifar10.toml")
+    assert cell.reported_error == {"auglocal": round(100 - 93.08, 2)}  # table 1: 93.08 ± 0.10
+    assert cell.config().rule.aux_depth == 3 and "93.08 ± 0.10" in cell.note
     assert "Table 4 VGG11B(3x) CIFAR-10" in titles
     assert "Table 2 LEL(SCFB)+DO 3x1000 MLP MNIST" in titles
     row = load_recipe("nokland-eidnes-2019/t4-cifar-10-vgg11b3x.toml")
