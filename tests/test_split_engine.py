@@ -1,0 +1,63 @@
+"""The pipeline's exactness, in one process, for every rule and model: an engine over the first
+block followed by an engine over the rest, fed what the first one passes on (and the input
+image, as the channel carries it), trains every block bitwise as the whole model's engine does.
+
+The process boundary itself (the channel, the wire dtype, the launchers) is proven once per wire
+path in tests/test_transparency.py; this file is what lets that one stay short.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelocal.config import Config, ConfigError, ModelConfig, RuleConfig
+from pipelocal.engine import Engine, build_blocks
+from pipelocal.models import available_models, build_model
+from pipelocal.rules import RULES, available_rules
+from tests.conftest import assert_identical
+from tests.test_models import CASES
+
+NUM_CLASSES = 10
+_DEFAULT = ({"width": 0.0625, "fc_width": 32}, (3, 32, 32))
+_SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 8, 8), "vgg8b": (1, 28, 28), "vgg11b": (1, 28, 28)}
+_LOCAL = [r for r in available_rules() if not RULES.get(r).is_global]
+
+
+def _cases() -> list:
+    pairs = {(rule, model) for rule in _LOCAL for model in ("cnn", "mlp", "resnet20")}
+    pairs |= {("predsim", model) for model in available_models()}
+    pairs |= {("dgl", "resnet32"), ("infopro", "vgg19"), ("auglocal", "vgg19")}
+    return [pytest.param(r, m, id=f"{r}-{m}") for r, m in sorted(pairs)]
+
+
+def _build(rule: str, model: str) -> tuple[list, tuple[int, ...]]:
+    overrides = {**CASES.get(model, _DEFAULT)[0], "dropout": 0.1}
+    cfg = Config(model=ModelConfig(name=model, **overrides), rule=RuleConfig(name=rule))
+    shape = _SHAPES.get(model, _DEFAULT[1])
+    try:
+        specs = build_model(cfg.model, shape, NUM_CLASSES)
+        return build_blocks(cfg, specs, NUM_CLASSES, range(len(specs)), "cpu"), shape
+    except ConfigError as exc:
+        pytest.skip(f"{rule} does not apply to {model}: {exc}")
+
+
+@pytest.mark.parametrize(("rule", "model"), _cases())
+def test_first_block_then_the_rest_equals_the_whole(rule: str, model: str) -> None:
+    whole_blocks, shape = _build(rule, model)
+    split_blocks, _ = _build(rule, model)
+    whole, head, tail = Engine(whole_blocks), Engine(split_blocks[:1]), Engine(split_blocks[1:])
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(6, *shape, generator=g), torch.randint(0, NUM_CLASSES, (6,),
+                                                                   generator=g))
+               for _ in range(2)]
+    for epoch, (x, y) in enumerate(batches):
+        out = whole.train_batch(x, y, epoch)
+        h = head.train_batch(x, y, epoch)
+        assert torch.equal(tail.train_batch(h, y, epoch, image=x), out)
+    for x, y in batches:
+        whole.eval_batch(x, y)
+        tail.eval_batch(head.eval_batch(x, y), y)
+    assert whole.pop_eval_stats() == {**head.pop_eval_stats(), **tail.pop_eval_stats()}
+    for a, b in zip(whole_blocks, split_blocks):
+        assert_identical(a.checkpoint_state(), b.checkpoint_state(), b.spec.name)
