@@ -30,10 +30,11 @@ Committed results:
     python benchmarks/auglocal_resnet.py --epochs 2 --repeats 2 --batch-size 32 \
         --skip-partition --out benchmarks/results/auglocal_resnet_accuracy_authors.json
 
-* ``results/auglocal_resnet_accuracy.json``: the same command before those defaults (an aux net
-  on every hidden block, PyTorch's init with the output weight zeroed, InfoPro's stride-1 head
-  and min-max target; 1079 s on the otherwise quiet machine). The partition result above was
-  measured before them too.
+* ``results/auglocal_resnet_accuracy.json``: the same command with ``--rules auglocal-d2
+  auglocal-d4 dgl infopro glob``, run at the revision before those defaults (an aux net on
+  every hidden block, PyTorch's init with the output weight zeroed, InfoPro's stride-1 head and
+  min-max target; 3321 s on the shared machine). The partition result above was measured
+  before them too.
 
 Quick smoke test (writes to /tmp):
 
