@@ -11,7 +11,7 @@ InfoPro are?
 Part 2 (partition): ResNet-32 with AugLocal (``rule.aux_depth = 4``), 2 stages, through the
 CLI (``python -m pipelocal train --stages 2 --set pipeline.partition=[...]``): the block-count
 split [8, 8], the split balanced on the MAC cost model (body + auxiliary nets,
-:mod:`pipelocal.pipeline.cost`) and the split ``pipelocal plan`` proposes from timing each
+:mod:`benchmarks.cost`) and the split ``pipelocal plan`` proposes from timing each
 block's training step. Throughput = the run's ``throughput(samples/s)`` (training samples /
 epoch time). The splits alternate, ``--partition-repeats`` times each.
 
@@ -20,14 +20,14 @@ Committed results:
 * ``results/auglocal_resnet.json`` (partition only: a bare ``--rules`` skips the accuracy
   part; 188 s on the otherwise quiet machine)::
 
-    python benchmarks/auglocal_resnet.py --rules --partition-limit 1024 --partition-repeats 3
+    python -m benchmarks auglocal_resnet --rules --partition-limit 1024 --partition-repeats 3
 
 * ``results/auglocal_resnet_accuracy_authors.json`` (accuracy with the authors' defaults:
   AugLocal's top aux_depth + 1 blocks end to end, he-normal init for auglocal / dgl / infopro,
   InfoPro's strided head and un-normalised target; 2 epochs of 250 steps of 32 images, seeds 0
   and 1)::
 
-    python benchmarks/auglocal_resnet.py --epochs 2 --repeats 2 --batch-size 32 \
+    python -m benchmarks auglocal_resnet --epochs 2 --repeats 2 --batch-size 32 \
         --skip-partition --out benchmarks/results/auglocal_resnet_accuracy_authors.json
 
 * ``results/auglocal_resnet_accuracy.json``: the same command before those defaults (an aux net
@@ -37,7 +37,7 @@ Committed results:
 
 Quick smoke test (writes to /tmp):
 
-    python benchmarks/auglocal_resnet.py --epochs 1 --set data.train_limit=256 \
+    python -m benchmarks auglocal_resnet --epochs 1 --set data.train_limit=256 \
         --partition-limit 256 --partition-repeats 1 --out /tmp/auglocal_resnet.json
 """
 
@@ -52,7 +52,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import (
+
+from benchmarks.common import (
     MNIST_10K_DIR,
     REPO_ROOT,
     Provenance,
@@ -65,11 +66,10 @@ from common import (
     summarize,
     write_result,
 )
-
+from benchmarks.cost import block_costs
 from pipelocal.config import config_to_dict, load_config
 from pipelocal.launch import train
 from pipelocal.models import build_model
-from pipelocal.pipeline.cost import block_costs
 from pipelocal.pipeline.partition import balanced_partition, stage_ranges
 from pipelocal.pipeline.plan import make_plan
 from pipelocal.rules import end_to_end_top

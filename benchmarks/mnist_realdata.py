@@ -10,7 +10,7 @@ predsim's mean test error is within ``--tolerance`` percentage points of glob's.
 The committed result (820 s in all on the 2-core CPU, see ``duration(s)`` in the result file;
 ``--repeats 3`` runs three seeds):
 
-    python benchmarks/mnist_realdata.py --epochs 8
+    python -m benchmarks mnist_realdata --epochs 8
 
 Why 8 epochs (the default): mnist-10k has only 63 batches per epoch, and after 3 epochs both
 rules are still far from converged, predsim (whose deeper blocks learn from inputs that are
@@ -18,7 +18,7 @@ still changing) much further than glob, so the tolerance check fails on training
 
 Quick smoke test (about a minute; writes to /tmp, not to benchmarks/results):
 
-    python benchmarks/mnist_realdata.py --epochs 1 --repeats 1 --width 0.125 \
+    python -m benchmarks mnist_realdata --epochs 1 --repeats 1 --width 0.125 \
         --set data.train_limit=1000 --out /tmp/mnist_realdata.json
 
 Result: ``benchmarks/results/mnist_realdata.json`` (``--out`` to change), then a table on
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (
+from benchmarks.common import (
     MNIST_10K_DIR,
     Provenance,
     add_common_args,
@@ -45,7 +45,6 @@ from common import (
     summarize,
     write_result,
 )
-
 from pipelocal.config import Config, config_to_dict, load_config
 from pipelocal.launch import train
 

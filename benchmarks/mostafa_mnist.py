@@ -12,11 +12,11 @@ The paper does not state its dropout rate; ``--dropout`` sets it (default 0.2).
 
 The committed result (the command and the machine load are in the result file):
 
-    python benchmarks/mostafa_mnist.py --epochs 5 --threads 1
+    python -m benchmarks mostafa_mnist --epochs 5 --threads 1
 
 Quick smoke test (writes to /tmp):
 
-    python benchmarks/mostafa_mnist.py --epochs 1 --rules sym fa --out /tmp/mostafa_mnist.json
+    python -m benchmarks mostafa_mnist --epochs 1 --rules sym fa --out /tmp/mostafa_mnist.json
 
 Result: ``benchmarks/results/mostafa_mnist.json`` (``--out`` to change), then tables on stdout.
 """
@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import (
+from benchmarks.common import (
     MNIST_10K_DIR,
     Provenance,
     add_common_args,
@@ -38,8 +38,7 @@ from common import (
     summarize,
     write_result,
 )
-from mnist_realdata import one_run
-
+from benchmarks.mnist_realdata import one_run
 from pipelocal.config import Config, load_config
 
 NAME = "mostafa_mnist"

@@ -51,11 +51,11 @@ the pipeline, which alone costs ~1/13 of the ideal there.
 The committed result (idle machine, nothing else running; 146 s in all, see ``duration(s)``
 in the result file):
 
-    python benchmarks/pipeline_efficiency.py --epochs 4 --repeats 3
+    python -m benchmarks pipeline_efficiency --epochs 4 --repeats 3
 
 Quick smoke test (well under a minute; writes to /tmp):
 
-    python benchmarks/pipeline_efficiency.py --epochs 2 --repeats 1 \
+    python -m benchmarks pipeline_efficiency --epochs 2 --repeats 1 \
         --set data.train_limit=2000 --out /tmp/pipeline_efficiency.json
 
 Result: ``benchmarks/results/pipeline_efficiency.json`` (``--out`` to change), then a table.
@@ -69,7 +69,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import (
+from benchmarks.common import (
     MNIST_10K_DIR,
     Provenance,
     add_common_args,
@@ -83,7 +83,6 @@ from common import (
     summarize,
     write_result,
 )
-
 from pipelocal.config import Config, config_to_dict, load_config
 from pipelocal.launch import train
 

@@ -9,7 +9,7 @@ difference is start-up and scheduling, not the data path. Efficiency as in
 ``pipeline_efficiency.py`` (max_k busy_k / time/epoch). The Ray instance is started once, here,
 before the first run (its start-up is not in any epoch).
 
-    python benchmarks/ray_vs_spawn.py --epochs 3 --repeats 2 --set data.train_limit=4000
+    python -m benchmarks ray_vs_spawn --epochs 3 --repeats 2 --set data.train_limit=4000
 
 Result: ``benchmarks/results/ray_vs_spawn.json``, then a table.
 """
@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Any
 
-from common import (
+from benchmarks.common import (
     MNIST_10K_DIR,
     Provenance,
     add_common_args,
@@ -31,7 +31,7 @@ from common import (
     summarize,
     write_result,
 )
-from pipeline_efficiency import check_data, pipeline_config, pipeline_run
+from benchmarks.pipeline_efficiency import check_data, pipeline_config, pipeline_run
 
 NAME = "ray_vs_spawn"
 LAUNCHERS = ("spawn", "ray")
