@@ -1,12 +1,12 @@
 """AugLocal vs DGL, InfoPro, predsim and glob on a narrow ResNet-32; cost-aware partitioning.
 
-Part 1 (accuracy): a ResNet-32 (16 local layers: stem + 15 residual blocks, the last with the
-classifier) of ``--width`` (0.25: 4 / 8 / 16 channels) on real MNIST digits (``mnist-10k``:
-8000 training / 2000 test images of the MNIST test split, 28x28, no resizing needed: the
-ResNet pools globally), trained single-process on CPU with every rule of ``--rules``, same
-seed, Adam. Records the output's test accuracy and every block's local (auxiliary-head) test
-accuracy, then checks the AugLocal paper's ordering: is AugLocal closer to glob than DGL and
-InfoPro are?
+Part 1 (accuracy, a preset of the runner :mod:`benchmarks.accuracy`): a ResNet-32 (16 local
+layers: stem + 15 residual blocks, the last with the classifier) of ``--width`` (0.25:
+4 / 8 / 16 channels) on real MNIST digits (``mnist-10k``: 8000 training / 2000 test images of
+the MNIST test split, 28x28, no resizing needed: the ResNet pools globally), trained
+single-process on CPU with every rule of ``--rules``, same seed, Adam. Records the output's
+test accuracy and every block's local (auxiliary-head) test accuracy, then checks the AugLocal
+paper's ordering: is AugLocal closer to glob than DGL and InfoPro are?
 
 Part 2 (partition): ResNet-32 with AugLocal (``rule.aux_depth = 4``), 2 stages, through the
 CLI (``python -m pipelocal train --stages 2 --set pipeline.partition=[...]``): the block-count
@@ -18,7 +18,7 @@ epoch time). The splits alternate, ``--partition-repeats`` times each.
 Committed results:
 
 * ``results/auglocal_resnet.json`` (partition only: a bare ``--rules`` skips the accuracy
-  part; 188 s on the otherwise quiet machine)::
+  part)::
 
     python -m benchmarks auglocal_resnet --rules --partition-limit 1024 --partition-repeats 3
 
@@ -32,8 +32,7 @@ Committed results:
 
 * ``results/auglocal_resnet_accuracy.json``: the same command before those defaults (an aux net
   on every hidden block, PyTorch's init with the output weight zeroed, InfoPro's stride-1 head
-  and min-max target; 1079 s on the otherwise quiet machine). The partition result above was
-  measured before them too.
+  and min-max target). The partition result above was measured before them too.
 
 Quick smoke test (writes to /tmp):
 
@@ -47,12 +46,12 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.accuracy import accuracy_record, run_grid
 from benchmarks.common import (
     MNIST_10K_DIR,
     REPO_ROOT,
@@ -67,8 +66,7 @@ from benchmarks.common import (
     write_result,
 )
 from benchmarks.cost import block_costs
-from pipelocal.config import config_to_dict, load_config
-from pipelocal.launch import train
+from pipelocal.config import load_config
 from pipelocal.models import build_model
 from pipelocal.pipeline.partition import balanced_partition, stage_ranges
 from pipelocal.pipeline.plan import make_plan
@@ -113,27 +111,6 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
         "schedule.name=constant", f"run.epochs={args.epochs}", "run.device=cpu",
         "run.threads=1", "run.progress=false",
     ]
-
-
-def accuracy_run(args: argparse.Namespace, label: str, seed: int, root: Path) -> dict[str, Any]:
-    cfg = load_config(None, [
-        *base_overrides(args), *RULES[label], f"run.seed={seed}", "pipeline.stages=1",
-        f"run.out_dir={str(root)!r}", f"run.name={label}-seed{seed}",
-        f"run.checkpoint_every={args.epochs}", *args.overrides,
-    ])
-    t0 = time.perf_counter()
-    summary = train(cfg)
-    records = read_metrics(summary["run_dir"])
-    return {
-        "rule": label, "seed": seed,
-        "test_acc(%)": 100 * records[-1]["test/acc"],
-        "local_test_acc(%)": {k: None if v is None else 100 * v
-                              for k, v in records[-1]["test/acc_local"].items()},
-        "train_time(s)": round(sum(r["time/epoch(s)"] for r in records), 1),
-        "wall(s)": round(time.perf_counter() - t0, 1),
-        "epochs": records,
-        "config": config_to_dict(cfg),
-    }
 
 
 def cost_partition(args: argparse.Namespace) -> tuple[list[int], list[dict[str, Any]]]:
@@ -184,13 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_mnist_10k(args.data_dir, NAME)
     prov = Provenance(NAME)
-    runs: list[dict[str, Any]] = []
     part: dict[str, Any] = {}
     with run_root(args.runs_dir) as root:
-        for seed in range(args.repeats):
-            for label in args.rules:
-                print(f"== {label}, seed {seed}", flush=True)
-                runs.append(accuracy_run(args, label, seed, root))
+        runs = run_grid(base_overrides(args), {k: RULES[k] for k in args.rules},
+                        range(args.repeats), root=root, epochs=args.epochs,
+                        overrides=args.overrides, record=accuracy_record)
         if not args.skip_partition:
             aware, table = cost_partition(args)
             splits = {"block_count": [8, 8], "cost_aware": aware,
