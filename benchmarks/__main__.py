@@ -23,7 +23,6 @@ BENCHMARKS: dict[str, str] = {
     "auglocal_resnet": "benchmarks.auglocal_resnet",
     "pipeline_efficiency": "benchmarks.pipeline_efficiency",
     "data_wait": "benchmarks.data_wait",
-    "ray_vs_spawn": "benchmarks.ray_vs_spawn",
     "gpu_check": "benchmarks.gpu_check",
 }
 """Benchmark name -> module holding its ``main(argv)``."""
