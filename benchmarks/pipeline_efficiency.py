@@ -48,8 +48,7 @@ and batch on one core) on mnist-10k (63 batches of 128 per epoch), rule predsim,
 epoch of digits is only 12 batches, and every epoch boundary (and evaluation) drains and refills
 the pipeline, which alone costs ~1/13 of the ideal there.
 
-The committed result (idle machine, nothing else running; 146 s in all, see ``duration(s)``
-in the result file):
+The committed result (the machine and its load are in the result file):
 
     python -m benchmarks pipeline_efficiency --epochs 4 --repeats 3
 
@@ -58,8 +57,19 @@ Quick smoke test (well under a minute; writes to /tmp):
     python -m benchmarks pipeline_efficiency --epochs 2 --repeats 1 \
         --set data.train_limit=2000 --out /tmp/pipeline_efficiency.json
 
-Result: ``benchmarks/results/pipeline_efficiency.json`` (``--out`` to change), then a table.
-Exit status 1 if the lowest efficiency over the repeats is below ``--threshold``.
+``--launchers spawn,ray`` runs the same workload as spawned processes and as Ray actors (one Ray
+instance, started before the first run), interleaved within each repeat; both feed the same gloo
+channel, so a difference is start-up and scheduling, not the data path. The launcher comparison
+committed as ``results/ray_vs_spawn.json``:
+
+    python -m benchmarks pipeline_efficiency --launchers spawn,ray --no-reference \
+        --epochs 3 --repeats 2 --set data.train_limit=4000 \
+        --out benchmarks/results/ray_vs_spawn.json
+
+Result: ``benchmarks/results/pipeline_efficiency.json`` (``--out`` to change), then a table per
+launcher; with several launchers ``summary``, ``runs`` and ``check`` are keyed by launcher.
+Exit status 1 if the lowest efficiency over the repeats is below ``--threshold`` (for any
+launcher).
 """
 
 from __future__ import annotations
