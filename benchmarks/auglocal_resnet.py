@@ -1,44 +1,42 @@
 """AugLocal vs DGL, InfoPro, predsim and glob on a narrow ResNet-32; cost-aware partitioning.
 
-Part 1 (accuracy): a ResNet-32 (16 local layers: stem + 15 residual blocks, the last with the
-classifier) of ``--width`` (0.25: 4 / 8 / 16 channels) on real MNIST digits (``mnist-10k``:
-8000 training / 2000 test images of the MNIST test split, 28x28, no resizing needed: the
-ResNet pools globally), trained single-process on CPU with every rule of ``--rules``, same
-seed, Adam. Records the output's test accuracy and every block's local (auxiliary-head) test
-accuracy, then checks the AugLocal paper's ordering: is AugLocal closer to glob than DGL and
-InfoPro are?
+Part 1 (accuracy, a preset of the runner :mod:`benchmarks.accuracy`): a ResNet-32 (16 local
+layers: stem + 15 residual blocks, the last with the classifier) of ``--width`` (0.25:
+4 / 8 / 16 channels) on real MNIST digits (``mnist-10k``: 8000 training / 2000 test images of
+the MNIST test split, 28x28, no resizing needed: the ResNet pools globally), trained
+single-process on CPU with every rule of ``--rules``, same seed, Adam. Records the output's
+test accuracy and every block's local (auxiliary-head) test accuracy, then checks the AugLocal
+paper's ordering: is AugLocal closer to glob than DGL and InfoPro are?
 
 Part 2 (partition): ResNet-32 with AugLocal (``rule.aux_depth = 4``), 2 stages, through the
 CLI (``python -m pipelocal train --stages 2 --set pipeline.partition=[...]``): the block-count
 split [8, 8], the split balanced on the MAC cost model (body + auxiliary nets,
-:mod:`pipelocal.pipeline.cost`) and the split ``pipelocal plan`` proposes from timing each
+:mod:`benchmarks.cost`) and the split ``pipelocal plan`` proposes from timing each
 block's training step. Throughput = the run's ``throughput(samples/s)`` (training samples /
 epoch time). The splits alternate, ``--partition-repeats`` times each.
 
 Committed results:
 
 * ``results/auglocal_resnet.json`` (partition only: a bare ``--rules`` skips the accuracy
-  part; 188 s on the otherwise quiet machine)::
+  part)::
 
-    python benchmarks/auglocal_resnet.py --rules --partition-limit 1024 --partition-repeats 3
+    python -m benchmarks auglocal_resnet --rules --partition-limit 1024 --partition-repeats 3
 
 * ``results/auglocal_resnet_accuracy_authors.json`` (accuracy with the authors' defaults:
   AugLocal's top aux_depth + 1 blocks end to end, he-normal init for auglocal / dgl / infopro,
   InfoPro's strided head and un-normalised target; 2 epochs of 250 steps of 32 images, seeds 0
   and 1)::
 
-    python benchmarks/auglocal_resnet.py --epochs 2 --repeats 2 --batch-size 32 \
+    python -m benchmarks auglocal_resnet --epochs 2 --repeats 2 --batch-size 32 \
         --skip-partition --out benchmarks/results/auglocal_resnet_accuracy_authors.json
 
-* ``results/auglocal_resnet_accuracy.json``: the same command with ``--rules auglocal-d2
-  auglocal-d4 dgl infopro glob``, run at the revision before those defaults (an aux net on
-  every hidden block, PyTorch's init with the output weight zeroed, InfoPro's stride-1 head and
-  min-max target; 3321 s on the shared machine). The partition result above was measured
-  before them too.
+* ``results/auglocal_resnet_accuracy.json``: the same command before those defaults (an aux net
+  on every hidden block, PyTorch's init with the output weight zeroed, InfoPro's stride-1 head
+  and min-max target). The partition result above was measured before them too.
 
 Quick smoke test (writes to /tmp):
 
-    python benchmarks/auglocal_resnet.py --epochs 1 --set data.train_limit=256 \
+    python -m benchmarks auglocal_resnet --epochs 1 --set data.train_limit=256 \
         --partition-limit 256 --partition-repeats 1 --out /tmp/auglocal_resnet.json
 """
 
@@ -48,12 +46,13 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import (
+
+from benchmarks.accuracy import accuracy_record, run_grid
+from benchmarks.common import (
     MNIST_10K_DIR,
     REPO_ROOT,
     Provenance,
@@ -66,11 +65,9 @@ from common import (
     summarize,
     write_result,
 )
-
-from pipelocal.config import config_to_dict, load_config
-from pipelocal.launch import train
+from benchmarks.cost import block_costs
+from pipelocal.config import load_config
 from pipelocal.models import build_model
-from pipelocal.pipeline.cost import block_costs
 from pipelocal.pipeline.partition import balanced_partition, stage_ranges
 from pipelocal.pipeline.plan import make_plan
 from pipelocal.rules import end_to_end_top
@@ -114,27 +111,6 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
         "schedule.name=constant", f"run.epochs={args.epochs}", "run.device=cpu",
         "run.threads=1", "run.progress=false",
     ]
-
-
-def accuracy_run(args: argparse.Namespace, label: str, seed: int, root: Path) -> dict[str, Any]:
-    cfg = load_config(None, [
-        *base_overrides(args), *RULES[label], f"run.seed={seed}", "pipeline.stages=1",
-        f"run.out_dir={str(root)!r}", f"run.name={label}-seed{seed}",
-        f"run.checkpoint_every={args.epochs}", *args.overrides,
-    ])
-    t0 = time.perf_counter()
-    summary = train(cfg)
-    records = read_metrics(summary["run_dir"])
-    return {
-        "rule": label, "seed": seed,
-        "test_acc(%)": 100 * records[-1]["test/acc"],
-        "local_test_acc(%)": {k: None if v is None else 100 * v
-                              for k, v in records[-1]["test/acc_local"].items()},
-        "train_time(s)": round(sum(r["time/epoch(s)"] for r in records), 1),
-        "wall(s)": round(time.perf_counter() - t0, 1),
-        "epochs": records,
-        "config": config_to_dict(cfg),
-    }
 
 
 def cost_partition(args: argparse.Namespace) -> tuple[list[int], list[dict[str, Any]]]:
@@ -185,13 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_mnist_10k(args.data_dir, NAME)
     prov = Provenance(NAME)
-    runs: list[dict[str, Any]] = []
     part: dict[str, Any] = {}
     with run_root(args.runs_dir) as root:
-        for seed in range(args.repeats):
-            for label in args.rules:
-                print(f"== {label}, seed {seed}", flush=True)
-                runs.append(accuracy_run(args, label, seed, root))
+        runs = run_grid(base_overrides(args), {k: RULES[k] for k in args.rules},
+                        range(args.repeats), root=root, epochs=args.epochs,
+                        overrides=args.overrides, record=accuracy_record)
         if not args.skip_partition:
             aware, table = cost_partition(args)
             splits = {"block_count": [8, 8], "cost_aware": aware,

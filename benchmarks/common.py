@@ -159,7 +159,7 @@ class Provenance:
     def finish(self) -> dict[str, Any]:
         return {
             "benchmark": self.name,
-            "command": shlex.join([sys.executable, *sys.argv]),
+            "command": shlex.join(sys.orig_argv),  # as typed: `python -m benchmarks NAME ...`
             "cwd": os.getcwd(),
             "started": self.started,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -19,7 +19,7 @@ one thread), ``time/epoch(s)`` and ``stage0/busy(s)`` per epoch, and per run the
 The committed result (the machine was shared with other jobs, see ``note`` and the load
 averages in the file):
 
-    python benchmarks/data_wait.py --repeats 3 --note "..."
+    python -m benchmarks data_wait --repeats 3 --note "..."
 
 Result: ``benchmarks/results/data_wait.json`` (``--out`` to change), then a table. Exit status 1
 if prefetching does not lower the mean data wait.
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (
+from benchmarks.common import (
     REPO_ROOT,
     Provenance,
     add_common_args,

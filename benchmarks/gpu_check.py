@@ -1,8 +1,8 @@
 """The one-GPU check: what only a CUDA device can show, measured in a few minutes.
 
     bash benchmarks/gpu_check.sh                # on a machine with one CUDA GPU: writes $OUT
-    python benchmarks/gpu_check.py --out DIR    # the measurements alone
-    python benchmarks/gpu_check.py --dry-run    # every step on the CPU at toy sizes (no CUDA)
+    python -m benchmarks gpu_check --out DIR    # the measurements alone
+    python -m benchmarks gpu_check --dry-run    # every step on the CPU at toy sizes (no CUDA)
 
 Steps, each recorded in ``gpu_check.json`` with its verdict:
 
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import Provenance, write_result
 
+from benchmarks.common import Provenance, write_result
 from pipelocal.config import Config, ConfigError, load_config
 from pipelocal.data import load_dataset, make_loaders
 from pipelocal.device import configure_determinism

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one-GPU check: the project installed without dependencies, its GPU tests, then the
-# measurements of benchmarks/gpu_check.py; results under $OUT (default benchmarks/results).
+# measurements of `python -m benchmarks gpu_check` (benchmarks/gpu_check.py); results under $OUT (default benchmarks/results).
 #
 #   bash benchmarks/gpu_check.sh             # one CUDA GPU and a python3 with PyTorch; ~5 min
 #   bash benchmarks/gpu_check.sh --dry-run   # on the CPU: every command at toy sizes, no CUDA
@@ -29,6 +29,6 @@ else
   "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --collect-only tests/test_gpu.py \
     > "$OUT/gpu_pytest.txt" 2>&1 || status=1
 fi
-timeout 300 "$PYTHON" benchmarks/gpu_check.py --out "$OUT" $dry || status=1
+timeout 300 "$PYTHON" -m benchmarks gpu_check --out "$OUT" $dry || status=1
 echo "gpu_check.sh: results in $OUT; $([ $status = 0 ] && echo passed || echo FAILED)"
 exit $status

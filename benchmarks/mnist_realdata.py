@@ -5,12 +5,12 @@ cuts it into 8000 training / 2000 test images with a fixed permutation), a reduc
 is trained with rule ``predsim`` and with rule ``glob``, same seeds, single process on CPU. For
 every run it records the final test error of the output, each hidden block's local test error
 (its predsim classifier), the training time and the training throughput; then it checks that
-predsim's mean test error is within ``--tolerance`` percentage points of glob's.
+predsim's mean test error is within ``--tolerance`` percentage points of glob's. A preset of
+the accuracy runner (:mod:`benchmarks.accuracy`).
 
-The committed result (820 s in all on the 2-core CPU, see ``duration(s)`` in the result file;
-``--repeats 3`` runs three seeds):
+The committed result (``--repeats 3`` runs three seeds):
 
-    python benchmarks/mnist_realdata.py --epochs 8
+    python -m benchmarks mnist_realdata --epochs 8
 
 Why 8 epochs (the default): mnist-10k has only 63 batches per epoch, and after 3 epochs both
 rules are still far from converged, predsim (whose deeper blocks learn from inputs that are
@@ -18,7 +18,7 @@ still changing) much further than glob, so the tolerance check fails on training
 
 Quick smoke test (about a minute; writes to /tmp, not to benchmarks/results):
 
-    python benchmarks/mnist_realdata.py --epochs 1 --repeats 1 --width 0.125 \
+    python -m benchmarks mnist_realdata --epochs 1 --repeats 1 --width 0.125 \
         --set data.train_limit=1000 --out /tmp/mnist_realdata.json
 
 Result: ``benchmarks/results/mnist_realdata.json`` (``--out`` to change), then a table on
@@ -29,25 +29,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
-from common import (
+from benchmarks.accuracy import run_grid
+from benchmarks.common import (
     MNIST_10K_DIR,
     Provenance,
     add_common_args,
     fmt_stat,
     markdown_table,
-    read_metrics,
     require_mnist_10k,
     run_root,
     summarize,
     write_result,
 )
-
-from pipelocal.config import Config, config_to_dict, load_config
-from pipelocal.launch import train
 
 NAME = "mnist_realdata"
 
@@ -94,57 +89,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_config(args: argparse.Namespace, rule: str, seed: int, out_dir: Path) -> Config:
-    return load_config(
-        None,
-        [
-            "model.name=vgg8b",
-            f"model.width={args.width}",
-            f"model.dropout={args.dropout}",
-            "data.name=mnist-10k",
-            f"data.data_dir={args.data_dir!r}",
-            f"data.batch_size={args.batch_size}",
-            f"rule.name={rule!r}",
-            "optim.name=adam",
-            f"optim.lr={args.lr}",
-            f"run.epochs={args.epochs}",
-            f"run.seed={seed}",
-            "run.device=cpu",
-            f"run.threads={args.threads}",
-            "run.progress=false",
-            f"run.out_dir={str(out_dir)!r}",
-            f"run.name={rule.replace('+', '_')}-seed{seed}",
-            f"run.checkpoint_every={args.epochs}",  # one checkpoint, at the end
-            "pipeline.stages=1",
-            *args.overrides,
-        ],
-    )
-
-
-def error_pct(acc: float | None) -> float | None:
-    return None if acc is None else 100.0 * (1.0 - acc)
-
-
-def one_run(cfg: Config) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    summary = train(cfg)
-    wall = time.perf_counter() - t0
-    records = read_metrics(summary["run_dir"])
-    last = records[-1]
-    train_s = sum(r["time/epoch(s)"] for r in records)
-    # samples of each epoch = its throughput x its time (the record keeps both, not the count)
-    samples = sum(r["throughput(samples/s)"] * r["time/epoch(s)"] for r in records)
-    return {
-        "rule": cfg.rule.name,
-        "seed": cfg.run.seed,
-        "test_err(%)": error_pct(last["test/acc"]),
-        "local_test_err(%)": {k: error_pct(v) for k, v in last["test/acc_local"].items()},
-        "train_time(s)": round(train_s, 2),
-        "wall_incl_eval(s)": round(wall, 2),
-        "throughput(samples/s)": round(samples / max(train_s, 1e-9), 1),
-        "epochs": records,
-        "config": config_to_dict(cfg),
-    }
+def recipe(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides shared by every rule and seed."""
+    return [
+        "model.name=vgg8b",
+        f"model.width={args.width}",
+        f"model.dropout={args.dropout}",
+        "data.name=mnist-10k",
+        f"data.data_dir={args.data_dir!r}",
+        f"data.batch_size={args.batch_size}",
+        "optim.name=adam",
+        f"optim.lr={args.lr}",
+        "run.device=cpu",
+        f"run.threads={args.threads}",
+        "run.progress=false",
+    ]
 
 
 def local_cell(errs: dict[str, float | None]) -> str:
@@ -155,13 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_mnist_10k(args.data_dir, NAME)
     prov = Provenance(NAME)
-    runs: list[dict[str, Any]] = []
     with run_root(args.runs_dir) as root:
-        for seed in range(args.repeats):
-            for rule in args.rules:
-                cfg = make_config(args, rule, seed, root)
-                print(f"== {rule}, seed {seed}", flush=True)
-                runs.append(one_run(cfg))
+        runs = run_grid(recipe(args), {r: [f"rule.name={r!r}"] for r in args.rules},
+                        range(args.repeats), root=root, epochs=args.epochs,
+                        overrides=args.overrides)
     import torch
 
     per_rule = {

@@ -8,15 +8,16 @@ Nesterov momentum 0.9, lr 0.1, lr / 5 at 25/50/75% of training) and batch 100. I
 test error of the output layer and of every hidden layer's local classifier, then compares
 the ordering of the rules (by the last hidden layer, as the paper reports it; fa and glob by
 the output) with the paper's Table 2 "+DO" rows, the only rows in which all five rules appear.
-The paper does not state its dropout rate; ``--dropout`` sets it (default 0.2).
+The paper does not state its dropout rate; ``--dropout`` sets it (default 0.2). A preset of
+the accuracy runner (:mod:`benchmarks.accuracy`).
 
 The committed result (the command and the machine load are in the result file):
 
-    python benchmarks/mostafa_mnist.py --epochs 5 --threads 1
+    python -m benchmarks mostafa_mnist --epochs 5 --threads 1
 
 Quick smoke test (writes to /tmp):
 
-    python benchmarks/mostafa_mnist.py --epochs 1 --rules sym fa --out /tmp/mostafa_mnist.json
+    python -m benchmarks mostafa_mnist --epochs 1 --rules sym fa --out /tmp/mostafa_mnist.json
 
 Result: ``benchmarks/results/mostafa_mnist.json`` (``--out`` to change), then tables on stdout.
 """
@@ -25,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-from common import (
+from benchmarks.accuracy import run_grid
+from benchmarks.common import (
     MNIST_10K_DIR,
     Provenance,
     add_common_args,
@@ -38,9 +39,6 @@ from common import (
     summarize,
     write_result,
 )
-from mnist_realdata import one_run
-
-from pipelocal.config import Config, load_config
 
 NAME = "mostafa_mnist"
 RULES = ["sym", "scfb", "tlc", "fa", "glob"]
@@ -70,20 +68,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_config(args: argparse.Namespace, rule: str, seed: int, out_dir: Path) -> Config:
-    return load_config(None, [
+def recipe(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides shared by every rule and seed."""
+    return [
         "model.name=mlp", "model.hidden=1000", "model.depth=3", "model.batchnorm=true",
         f"model.dropout={args.dropout}",
         "data.name=mnist-10k", f"data.data_dir={args.data_dir!r}",
         f"data.batch_size={args.batch_size}",
-        f"rule.name={rule!r}",
         "optim.name=sgd", f"optim.lr={args.lr}", "optim.momentum=0.9", "optim.nesterov=true",
         "schedule.name=step", "schedule.milestones=[0.25, 0.5, 0.75]", "schedule.gamma=0.2",
-        f"run.epochs={args.epochs}", f"run.seed={seed}", "run.device=cpu",
-        f"run.threads={args.threads}", "run.progress=false", f"run.out_dir={str(out_dir)!r}",
-        f"run.name={rule}-seed{seed}", f"run.checkpoint_every={args.epochs}",
-        "pipeline.stages=1", *args.overrides,
-    ])
+        "run.device=cpu", f"run.threads={args.threads}", "run.progress=false",
+    ]
 
 
 def headline(run: dict[str, Any]) -> float:
@@ -100,12 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_mnist_10k(args.data_dir, NAME)
     prov = Provenance(NAME)
-    runs: list[dict[str, Any]] = []
     with run_root(args.runs_dir) as root:
-        for seed in range(args.repeats):
-            for rule in args.rules:
-                print(f"== {rule}, seed {seed}", flush=True)
-                runs.append(one_run(make_config(args, rule, seed, root)))
+        runs = run_grid(recipe(args), {r: [f"rule.name={r!r}"] for r in args.rules},
+                        range(args.repeats), root=root, epochs=args.epochs,
+                        overrides=args.overrides)
     measured = {r: summarize([headline(x) for x in runs if x["rule"] == r])["mean"]
                 for r in args.rules}
     paper = {r: round(100 - PAPER_DO_ACC[r][-1], 2) for r in args.rules if r in PAPER_DO_ACC}

@@ -165,15 +165,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Run the headline benchmark script of a source checkout with the given arguments."""
+    """Run the headline benchmark of a source checkout (``python -m benchmarks bench ...``)."""
+    import os
     import subprocess
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
-    if not script.is_file():
-        raise FileNotFoundError(f"pipelocal bench runs {script}, which is not there; run it "
-                                "from a source checkout of pipelocal")
-    return subprocess.call([sys.executable, str(script), *args.args])
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        raise FileNotFoundError(f"pipelocal bench runs the benchmarks package of {root}, which "
+                                "is not there; run it from a source checkout of pipelocal")
+    # The checkout on the path, the caller's cwd kept (relative --out-dir paths stay theirs).
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    return subprocess.call([sys.executable, "-m", "benchmarks", "bench", *args.args],
+                           env={**os.environ, "PYTHONPATH": path})
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -249,9 +253,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--stages", type=int, help="number of stages to plan for")
     pl.set_defaults(func=cmd_plan)
 
-    # '+' prefix: every argument, --options included, goes on to benchmarks/bench.py.
+    # '+' prefix: every argument, --options included, goes on to `python -m benchmarks bench`.
     b = sub.add_parser("bench", prefix_chars="+", add_help=False,
-                       help="headline benchmark (benchmarks/bench.py; bench --help)")
+                       help="headline benchmark (python -m benchmarks bench; bench --help)")
     b.add_argument("args", nargs="*")
     b.set_defaults(func=cmd_bench)
 

@@ -5,7 +5,6 @@ Timings are not tested; what turns them into figures is.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from memory import SavedTensorMeter, state_bytes
-from scaling import (
+from benchmarks.__main__ import BENCHMARKS
+from benchmarks.headline.memory import SavedTensorMeter, state_bytes
+from benchmarks.headline.scaling import (
     BlockCost,
     Link,
     predict_backprop,
@@ -124,8 +122,8 @@ def test_torch_pipelining_peer_gives_the_single_device_loss():
     statistics are per micro-batch) and dropout, the mean of the 4 micro-batch losses is the
     full batch's cross-entropy, and the scaled micro-batch gradients are the full batch's.
     """
-    from peers import build_all
-    from torchpipe import BlockChain, run_torchpipe
+    from benchmarks.headline.peers import build_all
+    from benchmarks.headline.torchpipe import BlockChain, run_torchpipe
 
     cfg = _tiny_config()
     ranks = run_torchpipe(cfg, [2, 2], [("gpipe", 4), ("1f1b", 4)], warmup=0, steps=1,
@@ -159,7 +157,7 @@ def test_cli_hands_every_argument_to_the_script():
 @pytest.mark.parametrize("rule", ["glob", "predsim"])
 def test_single_device_peer_steps_the_engine(rule):
     """Peers (a) and (b) run the engine's training step and count its saved tensors."""
-    from peers import single_device
+    from benchmarks.headline.peers import single_device
 
     cfg = _tiny_config().replace(rule={"name": rule})
     out = single_device(cfg, warmup=1, steps=2)
@@ -167,3 +165,34 @@ def test_single_device_peer_steps_the_engine(rule):
     assert out["throughput(samples/s)"] == pytest.approx(
         2 * cfg.data.batch_size / sum(out["step(s)"]))
     assert out["activation_peak(B)"] > 0
+
+
+def test_help_lists_every_registered_benchmark():
+    import subprocess
+    import sys
+
+    from benchmarks.__main__ import describe
+    from tests.conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    listed = {line.split()[0]: line.split(None, 1)[1] for line in proc.stdout.splitlines()
+              if line.startswith("  ")}
+    assert listed == {name: describe(name) for name in BENCHMARKS}
+    assert all(listed.values())  # every module has a one-line docstring
+
+
+def test_an_unknown_benchmark_names_the_available_ones(capsys):
+    from benchmarks.__main__ import main
+
+    assert main(["no_such_bench"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'no_such_bench'" in err and all(n in err for n in BENCHMARKS)
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_every_registered_benchmark_has_a_main(name):
+    import importlib
+
+    assert callable(importlib.import_module(BENCHMARKS[name]).main)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from benchmarks.cost import block_costs
 from pipelocal.config import load_config
 from pipelocal.models import build_model
-from pipelocal.pipeline.cost import block_costs
 from pipelocal.pipeline.partition import balanced_partition
 
 

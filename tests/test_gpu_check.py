@@ -34,7 +34,7 @@ def test_gpu_check_refuses_without_a_gpu_unless_dry() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is visible")
-    proc = subprocess.run(["python3", "benchmarks/gpu_check.py"], capture_output=True,
+    proc = subprocess.run(["python3", "-m", "benchmarks", "gpu_check"], capture_output=True,
                           text=True, timeout=120, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2 and "--dry-run" in proc.stderr

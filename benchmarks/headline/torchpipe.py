@@ -33,10 +33,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from memory import SavedTensorMeter, peak_rss_mib, state_bytes
-from peers import build_all
 from torch import Tensor, nn
 
+from benchmarks.headline.memory import SavedTensorMeter, peak_rss_mib, state_bytes
+from benchmarks.headline.peers import build_all
 from pipelocal.config import Config
 from pipelocal.engine import LocalBlock
 

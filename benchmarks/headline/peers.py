@@ -1,6 +1,6 @@
 """The single-process peers of the headline benchmark, each run in a fresh process.
 
-    python benchmarks/peers.py SPEC.json OUT.json
+    python -m benchmarks.headline.peers SPEC.json OUT.json
 
 ``SPEC`` is written by ``bench.py``: ``{"task": "single" | "profile", "overrides": [...],
 "threads": T, "warmup": W, "steps": N}``, and for a profile ``"rules", "partition", "glob"``.
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from memory import SavedTensorMeter, peak_rss_mib, state_bytes
 from torch import Tensor
 
+from benchmarks.headline.memory import SavedTensorMeter, peak_rss_mib, state_bytes
 from pipelocal.config import Config, load_config
 from pipelocal.data import load_dataset, make_loaders
 from pipelocal.engine import Engine, LocalBlock, build_blocks

@@ -21,11 +21,11 @@ accuracy of glob on one device and pipelocal with S stages. Writes ``<name>.json
 
 The committed headline result (2-core CPU; see the JSON for the machine and its load):
 
-    python benchmarks/bench.py
+    python -m benchmarks bench
 
 A smoke test (tiny models, one model, writes to /tmp; a few minutes on an idle 2-core CPU):
 
-    python benchmarks/bench.py --quick --models mlp --repeats 2 --out-dir /tmp/bench
+    python -m benchmarks bench --quick --models mlp --repeats 2 --out-dir /tmp/bench
 
 CPU only: every peer runs on the CPU (gloo, torch threads per process); there is no GPU path
 yet (``memory.gpu_memory`` holds the CUDA / NVML read-out for it, not exercised here).
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import (
+from benchmarks.common import (
     MNIST_10K_DIR,
     REPO_ROOT,
     RESULTS_DIR,
@@ -53,12 +53,10 @@ from common import (
     require_mnist_10k,
     write_result,
 )
-
 from pipelocal.config import Config, load_config
 
 __all__ = ["PRESETS", "Preset", "main"]
 
-HERE = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,8 +150,9 @@ class Runner:
             *preset.overrides,
             *args.overrides,
         ]
+        # the checkout's pipelocal and benchmarks package in every child (cwd is REPO_ROOT)
         self.env = {**os.environ,
-                    "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(HERE),
+                    "PYTHONPATH": os.pathsep.join([str(REPO_ROOT),
                                                    os.environ.get("PYTHONPATH", "")])}
 
     def config(self, rule: str, extra: list[str] | None = None) -> Config:
@@ -168,7 +167,8 @@ class Runner:
                 "steps": self.preset.steps, "overrides": [*self.base, f"rule.name={rule!r}"],
                 **spec,
             }))
-            self._run([sys.executable, str(HERE / "peers.py"), str(spec_path), str(out)])
+            self._run([sys.executable, "-m", "benchmarks.headline.peers", str(spec_path),
+                       str(out)])
             return json.loads(out.read_text())
 
     def pipelocal(self, rule: str, name: str, epochs: int, batches: int,
@@ -257,9 +257,8 @@ def _log(msg: str) -> None:
 
 def measure_model(args: argparse.Namespace, name: str, root: Path) -> dict[str, Any]:
     """Every peer of one model, ``--repeats`` times interleaved, and the time-to-accuracy runs."""
-    from analysis import time_to_accuracy
-    from torchpipe import run_torchpipe
-
+    from benchmarks.headline.analysis import time_to_accuracy
+    from benchmarks.headline.torchpipe import run_torchpipe
     from pipelocal.pipeline.partition import balanced_partition
 
     preset = preset_for(name, args.quick)
@@ -322,7 +321,7 @@ def measure_model(args: argparse.Namespace, name: str, root: Path) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from analysis import analyse_model
+    from benchmarks.headline.analysis import analyse_model
 
     args = parse_args(argv)
     require_mnist_10k(args.data_dir, "bench")
@@ -342,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_outputs(args: argparse.Namespace, prov: Provenance, models: dict[str, Any], *,
                   complete: bool) -> Path:
-    from analysis import DEFINITIONS
-    from report import markdown, plot
+    from benchmarks.headline.analysis import DEFINITIONS
+    from benchmarks.headline.report import markdown, plot
 
     # 1-minute load average before the run and now; above ~0.5 other work shared the cores.
     loads = [prov.load_before[0] if prov.load_before else 0.0, os.getloadavg()[0]]

@@ -11,14 +11,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from scaling import (
+from benchmarks.headline.scaling import (
     BlockCost,
     Link,
     predict_backprop,
     predict_pipelocal,
     predict_torchpipe,
 )
-
 from pipelocal.pipeline.partition import stage_ranges
 
 __all__ = ["DEFINITIONS", "analyse_model", "stat", "time_to_accuracy"]

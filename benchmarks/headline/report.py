@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from analysis import MIB, model_memory
-from common import markdown_table
+from benchmarks.common import markdown_table
+from benchmarks.headline.analysis import MIB, model_memory
 
 __all__ = ["markdown", "plot"]
 
