@@ -43,6 +43,7 @@ __all__ = [
     "config_help",
     "config_to_dict",
     "load_config",
+    "upgrade_saved_config",
 ]
 
 
@@ -526,6 +527,33 @@ def _literal_text(value: Any) -> str:
     if isinstance(value, float) and math.isnan(value):
         return "nan"
     return str(value)
+
+
+_ADDED_SINCE = {
+    # (section, key): the value that reproduces how a config written without the key trained
+    ("rule", "top_layers"): "local",  # an auxiliary net on every hidden block
+    ("rule", "infopro_target"): "minmax",
+    ("model", "init"): "pytorch",
+    ("data", "pad_mode"): "zeros",
+    ("schedule", "warmup_epochs"): 0,
+    ("schedule", "warmup_start_lr"): 0.01,  # unused without a warm-up
+}
+"""Keys added to the config tree after checkpoints were written without them, and what those
+checkpoints trained with (the new defaults follow the papers' authors instead)."""
+
+
+def upgrade_saved_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A config read from a checkpoint, with every key added since filled in with the value it
+    trained with, so that resuming or evaluating it changes nothing. A config written before
+    ``data.pad_mode`` existed also predates ``svhn`` meaning the split train only: its
+    ``svhn`` was train + extra, now ``svhn-extra``."""
+    out = {section: dict(values) if isinstance(values, dict) else values
+           for section, values in data.items()}
+    if "pad_mode" not in out.get("data", {}) and out.get("data", {}).get("name") == "svhn":
+        out["data"]["name"] = "svhn-extra"
+    for (section, key), value in _ADDED_SINCE.items():
+        out.setdefault(section, {}).setdefault(key, value)
+    return out
 
 
 def from_dict(data: dict[str, Any]) -> Config:

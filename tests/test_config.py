@@ -305,3 +305,17 @@ def test_config_help_lists_every_key_with_default_and_meaning() -> None:
                          ids=lambda p: p.name)
 def test_every_example_config_is_valid(path: Path) -> None:
     load_config(path)
+
+
+def test_a_saved_config_without_newer_keys_gets_the_values_it_trained_with() -> None:
+    from pipelocal.config import upgrade_saved_config
+
+    old = {"rule": {"name": "auglocal"}, "model": {"name": "resnet32"},
+           "data": {"name": "svhn"}, "schedule": {"name": "cosine"}}
+    new = upgrade_saved_config(old)
+    assert new["rule"]["top_layers"] == "local" and new["rule"]["infopro_target"] == "minmax"
+    assert new["model"]["init"] == "pytorch" and new["schedule"]["warmup_epochs"] == 0
+    assert new["data"] == {"name": "svhn-extra", "pad_mode": "zeros"}  # svhn was train + extra
+    assert old["data"] == {"name": "svhn"}  # the input is left alone
+    current = upgrade_saved_config(config_to_dict(Config()))
+    assert current == config_to_dict(Config())  # a config of this version is unchanged

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 
 import pipelocal.launch as launch_mod
-from pipelocal.checkpoint import block_file, read_manifest
+from pipelocal.checkpoint import block_file, read_manifest, resolve_checkpoint
 from pipelocal.cli import EXIT_INTERRUPTED, EXIT_NONFINITE, main
 from pipelocal.config import ConfigError
 from pipelocal.launch import train
@@ -325,3 +326,22 @@ def test_one_stage_resumes_in_this_process_even_from_a_ray_run(
     out = capsys.readouterr().out
     assert "pipelocal: single process on cpu" in out, out
     assert read_manifest(run)["step"] == 10
+
+
+def test_a_checkpoint_written_before_newer_config_keys_resumes_as_it_trained(
+    tmp_path: Path,
+) -> None:
+    """A manifest whose config predates rule.top_layers, model.init, data.pad_mode, ...: the
+    resume is not refused, and continues with the values the checkpoint trained with."""
+    first = train(tiny_config(tmp_path, "pipeline.stages=1", "run.name=old", "run.max_steps=3"))
+    ckpt = resolve_checkpoint(first["run_dir"])
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for section, key in (("rule", "top_layers"), ("rule", "infopro_target"), ("model", "init"),
+                         ("data", "pad_mode"), ("schedule", "warmup_epochs"),
+                         ("schedule", "warmup_start_lr")):
+        del manifest["config"][section][key]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["train", "--resume", str(first["run_dir"])]) == 0
+    saved = tomllib.loads((Path(first["run_dir"]) / "config.toml").read_text())
+    assert (saved["rule"]["top_layers"], saved["model"]["init"]) == ("local", "pytorch")
+    assert read_manifest(resolve_checkpoint(first["run_dir"]))["step"] == 10

@@ -13,7 +13,13 @@ from typing import Any
 import torch
 
 from pipelocal.checkpoint import read_manifest, resolve_checkpoint, verify_checkpoint
-from pipelocal.config import Config, ConfigError, apply_overrides, from_dict
+from pipelocal.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    upgrade_saved_config,
+)
 from pipelocal.device import configure_determinism, place_stage, visible_gpus
 from pipelocal.engine import Engine, LocalPipe, build_blocks
 from pipelocal.launch.preflight import (
@@ -117,7 +123,8 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict[str, Any
     from pipelocal.data import load_dataset, make_loaders
 
     ckpt = resolve_checkpoint(path)
-    cfg = from_dict(apply_overrides(read_manifest(ckpt)["config"], overrides))
+    cfg = from_dict(apply_overrides(upgrade_saved_config(read_manifest(ckpt)["config"]),
+                                    overrides))
     dataset = load_dataset(cfg.data)
     setup = Setup(cfg, tuple(dataset.in_shape), dataset.num_classes, ckpt, resume=ckpt)
     engine = _engine(setup)

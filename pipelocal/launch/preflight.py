@@ -33,6 +33,7 @@ from pipelocal.config import (
     config_to_dict,
     from_dict,
     to_toml,
+    upgrade_saved_config,
 )
 from pipelocal.data import Dataset, load_dataset
 from pipelocal.device import auto_stages, check_bf16, cpu_threads, place_stage, visible_gpus
@@ -73,7 +74,7 @@ _FEED_ONLY = {("data", "prefetch"), ("data", "on_device")}
 
 def check_resume(cfg: Config, manifest: dict[str, Any]) -> None:
     """A resumed run trains the same model the same way; only pipeline/run plumbing may change."""
-    saved, now = manifest["config"], config_to_dict(cfg)
+    saved, now = upgrade_saved_config(manifest["config"]), config_to_dict(cfg)
     diffs = [
         f"{section}.{key}: checkpoint {saved[section].get(key)!r}, now {value!r}"
         for section in _MATCHING_SECTIONS
@@ -98,7 +99,7 @@ def resume_config(manifest: dict[str, Any], overrides: list[str]) -> Config:
     chosen again for the new stage count. An explicit one stays unless overridden. A run
     that ``run.max_steps`` stopped continues (to run.epochs, or to a new max_steps).
     """
-    saved = manifest["config"]
+    saved = upgrade_saved_config(manifest["config"])
     if manifest.get("partition_auto"):
         saved = _with(saved, "pipeline", "partition", [])
     if 0 < saved["run"].get("max_steps", 0) <= manifest["step"]:  # stopped by it: go on
