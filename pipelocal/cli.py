@@ -37,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipelocal.checkpoint import read_manifest
     from pipelocal.launch import train
     from pipelocal.launch.preflight import resume_config
-    from pipelocal.trainer import install_stop_handlers
+    from pipelocal.stop import install_stop_handlers
 
     install_stop_handlers()  # first Ctrl-C / SIGTERM: checkpoint at the current step, then stop
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ import pytest
 
 from pipelocal.config import ConfigError
 from pipelocal.launch import PipelineError, train
-from pipelocal.pipeline.stage import FAULT_ENV
+from pipelocal.pipeline.faults import FAULT_ENV
 from tests.conftest import (
     RAY_CPUS,
     REPO,

@@ -14,9 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipelocal"
 
 # Bottom to top. A module may import from its own layer and the layers below, never above.
 _LAYERS = [
-    {"registry", "checkpoint", "metrics", "plot", "cuda_ops"},
+    {"registry", "checkpoint", "metrics", "plot", "cuda_ops", "stop"},
     {"config"},
-    {"data", "models", "device", "recipes"},
+    {"data", "models", "device", "recipes", "optim"},
     {"rules", "setup"},
     {"engine", "trainer"},
     {"pipeline"},

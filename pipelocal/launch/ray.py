@@ -57,7 +57,7 @@ from pipelocal.launch.spawn import Interrupted, PipelineError
 from pipelocal.pipeline.stage import Stage
 from pipelocal.pipeline.worker import run_rank
 from pipelocal.setup import Setup
-from pipelocal.trainer import clear_stop, request_stop, stop_requested
+from pipelocal.stop import clear_stop, request_stop, stop_requested
 
 __all__ = ["ACTOR_PREFIX", "StageActor", "ray_train", "start_local"]
 
