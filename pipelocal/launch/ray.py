@@ -1,4 +1,4 @@
-"""``pipelocal train --backend ray``: each stage is a Ray actor; this process supervises them.
+"""``pipelocal train --launcher ray``: each stage is a Ray actor; this process supervises them.
 
     driver (this process)                      actor r (one per stage, in a placement group)
       validate, partition, run directory         ----------------------------------------

@@ -17,14 +17,9 @@ __all__ = [
     "RULES",
     "LocalRule",
     "RuleContext",
-    "available_rules",
     "build_rule",
     "end_to_end_top",
 ]
-
-
-def available_rules() -> list[str]:
-    return RULES.names()
 
 
 def build_rule(
