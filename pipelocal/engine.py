@@ -96,7 +96,7 @@ class LocalBlock(nn.Module):
             self.body = spec.make()
             self.rule: LocalRule | None = None
             if spec.kind != "output" and (top is None or rule_cls.is_global):
-                shape = spec.wire_shape if rule_cls.on_wire else spec.out_shape
+                shape = spec.wire_shape if rule_cls.classifier_reads_passed_on else spec.out_shape
                 self.rule = build_rule(shape, num_classes, rule, context)
             self.init = rule_cls.authors_init if init == "auto" else init
             if self.init == "he-normal":
@@ -108,7 +108,7 @@ class LocalBlock(nn.Module):
             # The authors zero the output layer's weight whenever the hidden layers learn locally.
             nn.init.zeros_([m for m in self.body.modules() if isinstance(m, nn.Linear)][-1].weight)
         self.output_scale = rule_cls.output_loss_scale(rule) if spec.kind == "output" else 1.0
-        self.on_wire = rule_cls.on_wire
+        self.classifier_reads_passed_on = rule_cls.classifier_reads_passed_on
         self.device = torch.device(device)
         self.to(self.device)
         self.generator = torch.Generator(device=self.device)
@@ -139,7 +139,7 @@ class LocalBlock(nn.Module):
     @property
     def needs_image(self) -> bool:
         """True if the rule's loss also needs the model's input image (InfoPro)."""
-        return getattr(self.rule, "needs_image", False)
+        return self.rule is not None and self.rule.needs_image
 
     def local_loss(
         self, h: Tensor, y: Tensor, image: Tensor | None = None
@@ -201,14 +201,14 @@ class LocalBlock(nn.Module):
         self.train(True)
         with self.autocast():  # forward and loss; backward runs outside, as autocast wants
             h = self(x)
-            if self.on_wire:  # the classifier reads the passed-on (dropped, pooled) activation
+            if self.classifier_reads_passed_on:  # dropped and pooled, as it is passed on
                 h = self.pass_on(h)
             loss, scores = self.local_loss(h, y, image)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.record(loss, scores, y)
-        return h.detach() if self.on_wire else self.pass_on(h.detach())
+        return h.detach() if self.classifier_reads_passed_on else self.pass_on(h.detach())
 
     @torch.no_grad()
     def eval_step(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -218,7 +218,7 @@ class LocalBlock(nn.Module):
             out = self.pass_on(h)
             if self.rule is None:
                 return out, h if self.is_output else None
-            return out, self.rule.logits(out if self.on_wire else h)
+            return out, self.rule.logits(out if self.classifier_reads_passed_on else h)
 
     # ------------------------------------------------------------------ statistics
 
@@ -310,8 +310,7 @@ def build_blocks(
     device: torch.device | str,
 ) -> list[LocalBlock]:
     """Build blocks ``indices`` of the model; block i is the same whichever process builds it."""
-    stats = dataset_stats(cfg.data) if getattr(RULES.get(cfg.rule.name), "needs_image",
-                                               False) else None
+    stats = dataset_stats(cfg.data) if RULES.get(cfg.rule.name).needs_image else None
     top = end_to_end_top(cfg.rule, len(specs))
     return [
         LocalBlock(

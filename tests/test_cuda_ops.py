@@ -142,10 +142,10 @@ def test_forward_and_loss_under_cuda_autocast(
                 block.train(True)
                 block.generator = None  # a CPU generator cannot draw on (fake) CUDA tensors
                 h = block(x.float())
-                if block.on_wire:
+                if block.classifier_reads_passed_on:
                     h = block.pass_on(h)
                 loss, _ = block.local_loss(h, y, image)
-                x = h.detach() if block.on_wire else block.pass_on(h.detach())
+                x = h.detach() if block.classifier_reads_passed_on else block.pass_on(h.detach())
             assert loss.dtype == torch.float32 and loss.device.type == "cuda", block.spec.name
             assert rec.nondeterministic == [] and rec.syncs == [], block.spec.name
 

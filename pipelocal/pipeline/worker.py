@@ -46,7 +46,7 @@ def wire_dtype(cfg: Config) -> torch.dtype:
 
 
 def _needs_image(cfg: Config) -> bool:
-    return bool(getattr(RULES.get(cfg.rule.name), "needs_image", False))
+    return RULES.get(cfg.rule.name).needs_image
 
 
 def configure_rank(
