@@ -19,11 +19,13 @@ from pipelocal.config import Config
 from pipelocal.engine import LocalBlock, build_blocks
 from pipelocal.models import BlockSpec
 
-__all__ = ["BlockCost", "block_costs", "forward_macs"]
+__all__ = ["BlockMacs", "block_costs", "forward_macs"]
 
 
 @dataclass(frozen=True)
-class BlockCost:
+class BlockMacs:
+    """A block's arithmetic cost in MACs per sample (benchmarks' ``BlockCost`` is seconds)."""
+
     name: str
     body_macs: int
     """MACs of the block's body on one sample (forward)."""
@@ -64,17 +66,17 @@ def forward_macs(module: nn.Module | None, run: Callable[[], object]) -> int:
 
 
 @torch.no_grad()
-def _block_cost(block: LocalBlock, x: Tensor, y: Tensor, image: Tensor) -> tuple[BlockCost, Tensor]:
+def _block_cost(block: LocalBlock, x: Tensor, y: Tensor, image: Tensor) -> tuple[BlockMacs, Tensor]:
     block.train(True)
     out: list[Tensor] = []
     body = forward_macs(block.body, lambda: out.append(block.body(x)))
     h = out[0]
     rule = forward_macs(block.rule, lambda: block.local_loss(h, y, image))
     b = x.shape[0]
-    return BlockCost(block.spec.name, body // b, rule // b), block.pass_on(h)
+    return BlockMacs(block.spec.name, body // b, rule // b), block.pass_on(h)
 
 
-def block_costs(cfg: Config, specs: Sequence[BlockSpec], num_classes: int) -> list[BlockCost]:
+def block_costs(cfg: Config, specs: Sequence[BlockSpec], num_classes: int) -> list[BlockMacs]:
     """Per-sample MACs of every block (body, rule) for the model as configured, on the CPU."""
     blocks = build_blocks(cfg, specs, num_classes, range(len(specs)), "cpu")
     gen = torch.Generator().manual_seed(0)

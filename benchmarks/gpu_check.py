@@ -39,7 +39,7 @@ from pipelocal.device import configure_determinism
 from pipelocal.engine import Engine, build_blocks
 from pipelocal.launch import train
 from pipelocal.models import build_model
-from pipelocal.rules import available_rules
+from pipelocal.rules import RULES
 
 __all__ = ["main"]
 
@@ -110,7 +110,7 @@ class Check:
 
     def rules(self) -> dict[str, Any]:
         raised: dict[str, str] = {}
-        for rule in available_rules():
+        for rule in RULES.names():
             cfg = self.cfg(f"rule-{rule}", f"rule.name={rule}", *_RULE_MODEL.get(rule, []))
             try:
                 engine, batch = _engine(cfg, self.device, batch_size=16)
@@ -121,7 +121,7 @@ class Check:
                 raise
             except Exception as exc:
                 raised[rule] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-        return {"ok": not raised, "rules": available_rules(), "raised": raised}
+        return {"ok": not raised, "rules": RULES.names(), "raised": raised}
 
     def host_sync(self) -> dict[str, Any]:
         engine, batch = _engine(self.cfg("sync"), self.device, batch_size=64)

@@ -1,4 +1,4 @@
-"""Entry point for ``ray submit``: run ``pipelocal train --backend ray ARGS`` on the cluster's
+"""Entry point for ``ray submit``: run ``pipelocal train --launcher ray ARGS`` on the cluster's
 head node, as the driver of the cluster Ray already runs there.
 
     ray submit launch/ray_cluster.yaml launch/ray_train.py --stages 3 --set run.epochs=5
@@ -17,4 +17,4 @@ from pipelocal.cli import main
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_ADDRESS", "auto")  # the cluster on this node, never a new one
-    sys.exit(main(["train", "--backend", "ray", *sys.argv[1:]]))
+    sys.exit(main(["train", "--launcher", "ray", *sys.argv[1:]]))

@@ -9,7 +9,7 @@
     pipelocal plot runs/NAME                          # learning curves -> runs/NAME/curves.png
     torchrun --nproc-per-node 4 -m pipelocal train --config my.toml   # one rank per stage
     pipelocal bench --models mlp                      # the headline benchmark (source checkout)
-    pipelocal train --backend ray --stages 3          # one Ray actor per stage
+    pipelocal train --launcher ray --stages 3         # one Ray actor per stage
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipelocal.checkpoint import read_manifest
     from pipelocal.launch import train
     from pipelocal.launch.preflight import resume_config
-    from pipelocal.trainer import install_stop_handlers
+    from pipelocal.stop import install_stop_handlers
 
     install_stop_handlers()  # first Ctrl-C / SIGTERM: checkpoint at the current step, then stop
     t0 = time.perf_counter()
@@ -86,16 +86,16 @@ def _dry_run(cfg: Config, resume: str | None) -> int:
 
 
 def _train_flags(args: argparse.Namespace) -> list[str]:
-    """--stages, --backend and --overwrite as overrides (they win over --set, like any flag).
+    """--stages, --launcher and --overwrite as overrides (they win over --set, like any flag).
 
-    ``--stages 1`` without ``--backend`` runs in this process, whatever launcher the config
+    ``--stages 1`` without ``--launcher`` runs in this process, whatever launcher the config
     or the resumed checkpoint names (a Ray run resumed on one stage starts no Ray).
     """
     flags = [f"pipeline.stages={args.stages}"] if args.stages else []
-    if args.stages == 1 and not args.backend:
+    if args.stages == 1 and not args.launcher:
         flags.append("pipeline.launcher=spawn")
     flags += ["run.resume=overwrite"] if args.overwrite else []
-    return flags + ([f"pipeline.launcher={args.backend}"] if args.backend else [])
+    return flags + ([f"pipeline.launcher={args.launcher}"] if args.launcher else [])
 
 
 def _print_result(result: dict[str, Any], *, wall_s: float) -> None:
@@ -155,12 +155,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     if args.command == "models":
-        from pipelocal.models import available_models as names
+        from pipelocal.models import MODELS as registry
     elif args.command == "rules":
-        from pipelocal.rules import available_rules as names
+        from pipelocal.rules import RULES as registry
     else:
-        from pipelocal.data import available_datasets as names
-    print("\n".join(names()))
+        from pipelocal.data import DATASETS as registry
+    print("\n".join(registry.names()))
     return 0
 
 
@@ -230,7 +230,7 @@ def _parser() -> argparse.ArgumentParser:
     with_config(t)
     t.add_argument("--stages", type=int,
                    help="pipeline stages (= pipeline.stages); 1 runs in this process unless "
-                        "--backend ray is given too")
+                        "--launcher ray is given too")
     t.add_argument("--resume", help="run directory or checkpoint to continue from")
     t.add_argument("--overwrite", action="store_true",
                    help="run.name names a directory holding an earlier run: delete it and "
@@ -238,9 +238,12 @@ def _parser() -> argparse.ArgumentParser:
                         "refused)")
     t.add_argument("--dry-run", action="store_true",
                    help="validate config, partition and stage shapes, then exit without training")
-    t.add_argument("--backend", choices=("spawn", "ray"),
+    t.add_argument("--launcher", choices=("spawn", "ray"),
                    help="where the stages run: processes started here (spawn) or Ray actors "
                         "(ray); = pipeline.launcher")
+    t.add_argument("--backend", choices=("spawn", "ray"), dest="launcher",
+                   help="deprecated alias of --launcher (the process-group backend, gloo or "
+                        "NCCL, follows the device)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="test accuracy of a checkpoint (single process)")

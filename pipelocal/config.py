@@ -25,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from pipelocal.registry import registered_names
+from pipelocal.registry import Registry
 
 __all__ = [
     "AUGMENTATIONS",
@@ -95,7 +95,7 @@ class ModelConfig:
     auto = the rule's authors' choice (he-normal for auglocal, dgl, infopro; else pytorch)."""
 
     def __post_init__(self) -> None:
-        _check_name("model.name", self.name, registered_names("model"))
+        _check_name("model.name", self.name, Registry.of("model").names())
         _check(self.width > 0, "model.width", self.width, "a multiplier > 0")
         _check(self.hidden >= 1, "model.hidden", self.hidden, "an integer >= 1")
         _check(self.depth >= 1, "model.depth", self.depth, "an integer >= 1")
@@ -153,7 +153,7 @@ class DataConfig:
     augmentation, normalisation) there; on CPU this changes nothing."""
 
     def __post_init__(self) -> None:
-        _check_name("data.name", self.name, registered_names("dataset"))
+        _check_name("data.name", self.name, Registry.of("dataset").names())
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
         _check(
             self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, ">= 1"
@@ -226,7 +226,7 @@ class RuleConfig:
     std sqrt(2 / (fan_in + fan_out)) (Mostafa et al. 2018, eq. 7; gaussian = their GI)."""
 
     def __post_init__(self) -> None:
-        _check_name("rule.name", self.name, registered_names("rule"))
+        _check_name("rule.name", self.name, Registry.of("rule").names())
         _check(self.aux_depth >= 1, "rule.aux_depth", self.aux_depth, "an integer >= 1")
         _check(0.0 <= self.pyramid_tau <= 1.0, "rule.pyramid_tau", self.pyramid_tau,
                "0 <= tau <= 1")
@@ -342,7 +342,7 @@ class PipelineConfig:
     """plan / automatic partition: per-stage memory cap in GiB (0 = none)."""
     launcher: Literal["spawn", "ray"] = "spawn"
     """Where the stages run: spawn = processes started here; ray = Ray actors (section [ray]);
-    ``pipelocal train --backend`` sets it. Under torchrun, torchrun's processes are the stages."""
+    ``pipelocal train --launcher`` sets it. Under torchrun, torchrun's processes are the stages."""
 
     def __post_init__(self) -> None:
         _check(self.stages >= 0, "pipeline.stages", self.stages, "an integer >= 0 (0 = auto)")

@@ -8,16 +8,12 @@ every pipeline stage run the very same ``train_step`` and get bit-identical resu
 :class:`Engine` is a contiguous run of blocks trained in order. With all blocks it is the
 reference every pipelined run must reproduce bit for bit; each pipeline stage runs one of these
 over its own slice of blocks. For each minibatch and each block in order: forward, local loss,
-backward, optimiser step, pass the detached output on. :class:`LocalPipe` is the whole model in
-this process, as the trainer drives it when ``pipeline.stages = 1``.
+backward, optimiser step, pass the detached output on.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import math
-import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,21 +31,18 @@ from pipelocal.checkpoint import (
 )
 from pipelocal.config import Config, OptimConfig, RuleConfig, ScheduleConfig
 from pipelocal.data import dataset_stats
-from pipelocal.device import StepTimer, epoch_stats, reset_memory_stats
 from pipelocal.models import BlockSpec
 from pipelocal.models.init import he_normal_
+from pipelocal.optim import build_optimizer, learning_rate
 from pipelocal.rules import RULES, LocalRule, RuleContext, build_rule, end_to_end_top
 from pipelocal.rules.fa import feedback_align
 
 __all__ = [
     "Engine",
     "LocalBlock",
-    "LocalPipe",
     "block_seed",
     "build_blocks",
     "eval_pieces",
-    "learning_rate",
-    "lr_factor",
     "train_end_to_end",
 ]
 
@@ -60,49 +53,6 @@ _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 def block_seed(run_seed: int, index: int) -> int:
     """Seed of block ``index``'s initialisation and dropout, independent of every other block."""
     return (run_seed * 1_000_003 + 7919 * (index + 1)) % (2**63)
-
-
-def lr_factor(cfg: ScheduleConfig, epoch: int, epochs: int) -> float:
-    """Learning-rate multiplier for ``epoch`` (0-based) of ``epochs``.
-
-    step: x gamma at each milestone: ``milestone_epochs`` if given, applied as the authors do
-    (``bisect_right(milestones, epoch)``, with their 1-based epoch - 1 = our 0-based epoch),
-    else the fractions ``milestones`` of training (the paper: x0.25 at 50/75/89/94%);
-    cosine: half a cosine from 1 to 0 over training; constant: 1.
-    """
-    if cfg.name == "step":
-        if cfg.milestone_epochs:
-            return cfg.gamma ** bisect.bisect_right(cfg.milestone_epochs, epoch)
-        passed = sum(epoch >= max(1, round(m * epochs)) for m in cfg.milestones)  # never epoch 0
-        return cfg.gamma**passed
-    if cfg.name == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-    return 1.0
-
-
-def learning_rate(cfg: ScheduleConfig, base_lr: float, epoch: int, epochs: int) -> float:
-    """The learning rate of ``epoch`` (0-based) of ``epochs``, for ``base_lr`` = optim.lr.
-
-    With ``warmup_epochs`` = W > 0 (cosine only) the AugLocal authors' ``adjust_learning_rate``
-    term for term, on their 1-based epoch e = epoch + 1: cos(e) = base_lr / 2 (1 + cos(pi e /
-    E)); e <= W: cos(e) (e - 1) / W + start (W + 1 - e) / W. Else ``base_lr * lr_factor``.
-    """
-    if cfg.name != "cosine" or cfg.warmup_epochs == 0:
-        return base_lr * lr_factor(cfg, epoch, epochs)
-    e, w = epoch + 1, cfg.warmup_epochs
-    lr = 0.5 * base_lr * (1 + math.cos(math.pi * e / epochs))
-    if e <= w:
-        lr = lr * (e - 1) / w + cfg.warmup_start_lr * (w + 1 - e) / w
-    return lr
-
-
-def _optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-            weight_decay=cfg.weight_decay,
-        )
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class LocalBlock(nn.Module):
@@ -146,7 +96,7 @@ class LocalBlock(nn.Module):
             self.body = spec.make()
             self.rule: LocalRule | None = None
             if spec.kind != "output" and (top is None or rule_cls.is_global):
-                shape = spec.wire_shape if rule_cls.on_wire else spec.out_shape
+                shape = spec.wire_shape if rule_cls.classifier_reads_passed_on else spec.out_shape
                 self.rule = build_rule(shape, num_classes, rule, context)
             self.init = rule_cls.authors_init if init == "auto" else init
             if self.init == "he-normal":
@@ -158,12 +108,12 @@ class LocalBlock(nn.Module):
             # The authors zero the output layer's weight whenever the hidden layers learn locally.
             nn.init.zeros_([m for m in self.body.modules() if isinstance(m, nn.Linear)][-1].weight)
         self.output_scale = rule_cls.output_loss_scale(rule) if spec.kind == "output" else 1.0
-        self.on_wire = rule_cls.on_wire
+        self.classifier_reads_passed_on = rule_cls.classifier_reads_passed_on
         self.device = torch.device(device)
         self.to(self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed_i + 1)  # dropout masks
-        self.optimizer = _optimizer([p for p in self.parameters() if p.requires_grad], optim)
+        self.optimizer = build_optimizer([p for p in self.parameters() if p.requires_grad], optim)
         self.epoch = -1
         self._reset_stats()
 
@@ -189,7 +139,7 @@ class LocalBlock(nn.Module):
     @property
     def needs_image(self) -> bool:
         """True if the rule's loss also needs the model's input image (InfoPro)."""
-        return getattr(self.rule, "needs_image", False)
+        return self.rule is not None and self.rule.needs_image
 
     def local_loss(
         self, h: Tensor, y: Tensor, image: Tensor | None = None
@@ -251,14 +201,14 @@ class LocalBlock(nn.Module):
         self.train(True)
         with self.autocast():  # forward and loss; backward runs outside, as autocast wants
             h = self(x)
-            if self.on_wire:  # the classifier reads the passed-on (dropped, pooled) activation
+            if self.classifier_reads_passed_on:  # dropped and pooled, as it is passed on
                 h = self.pass_on(h)
             loss, scores = self.local_loss(h, y, image)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.record(loss, scores, y)
-        return h.detach() if self.on_wire else self.pass_on(h.detach())
+        return h.detach() if self.classifier_reads_passed_on else self.pass_on(h.detach())
 
     @torch.no_grad()
     def eval_step(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -268,7 +218,7 @@ class LocalBlock(nn.Module):
             out = self.pass_on(h)
             if self.rule is None:
                 return out, h if self.is_output else None
-            return out, self.rule.logits(out if self.on_wire else h)
+            return out, self.rule.logits(out if self.classifier_reads_passed_on else h)
 
     # ------------------------------------------------------------------ statistics
 
@@ -360,8 +310,7 @@ def build_blocks(
     device: torch.device | str,
 ) -> list[LocalBlock]:
     """Build blocks ``indices`` of the model; block i is the same whichever process builds it."""
-    stats = dataset_stats(cfg.data) if getattr(RULES.get(cfg.rule.name), "needs_image",
-                                               False) else None
+    stats = dataset_stats(cfg.data) if RULES.get(cfg.rule.name).needs_image else None
     top = end_to_end_top(cfg.rule, len(specs))
     return [
         LocalBlock(
@@ -523,53 +472,3 @@ def eval_pieces(x: Tensor, y: Tensor, size: int) -> Iterator[tuple[Tensor, Tenso
     one piece size keeps GPU results equal between one process and a pipeline."""
     for start in range(0, y.numel(), size):
         yield x[start:start + size], y[start:start + size]
-
-
-class LocalPipe:
-    """The whole model in this process: what the trainer drives when pipeline.stages = 1.
-
-    It records the epoch figures a pipeline stage records (compute time, peak memory), under
-    ``stage0/``; evaluation runs in pieces of ``eval_piece`` rows (:func:`eval_pieces`).
-    """
-
-    num_stages = 1
-
-    def __init__(self, engine: Engine, *, eval_piece: int) -> None:
-        self.engine, self.eval_piece = engine, eval_piece
-        self.device = engine.device
-        self._timer = StepTimer(self.device)
-        self._reset()
-
-    def _reset(self) -> None:
-        self._samples, self._t_start = 0, None
-        self._timer.pop_seconds()
-        reset_memory_stats(self.device)
-
-    def train_batch(self, step: int, epoch: int, x: Tensor, y: Tensor) -> None:
-        if self._t_start is None:
-            self._t_start = time.perf_counter()
-        self._timer.start()
-        self.engine.train_batch(x, y, epoch)
-        self._timer.stop()
-        self._samples += int(y.shape[0])
-
-    def eval_batch(self, x: Tensor, y: Tensor) -> None:
-        for px, py in eval_pieces(x, y, self.eval_piece):
-            self.engine.eval_batch(px, py)
-
-    def end_epoch(self, epoch: int) -> list[dict[str, Any]]:
-        stats = {"stage": 0, "blocks": self.engine.pop_train_stats(),
-                 **epoch_stats(self._timer, self._t_start, self._samples, self.device)}
-        self._reset()
-        return [stats]
-
-    def end_eval(self) -> dict[int, dict[str, int]]:
-        stats = self.engine.pop_eval_stats()
-        self._reset()  # epoch figures cover training only
-        return stats
-
-    def checkpoint(self, ckpt: Path, step: int) -> dict[str, str]:
-        return self.engine.save(ckpt)
-
-    def close(self) -> None:
-        pass

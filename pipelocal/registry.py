@@ -1,7 +1,7 @@
 """A name -> factory registry, used for rules, models and datasets alike.
 
 Every registry is also indexed by its kind, so that the config (which sits below the packages
-that fill the registries) can check a name with :func:`registered_names` without importing
+that fill the registries) can list a kind's names, ``Registry.of(kind).names()``, without importing
 them. ``pipelocal/__init__.py`` imports those packages, so the registries are full before any
 config is built.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-__all__ = ["Registry", "UnknownNameError", "registered_names"]
+__all__ = ["Registry", "UnknownNameError"]
 
 T = TypeVar("T")
 
@@ -53,15 +53,16 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        """The registered names, sorted: the one listing the CLI, the docs and the tests use."""
         return sorted(self._items)
 
-
-def registered_names(kind: str) -> list[str]:
-    """The names registered in the registry of ``kind`` ("rule", "model", "dataset")."""
-    try:
-        return _BY_KIND[kind].names()
-    except KeyError:
-        raise RuntimeError(
-            f"no registry of {kind}s: import pipelocal (its __init__ imports the packages that "
-            "fill the registries) before building a config"
-        ) from None
+    @staticmethod
+    def of(kind: str) -> Registry:
+        """The registry of ``kind`` ("rule", "model", "dataset")."""
+        try:
+            return _BY_KIND[kind]
+        except KeyError:
+            raise RuntimeError(
+                f"no registry of {kind}s: import pipelocal (its __init__ imports the packages "
+                "that fill the registries) before building a config"
+            ) from None

@@ -1,9 +1,9 @@
 """The coordinator: the one training loop of a run (epochs, data feeding, evaluation, metrics,
 checkpoints), in the single process or on rank 0 of a pipeline.
 
-It drives a *pipe*: the whole model in this process (:class:`~pipelocal.engine.LocalPipe`) or
+It drives a *pipe*: the whole model in this process (:class:`~pipelocal.pipeline.pipe.LocalPipe`) or
 stage 0 of a pipeline whose other stages live in other processes
-(:class:`~pipelocal.pipeline.stage.DistPipe`). The loop is the same for both, which is
+(:class:`~pipelocal.pipeline.pipe.DistPipe`). The loop is the same for both, which is
 why a pipelined run reproduces the single-process one exactly. :func:`build_trainer` wires it
 (data, loaders, metrics, the run's first line) for every launcher.
 """
@@ -11,8 +11,6 @@ why a pipelined run reproduces the single-process one exactly. :func:`build_trai
 from __future__ import annotations
 
 import os
-import signal
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,75 +33,18 @@ from pipelocal.data.loader import epoch_batches
 from pipelocal.metrics import Metrics
 from pipelocal.models import BlockSpec
 from pipelocal.setup import Position, Setup
+from pipelocal.stop import stop_requested
 
 __all__ = [
     "NonFiniteLoss",
     "Pipe",
     "Trainer",
     "build_trainer",
-    "clear_stop",
-    "install_stop_handlers",
-    "request_stop",
-    "stop_requested",
-    "watch_stop_file",
 ]
 
 class NonFiniteLoss(RuntimeError):
     """A block's loss became NaN or Inf; the message names the block, the step and the last
     good checkpoint (``run.allow_nonfinite = true`` trains on regardless)."""
-
-
-_STOP = threading.Event()
-_STOP_FILE: list[Path] = []  # set by a supervising launcher that cannot signal us safely
-
-
-def request_stop() -> None:
-    """Ask the training loop to checkpoint and stop after the current step."""
-    _STOP.set()
-
-
-def clear_stop() -> None:
-    """A new run starts: forget an earlier run's stop request and stop file."""
-    _STOP.clear()
-    _STOP_FILE.clear()
-
-
-def watch_stop_file(path: Path) -> None:
-    """Also stop once ``path`` exists (how the spawn supervisor forwards Ctrl-C / SIGTERM)."""
-    _STOP_FILE[:] = [Path(path)]
-
-
-def stop_requested() -> bool:
-    if not _STOP.is_set() and _STOP_FILE and _STOP_FILE[0].exists():  # one stat() per batch
-        _STOP.set()
-    return _STOP.is_set()
-
-
-def install_stop_handlers(*, announce: bool = True, same_within_s: float = 0.0) -> None:
-    """SIGINT (Ctrl-C) and SIGTERM (Slurm, Kubernetes, docker stop): checkpoint at the current
-    step, then stop; a second one stops at once.
-
-    ``announce``: print the notice (one process of a job does). ``same_within_s``: a second
-    signal this soon after the first is the same request, forwarded (torchrun's agent passes on
-    the signal that the terminal or Slurm also sent to every process).
-    """
-    first: list[float] = []
-
-    def handler(signum: int, frame: Any) -> None:
-        if _STOP.is_set():
-            if first and time.monotonic() - first[0] < same_within_s:
-                return
-            raise KeyboardInterrupt
-        first.append(time.monotonic())
-        if announce:
-            name = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
-            print(f"\n{name}: writing a checkpoint, then stopping (Ctrl-C again to abort)",
-                  flush=True)
-        _STOP.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
 
 
 class Pipe(Protocol):

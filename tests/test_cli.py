@@ -12,9 +12,9 @@ import pytest
 
 from pipelocal.cli import main
 from pipelocal.config import load_config
-from pipelocal.data import available_datasets
-from pipelocal.models import available_models
-from pipelocal.rules import available_rules
+from pipelocal.data import DATASETS
+from pipelocal.models import MODELS
+from pipelocal.rules import RULES
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +27,7 @@ def _restore_sigint() -> Iterator[None]:
 
 @pytest.mark.parametrize(
     ("command", "names"),
-    [("models", available_models), ("rules", available_rules), ("datasets", available_datasets)],
+    [("models", MODELS.names), ("rules", RULES.names), ("datasets", DATASETS.names)],
 )
 def test_lists_the_registries(command: str, names, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([command]) == 0
@@ -192,7 +192,7 @@ def test_train_help_gives_the_single_process_thread_default_and_why(
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "run.threads = 1 torch threads of the single-process engine" in out, out
-    assert "spin-wait" in out and "--backend ray is given too" in out and "--overwrite" in out
+    assert "spin-wait" in out and "--launcher ray is given too" in out and "--overwrite" in out
 
 
 def test_resume_and_overwrite_together_are_refused(
@@ -200,3 +200,12 @@ def test_resume_and_overwrite_together_are_refused(
 ) -> None:
     assert main(["train", "--resume", str(tmp_path), "--overwrite"]) == 2
     assert "--overwrite replaces one; pass one of them" in capsys.readouterr().err
+
+
+def test_backend_is_a_deprecated_alias_of_launcher() -> None:
+    from pipelocal.cli import _parser, _train_flags
+
+    new = _parser().parse_args(["train", "--launcher", "ray", "--stages", "2"])
+    old = _parser().parse_args(["train", "--backend", "ray", "--stages", "2"])
+    assert _train_flags(old) == _train_flags(new) == ["pipeline.stages=2",
+                                                      "pipeline.launcher=ray"]

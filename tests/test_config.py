@@ -18,9 +18,9 @@ from pipelocal.config import (
     load_config,
     to_toml,
 )
-from pipelocal.data import available_datasets
-from pipelocal.models import available_models
-from pipelocal.rules import available_rules
+from pipelocal.data import DATASETS
+from pipelocal.models import MODELS
+from pipelocal.rules import RULES
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -202,7 +202,7 @@ def test_impossible_values(overrides: list[str], key: str, value: str, accepted:
 
 @pytest.mark.parametrize(
     ("section", "available"),
-    [("model", available_models), ("rule", available_rules), ("data", available_datasets)],
+    [("model", MODELS.names), ("rule", RULES.names), ("data", DATASETS.names)],
 )
 def test_unknown_registered_name_lists_the_registry(section: str, available) -> None:
     with pytest.raises(ConfigError) as err:

@@ -24,8 +24,8 @@ from pipelocal.cuda_ops import (
     fake_cuda_autocast,
 )
 from pipelocal.engine import Engine, LocalBlock, build_blocks
-from pipelocal.models import available_models, build_model
-from pipelocal.rules import RULES, available_rules
+from pipelocal.models import MODELS, build_model
+from pipelocal.rules import RULES
 from tests.test_models import CASES
 
 NUM_CLASSES = 10
@@ -36,9 +36,9 @@ _RULE_MODELS = ("cnn", "mlp", "resnet20")
 
 
 def _cases() -> list:
-    pairs = {(rule, model) for rule in available_rules() for model in _RULE_MODELS}
-    pairs |= {("predsim", model) for model in available_models()}
-    pairs |= {("glob", model) for model in available_models()}
+    pairs = {(rule, model) for rule in RULES.names() for model in _RULE_MODELS}
+    pairs |= {("predsim", model) for model in MODELS.names()}
+    pairs |= {("glob", model) for model in MODELS.names()}
     return [pytest.param(r, m, id=f"{r}-{m}") for r, m in sorted(pairs)]
 
 
@@ -142,16 +142,16 @@ def test_forward_and_loss_under_cuda_autocast(
                 block.train(True)
                 block.generator = None  # a CPU generator cannot draw on (fake) CUDA tensors
                 h = block(x.float())
-                if block.on_wire:
+                if block.classifier_reads_passed_on:
                     h = block.pass_on(h)
                 loss, _ = block.local_loss(h, y, image)
-                x = h.detach() if block.on_wire else block.pass_on(h.detach())
+                x = h.detach() if block.classifier_reads_passed_on else block.pass_on(h.detach())
             assert loss.dtype == torch.float32 and loss.device.type == "cuda", block.spec.name
             assert rec.nondeterministic == [] and rec.syncs == [], block.spec.name
 
 
 def test_every_rule_is_audited() -> None:
     audited = {p.values[0] for p in _cases()}
-    assert audited == set(available_rules()) == set(RULES.names())
-    assert {p.values[1] for p in _cases()} == set(available_models())
+    assert audited == set(RULES.names())
+    assert {p.values[1] for p in _cases()} == set(MODELS.names())
 

@@ -22,12 +22,12 @@ import torch
 
 from pipelocal.config import ConfigError, DataConfig, load_config
 from pipelocal.data import (
+    DATASETS,
     BatchLoader,
     Dataset,
     DatasetError,
     Split,
     UnknownDatasetError,
-    available_datasets,
     load_dataset,
     make_loaders,
 )
@@ -112,7 +112,7 @@ def _shifts_found(before: torch.Tensor, after: torch.Tensor, px: int) -> list[tu
 
 
 def test_registry_lists_all_eleven_names() -> None:
-    assert available_datasets() == [
+    assert DATASETS.names() == [
         "cifar10",
         "cifar100",
         "digits",
@@ -169,7 +169,7 @@ def test_train_limit_keeps_first_samples(digits: Dataset) -> None:
     assert torch.equal(small.train.x, digits.train.x[:100]) and len(small.test) == 360
 
 
-@pytest.mark.parametrize("name", sorted(set(available_datasets()) - EMBEDDED))
+@pytest.mark.parametrize("name", sorted(set(DATASETS.names()) - EMBEDDED))
 def test_missing_files_error(name: str, tmp_path: Path) -> None:
     subdir, filename = EXPECTED_MISSING[name]
     with pytest.raises(DatasetError) as info:

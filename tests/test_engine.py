@@ -5,7 +5,6 @@ checkpoints) and the engine (locality: no gradient between blocks, evaluation, g
 from __future__ import annotations
 
 import io
-import itertools
 import math
 from pathlib import Path
 
@@ -25,11 +24,8 @@ from pipelocal.config import (
 from pipelocal.engine import (
     Engine,
     LocalBlock,
-    LocalPipe,
     block_seed,
     build_blocks,
-    learning_rate,
-    lr_factor,
 )
 from pipelocal.models import BlockSpec, build_model
 from tests.conftest import assert_identical
@@ -232,7 +228,7 @@ def test_train_stats_per_block() -> None:
     assert all(s["loss"] > 0 and s["acc"] is not None for s in stats.values())
 
 
-# --------------------------------------------------------------------------- save / pipe
+# --------------------------------------------------------------------------- save
 
 
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
@@ -250,28 +246,6 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
         assert torch.equal(a.train_batch(x, y, epoch=0), b.train_batch(x, y, epoch=0))
     for p, q in zip(a.blocks, b.blocks):
         _assert_same_block(p, q)
-
-
-def test_local_pipe_drives_its_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = Engine(_blocks(_cfg("predsim")))
-    pipe = LocalPipe(engine, eval_piece=6)
-    x, y = _batches(1)[0]
-    pipe.train_batch(0, 0, x, y)
-    [stage] = pipe.end_epoch(0)
-    assert stage["stage"] == 0 and sorted(stage["blocks"]) == [0, 1, 2, 3]
-    # the figures a pipeline stage records: compute time within wall time, memory
-    assert 0 < stage["busy(s)"] <= stage["wall(s)"] and stage["samples"] == 16
-    assert stage["peak_rss(MiB)"] > 0
-    pieces: list[int] = []  # evaluation in pieces of eval_piece rows, as over a wire
-    monkeypatch.setattr(engine, "eval_batch", lambda px, py: pieces.append(len(py)))
-    pipe.eval_batch(x, y)
-    assert pieces == [6, 6, 4]
-    monkeypatch.undo()
-    pipe.eval_batch(x, y)
-    assert pipe.end_eval()[3]["count"] == 16
-    pipe.checkpoint(tmp_path / "ck", 1)
-    assert (tmp_path / "ck" / "block_003.pt").is_file()
-    pipe.close()
 
 
 def _mlp_specs(dropout: float = 0.0) -> list[BlockSpec]:
@@ -395,57 +369,6 @@ def test_no_dropout_in_eval() -> None:
 # --------------------------------------------------------------------------- schedule
 
 
-def test_step_schedule_quarters_at_50_75_89_94_percent() -> None:
-    cfg = ScheduleConfig(name="step")
-    got = [lr_factor(cfg, e, 100) for e in range(100)]
-    expected = [0.25 ** sum(e >= m for m in (50, 75, 89, 94)) for e in range(100)]
-    assert got == expected
-    assert (got[49], got[50], got[74], got[75], got[89], got[94], got[99]) == (
-        1.0,
-        0.25,
-        0.25,
-        0.0625,
-        0.25**3,
-        0.25**4,
-        0.25**4,
-    )
-
-
-def test_step_schedule_first_epoch_runs_at_the_base_lr() -> None:
-    """Milestones are fractions in (0, 1) of training: none has passed when training starts."""
-    cfg = ScheduleConfig(name="step")
-    decayed = {e: lr_factor(cfg, 0, e) for e in range(1, 21) if lr_factor(cfg, 0, e) != 1.0}
-    assert decayed == {}, f"epochs -> factor of epoch 0: {decayed}"
-
-
-def test_cosine_schedule_goes_from_one_to_near_zero() -> None:
-    cfg = ScheduleConfig(name="cosine")
-    got = [lr_factor(cfg, e, 100) for e in range(100)]
-    assert got[0] == 1.0 and got[50] == pytest.approx(0.5)
-    assert all(a > b for a, b in itertools.pairwise(got))
-    assert 0 <= got[-1] < 1e-3
-    assert lr_factor(cfg, 100, 100) == pytest.approx(0.0, abs=1e-12)
-
-
-def test_cosine_warmup_is_the_auglocal_authors_formula() -> None:
-    """ChenxiangMA/AugLocal ``train.py``, ``adjust_learning_rate`` (lines 430-438), called once
-    per epoch with e = 1..400 (line 233), lr 0.8, 10 warm-up epochs from 0.01. By hand, with
-    cos(pi/200) = 0.99987663, cos(pi/40) = 0.99691733, cos(11 pi/400) = 0.99627038:
-    e = 1: 0.01; e = 2: 0.4 * 1.99987663 / 10 + 0.009 = 0.08899507;
-    e = 10: 0.4 * 1.99691733 * 9/10 + 0.001 = 0.71989024; e = 11: 0.4 * 1.99627038 = 0.79850815;
-    e = 200: 0.4; e = 400: 0."""
-    cfg = ScheduleConfig(name="cosine", warmup_epochs=10, warmup_start_lr=0.01)
-    want = {1: 0.01, 2: 0.08899507, 10: 0.71989024, 11: 0.79850815, 200: 0.4, 400: 0.0}
-    for e, lr in want.items():
-        assert learning_rate(cfg, 0.8, e - 1, 400) == pytest.approx(lr, abs=1e-8), e
-    got = [learning_rate(cfg, 0.8, e, 400) for e in range(400)]
-    assert all(a < b for a, b in itertools.pairwise(got[:10]))  # warming up
-    assert all(a > b for a, b in itertools.pairwise(got[10:]))  # then the cosine down to 0
-    # without a warm-up: today's cosine, from the full learning rate at epoch 0
-    plain = ScheduleConfig(name="cosine")
-    assert learning_rate(plain, 0.8, 0, 400) == 0.8 == 0.8 * lr_factor(plain, 0, 400)
-
-
 def test_lr_warmup_sets_every_param_group_once_per_epoch() -> None:
     schedule = ScheduleConfig(name="cosine", warmup_epochs=10)
     cfg = _cfg("predsim", "optim.name=sgd", "optim.lr=0.8", "run.epochs=400",
@@ -464,11 +387,6 @@ def test_lr_warmup_sets_every_param_group_once_per_epoch() -> None:
 def test_warmup_settings_are_validated(kwargs: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         ScheduleConfig(**kwargs)
-
-
-def test_constant_schedule() -> None:
-    cfg = ScheduleConfig(name="constant")
-    assert {lr_factor(cfg, e, 10) for e in range(10)} == {1.0}
 
 
 def test_set_epoch_sets_the_optimizer_lr() -> None:
@@ -701,19 +619,6 @@ def test_output_cross_entropy_is_scaled_by_one_minus_beta_with_predsim(
     unscaled = LocalBlock(2, _mlp_specs()[2], num_classes=NUM_CLASSES, rule=cfg,
                           optim=OptimConfig(), schedule=ScheduleConfig(), epochs=1, seed=0)
     assert unscaled.output_scale == 1.0
-
-
-def test_step_schedule_with_milestone_epochs_is_the_authors_bisect_right() -> None:
-    """The authors: lr * fact ** bisect_right(milestones, epoch - 1) for 1-based epochs."""
-    import bisect
-
-    cfg = ScheduleConfig(name="step", milestone_epochs=(200, 300, 350, 375), gamma=0.25)
-    for epoch_1based in (1, 200, 201, 300, 301, 351, 376, 400):
-        expected = 0.25 ** bisect.bisect_right([200, 300, 350, 375], epoch_1based - 1)
-        assert lr_factor(cfg, epoch_1based - 1, 400) == expected
-    assert lr_factor(cfg, 199, 400) == 1.0 and lr_factor(cfg, 200, 400) == 0.25
-    # The epochs are absolute: a shorter run keeps them (only the fractions scale).
-    assert lr_factor(cfg, 250, 1000) == 0.25
 
 
 def test_milestone_epochs_are_validated() -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipelocal.launch import PipelineError, train
-from pipelocal.pipeline.stage import FAULT_ENV
+from pipelocal.pipeline.faults import FAULT_ENV
 from tests.conftest import assert_identical, checkpoint_tensors, tiny_config
 
 pytestmark = pytest.mark.gpu

@@ -20,7 +20,7 @@ from pipelocal.checkpoint import read_manifest, resolve_checkpoint
 from pipelocal.cli import main
 from pipelocal.config import ConfigError
 from pipelocal.launch import PipelineError, train
-from pipelocal.pipeline.stage import FAULT_ENV
+from pipelocal.pipeline.faults import FAULT_ENV
 from tests.conftest import interrupt_after_checkpoint, tiny_config
 
 

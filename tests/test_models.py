@@ -8,7 +8,7 @@ from torch import nn
 
 from pipelocal.config import Config, ModelConfig
 from pipelocal.engine import Engine, build_blocks
-from pipelocal.models import MODELS, available_models, build_model
+from pipelocal.models import MODELS, build_model
 
 NUM_CLASSES = 10
 
@@ -29,7 +29,7 @@ _DEFAULT_CASE = ({"width": 0.0625, "fc_width": 32}, [(1, 28, 28)])
 def _cases() -> list:
     return [
         pytest.param(name, shape, id=f"{name}-{'x'.join(map(str, shape))}")
-        for name in available_models()
+        for name in MODELS.names()
         for shape in CASES.get(name, _DEFAULT_CASE)[1]
     ]
 
@@ -135,8 +135,8 @@ def test_unknown_model_lists_the_available_ones() -> None:
         MODELS.get("resnet")
     msg = str(err.value)
     assert "'resnet'" in msg and "available" in msg
-    assert all(name in msg for name in available_models())
-    assert {"mlp", "cnn", "vgg8b", "vgg11b"} <= set(available_models())
+    assert all(name in msg for name in MODELS.names())
+    assert {"mlp", "cnn", "vgg8b", "vgg11b"} <= set(MODELS.names())
 
 
 def test_vgg_uses_the_7x7_first_layer_above_64_pixels_as_the_authors() -> None:

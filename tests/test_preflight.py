@@ -27,7 +27,6 @@ from pipelocal.launch.preflight import (
     release_run_dir,
     resume_config,
 )
-from pipelocal.pipeline.stage import parse_fault
 from tests.conftest import tiny_config, tiny_overrides
 
 
@@ -282,18 +281,6 @@ def test_nonfinite_loss_stops_or_is_tolerated_and_metrics_stay_strict_json(
     record = json.loads(line, parse_constant=no_constants)
     assert record["train/loss"] is None and isinstance(record["time"], float)
     assert read_manifest(tmp_path / "go")["step"] == 5
-
-
-@pytest.mark.parametrize("spec", ["1:5", "1:5:boom", "a:5:kill", "1:-5:raise", "1:5:kill:9"])
-def test_malformed_fault_specs_are_rejected(spec: str) -> None:
-    with pytest.raises(ValueError, match="kind one of raise, kill, hang, nan"):
-        parse_fault(spec, 0)
-
-
-def test_fault_spec_applies_to_its_stage_only() -> None:
-    assert parse_fault("1:5:hang", 1) == (5, "hang")
-    assert parse_fault("1:5:hang", 0) is None
-    assert parse_fault("", 0) is None
 
 
 @pytest.mark.usefixtures("no_spawn")

@@ -22,7 +22,7 @@ import pytest
 
 from pipelocal.config import ConfigError
 from pipelocal.launch import PipelineError, train
-from pipelocal.pipeline.stage import FAULT_ENV
+from pipelocal.pipeline.faults import FAULT_ENV
 from tests.conftest import (
     RAY_CPUS,
     REPO,
@@ -177,7 +177,7 @@ def test_more_stages_than_cluster_cpus_fails_before_any_actor(tmp_path: Path) ->
 @on_cluster
 def test_driver_interrupt_checkpoints_and_leaves_no_actor(tmp_path: Path) -> None:
     """SIGINT to the ``ray submit`` entry point (launch/ray_train.py = ``pipelocal train
-    --backend ray``) joined to the running cluster: rank 0 checkpoints, the driver exits 130,
+    --launcher ray``) joined to the running cluster: rank 0 checkpoints, the driver exits 130,
     no actor is left."""
     import ray
 
@@ -203,7 +203,7 @@ def test_killed_driver_leaves_no_actor(tmp_path: Path) -> None:
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
            "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "pipelocal", "train", "--backend", "ray", "--stages", "2",
+    cmd = [sys.executable, "-m", "pipelocal", "train", "--launcher", "ray", "--stages", "2",
            "--set", f"run.out_dir={tmp_path}", "--set", "run.name=k", "--set", "run.epochs=500"]
     code, out = interrupt_after_checkpoint(cmd, tmp_path / "k", sig=signal.SIGKILL, env=env)
     assert code == -signal.SIGKILL, out
@@ -222,7 +222,7 @@ def test_a_killed_driver_leaves_nothing_of_its_local_instance(tmp_path: Path) ->
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
-    cmd = [sys.executable, "-m", "pipelocal", "train", "--backend", "ray", "--stages", "2",
+    cmd = [sys.executable, "-m", "pipelocal", "train", "--launcher", "ray", "--stages", "2",
            "--set", f"run.out_dir={tmp_path}", "--set", "run.name=own", "--set",
            "run.epochs=500", "--set", "run.progress=false", "--set", "data.train_limit=300"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -282,7 +282,7 @@ def test_ray_job_submit_runs_and_writes_its_run_directory(tmp_path: Path, ray_he
     out_dir = tmp_path / "runs"
     submit = [shutil.which("ray") or "ray", "job", "submit", "--address", address,
               "--runtime-env", "launch/ray_runtime_env.yaml", "--",
-              "pipelocal", "train", "--backend", "ray", "--stages", "2",
+              "pipelocal", "train", "--launcher", "ray", "--stages", "2",
               "--set", "run.epochs=1", "--set", "data.train_limit=300",
               "--set", f"run.out_dir={out_dir}", "--set", "run.name=job"]
     deadline = time.monotonic() + 120

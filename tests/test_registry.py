@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 
 from pipelocal import registry
-from pipelocal.registry import Registry, UnknownNameError, registered_names
+from pipelocal.registry import Registry, UnknownNameError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipelocal"
 
 # Bottom to top. A module may import from its own layer and the layers below, never above.
 _LAYERS = [
-    {"registry", "checkpoint", "metrics", "plot", "cuda_ops"},
+    {"registry", "checkpoint", "metrics", "plot", "cuda_ops", "stop"},
     {"config"},
-    {"data", "models", "device", "recipes"},
+    {"data", "models", "device", "recipes", "optim"},
     {"rules", "setup"},
     {"engine", "trainer"},
     {"pipeline"},
@@ -45,12 +45,12 @@ def _pipelocal_imports(path: Path) -> list[str]:
     return out
 
 
-def test_registered_names_by_kind() -> None:
-    assert "predsim" in registered_names("rule")
-    assert "vgg8b" in registered_names("model")
-    assert "digits" in registered_names("dataset")
+def test_registry_of_each_kind() -> None:
+    assert "predsim" in Registry.of("rule").names()
+    assert "vgg8b" in Registry.of("model").names()
+    assert "digits" in Registry.of("dataset").names()
     with pytest.raises(RuntimeError, match="no registry of widgets"):
-        registered_names("widget")
+        Registry.of("widget")
 
 
 def test_a_kind_has_one_registry() -> None:
@@ -63,7 +63,7 @@ def test_unknown_name_lists_the_choices(monkeypatch: pytest.MonkeyPatch) -> None
     reg: Registry[int] = Registry("test-thing")
     reg.register("b")(2)
     reg.register("a")(1)
-    assert reg.get("a") == 1 and registered_names("test-thing") == ["a", "b"]
+    assert reg.get("a") == 1 and Registry.of("test-thing").names() == ["a", "b"]
     with pytest.raises(UnknownNameError, match="unknown test-thing 'c'; available: a, b"):
         reg.get("c")
     with pytest.raises(ValueError, match="registered twice"):

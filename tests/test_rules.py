@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pipelocal.config import ModelConfig, OptimConfig, RuleConfig, ScheduleConfig
 from pipelocal.engine import Engine, LocalBlock
 from pipelocal.models import BlockSpec, build_model
-from pipelocal.rules import RULES, available_rules, build_rule
+from pipelocal.rules import RULES, build_rule
 from pipelocal.rules.base import Pooling
 from pipelocal.rules.fixed import draw_fixed, square_hinge
 from pipelocal.rules.functional import (
@@ -299,7 +299,7 @@ _AUX_NET_RULES = {"auglocal", "dgl", "infopro"}
 
 def test_logits_only_for_rules_with_a_classifier() -> None:
     h, _ = _batch((16,))
-    for name in sorted(set(available_rules()) - _AUX_NET_RULES):
+    for name in sorted(set(RULES.names()) - _AUX_NET_RULES):
         rule = build_rule((16,), NUM_CLASSES, RuleConfig(name=name))
         scores = rule.logits(h)
         has_pred = name.startswith("pred") or name in FIXED_RULES
@@ -309,7 +309,7 @@ def test_logits_only_for_rules_with_a_classifier() -> None:
 
 
 def test_only_the_glob_rules_are_global() -> None:
-    assert {n for n in available_rules() if RULES.get(n).is_global} == {"glob", "glob+sim", "fa"}
+    assert {n for n in RULES.names() if RULES.get(n).is_global} == {"glob", "glob+sim", "fa"}
     glob = build_rule((16,), NUM_CLASSES, RuleConfig(name="glob"))
     loss, scores = glob.loss(*_batch((16,)))
     assert float(loss) == 0.0 and scores is None and not list(glob.parameters())
@@ -319,14 +319,14 @@ def test_unknown_rule_lists_the_available_ones() -> None:
     with pytest.raises(KeyError) as err:
         RULES.get("nope")
     assert "'nope'" in str(err.value)
-    assert all(name in str(err.value) for name in available_rules())
+    assert all(name in str(err.value) for name in RULES.names())
 
 
 # --------------------------------------------------------------------------- every rule
 
 
 @pytest.mark.parametrize("kind", ["fc", "conv"])
-@pytest.mark.parametrize("rule", sorted(set(available_rules()) - _AUX_NET_RULES))
+@pytest.mark.parametrize("rule", sorted(set(RULES.names()) - _AUX_NET_RULES))
 def test_every_rule_trains_a_block(rule: str, kind: str) -> None:
     """A local rule trains its block alone; a global one through the engine (it has no own loss)."""
     if RULES.get(rule).is_global:

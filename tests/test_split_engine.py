@@ -13,20 +13,20 @@ import torch
 
 from pipelocal.config import Config, ConfigError, ModelConfig, RuleConfig
 from pipelocal.engine import Engine, build_blocks
-from pipelocal.models import available_models, build_model
-from pipelocal.rules import RULES, available_rules
+from pipelocal.models import MODELS, build_model
+from pipelocal.rules import RULES
 from tests.conftest import assert_identical
 from tests.test_models import CASES
 
 NUM_CLASSES = 10
 _DEFAULT = ({"width": 0.0625, "fc_width": 32}, (3, 32, 32))
 _SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 8, 8), "vgg8b": (1, 28, 28), "vgg11b": (1, 28, 28)}
-_LOCAL = [r for r in available_rules() if not RULES.get(r).is_global]
+_LOCAL = [r for r in RULES.names() if not RULES.get(r).is_global]
 
 
 def _cases() -> list:
     pairs = {(rule, model) for rule in _LOCAL for model in ("cnn", "mlp", "resnet20")}
-    pairs |= {("predsim", model) for model in available_models()}
+    pairs |= {("predsim", model) for model in MODELS.names()}
     pairs |= {("dgl", "resnet32"), ("infopro", "vgg19"), ("auglocal", "vgg19")}
     return [pytest.param(r, m, id=f"{r}-{m}") for r, m in sorted(pairs)]
 

@@ -13,24 +13,24 @@ from pipelocal.data import torchvision_sets as _torchvision_sets  # noqa: F401
 from pipelocal.data.loader import BatchLoader, make_loaders
 from pipelocal.data.registry import (
     DATASET_STATS,
+    DATASETS,
     Dataset,
     DatasetError,
     Split,
     UnknownDatasetError,
-    available_datasets,
     dataset_stats,
     load_dataset,
     register_dataset,
 )
 
 __all__ = [
+    "DATASETS",
     "DATASET_STATS",
     "BatchLoader",
     "Dataset",
     "DatasetError",
     "Split",
     "UnknownDatasetError",
-    "available_datasets",
     "dataset_stats",
     "load_dataset",
     "make_loaders",

@@ -3,7 +3,7 @@
 A dataset is registered with ``@register_dataset("name")`` on a function that takes the
 :class:`~pipelocal.config.DataConfig` and returns a :class:`Dataset` held fully in memory
 (uint8 images, or float32 in [0, 1] for the embedded ``digits``). The CLI, the config
-validation and the tests all enumerate :func:`available_datasets`.
+validation and the tests all enumerate ``DATASETS.names()``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ __all__ = [
     "DatasetError",
     "Split",
     "UnknownDatasetError",
-    "available_datasets",
     "dataset_stats",
     "load_dataset",
     "register_dataset",
@@ -97,8 +96,6 @@ class Dataset:
 DATASETS: Registry[DatasetLoader] = Registry("dataset")
 register_dataset = DATASETS.register
 """Decorator: register ``fn(cfg) -> Dataset`` under a name."""
-available_datasets = DATASETS.names
-"""Sorted names of all registered datasets."""
 UnknownDatasetError = UnknownNameError
 
 

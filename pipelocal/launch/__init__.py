@@ -21,7 +21,7 @@ from pipelocal.config import (
     upgrade_saved_config,
 )
 from pipelocal.device import configure_determinism, place_stage, visible_gpus
-from pipelocal.engine import Engine, LocalPipe, build_blocks
+from pipelocal.engine import Engine, build_blocks
 from pipelocal.launch.preflight import (
     auto_resume_point,
     check_resume,
@@ -34,8 +34,10 @@ from pipelocal.launch.preflight import (
 from pipelocal.launch.spawn import Interrupted, PipelineError, check_not_stopped, spawn
 from pipelocal.launch.torchrun import torchrun_worker, under_torchrun
 from pipelocal.metrics import Metrics
+from pipelocal.pipeline.pipe import LocalPipe
 from pipelocal.setup import Setup
-from pipelocal.trainer import Trainer, build_trainer, clear_stop
+from pipelocal.stop import clear_stop
+from pipelocal.trainer import Trainer, build_trainer
 
 __all__ = ["Interrupted", "PipelineError", "evaluate_checkpoint", "train"]
 

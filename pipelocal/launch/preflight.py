@@ -38,9 +38,9 @@ from pipelocal.config import (
 from pipelocal.data import Dataset, load_dataset
 from pipelocal.device import auto_stages, check_bf16, cpu_threads, place_stage, visible_gpus
 from pipelocal.engine import Engine, build_blocks
+from pipelocal.pipeline.faults import FAULT_ENV, check_fault_spec
 from pipelocal.pipeline.partition import check_partition, max_stages, stage_ranges
 from pipelocal.pipeline.plan import make_plan
-from pipelocal.pipeline.stage import FAULT_ENV, check_fault_spec
 from pipelocal.rules import RULES, end_to_end_top
 from pipelocal.setup import Position, Setup
 

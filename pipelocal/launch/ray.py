@@ -1,4 +1,4 @@
-"""``pipelocal train --backend ray``: each stage is a Ray actor; this process supervises them.
+"""``pipelocal train --launcher ray``: each stage is a Ray actor; this process supervises them.
 
     driver (this process)                      actor r (one per stage, in a placement group)
       validate, partition, run directory         ----------------------------------------
@@ -57,7 +57,7 @@ from pipelocal.launch.spawn import Interrupted, PipelineError
 from pipelocal.pipeline.stage import Stage
 from pipelocal.pipeline.worker import run_rank
 from pipelocal.setup import Setup
-from pipelocal.trainer import clear_stop, request_stop, stop_requested
+from pipelocal.stop import clear_stop, request_stop, stop_requested
 
 __all__ = ["ACTOR_PREFIX", "StageActor", "ray_train", "start_local"]
 

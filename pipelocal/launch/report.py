@@ -23,7 +23,8 @@ from typing import Any
 from pipelocal.checkpoint import DiskFull, last_complete_note, remove_incomplete
 from pipelocal.pipeline.channel import PeerError
 from pipelocal.pipeline.stage import Stage
-from pipelocal.trainer import NonFiniteLoss, request_stop
+from pipelocal.stop import request_stop
+from pipelocal.trainer import NonFiniteLoss
 
 __all__ = ["Death", "describe_failure", "failure_report", "forward_stop_signals",
            "raise_outcome"]

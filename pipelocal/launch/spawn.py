@@ -10,7 +10,6 @@ stop file: checkpoint at the current step, stop every worker, report "interrupte
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pickle
 import signal
@@ -38,13 +37,12 @@ from pipelocal.launch.report import (
 )
 from pipelocal.pipeline.worker import run_rank
 from pipelocal.setup import Position, Setup
-from pipelocal.trainer import stop_requested, watch_stop_file
+from pipelocal.stop import die_with_parent, stop_requested, watch_stop_file
 
-__all__ = ["Interrupted", "PipelineError", "check_not_stopped", "die_with_parent", "spawn"]
+__all__ = ["Interrupted", "PipelineError", "check_not_stopped", "spawn"]
 
 _GRACE_S = 2.0
 """After the first failure: how long the other workers get to report before they are killed."""
-_PR_SET_PDEATHSIG = 1
 _PHASES = ("start-up", "training", "evaluation", "end-of-epoch gather", "evaluation gather",
            "checkpoint", "shutdown")
 """Phases a worker reports through shared memory (by index), as :class:`Stage` names them."""
@@ -66,17 +64,6 @@ def check_not_stopped() -> None:
     if stop_requested():
         raise Interrupted("stopped during set-up, before training started; nothing was "
                           "trained, so no checkpoint was written")
-
-
-def die_with_parent(parent: int) -> None:
-    """Have the kernel SIGKILL this process when its parent dies (Linux); exit if it already has."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the supervisor's own clean-up still applies
-        return
-    if os.getppid() != parent:  # the parent died before the line above
-        os._exit(1)
 
 
 def _write(path: Path, obj: Any) -> None:

@@ -20,10 +20,9 @@ from pipelocal.config import Config, ConfigError
 from pipelocal.device import configure_determinism, visible_gpus
 from pipelocal.exits import exit_status, write_status
 from pipelocal.launch.preflight import finalise, plan_stages, prepare, validate
-from pipelocal.launch.spawn import die_with_parent
 from pipelocal.pipeline.worker import run_rank
 from pipelocal.setup import Setup
-from pipelocal.trainer import install_stop_handlers
+from pipelocal.stop import die_with_parent, install_stop_handlers
 
 __all__ = ["torchrun_worker", "under_torchrun"]
 

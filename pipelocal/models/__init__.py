@@ -10,11 +10,7 @@ from pipelocal.models import (  # noqa: F401  (registers the models)
 )
 from pipelocal.models.base import MODELS, BlockSpec
 
-__all__ = ["MODELS", "BlockSpec", "available_models", "build_model"]
-
-
-def available_models() -> list[str]:
-    return MODELS.names()
+__all__ = ["MODELS", "BlockSpec", "build_model"]
 
 
 def build_model(

@@ -7,8 +7,6 @@ every stage has seen exactly the same batches. There each stage joins a gather o
 group that brings its statistics (or its checkpoint confirmation) to the coordinator, rank 0.
 STOP ends the stage: it is passed on with its trailers, and the trailers from the stage before
 are drained, so that nothing is left posted when the process group is destroyed.
-
-:class:`DistPipe` is rank 0's handle on the whole pipeline, what the coordinator drives.
 """
 
 from __future__ import annotations
@@ -25,20 +23,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipelocal.checkpoint import DiskFull, checkpoint_dir, locate_full
-from pipelocal.config import ConfigError
 from pipelocal.device import StepTimer, epoch_stats, reset_memory_stats
-from pipelocal.engine import Engine, eval_pieces
+from pipelocal.engine import Engine
 from pipelocal.pipeline.channel import Kind, Message, P2PChannel
+from pipelocal.pipeline.faults import FAULT_ENV, parse_fault
 from pipelocal.setup import Position
 
-__all__ = ["FAULT_ENV", "DistPipe", "Stage", "check_fault_spec", "parse_fault"]
-
-FAULT_ENV = "PIPELOCAL_INJECT_FAULT"
-"""Fault injection for tests: ``"<stage>:<step>:<kind>"``, kind raise, kill, hang or nan (the
-stage's input batch becomes NaN, as from a diverged block before it); in a torchrun job only on
-its first attempt (``TORCHELASTIC_RESTART_COUNT`` unset or 0)."""
-_FAULT_KINDS = ("raise", "kill", "hang", "nan")
-
+__all__ = ["Stage"]
 
 class Stage:
     def __init__(
@@ -188,68 +179,3 @@ class Stage:
         if kind == "hang":
             os.kill(os.getpid(), signal.SIGSTOP)  # frozen, as a stuck device or a debugger
         raise RuntimeError(f"injected fault in stage {self.stage} at step {step}")
-
-
-def check_fault_spec(spec: str, stages: int) -> None:
-    """Before any worker starts: a malformed spec, or one for a stage the run does not have, is
-    a config error (a single-process run has no stages to inject into)."""
-    if not spec:
-        return
-    try:
-        parse_fault(spec, 0)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    target = int(spec.split(":")[0])
-    if stages < 2 or target >= stages:
-        raise ConfigError(
-            f"{FAULT_ENV} = {spec!r} targets stage {target} but this run has {stages} "
-            f"stage(s){' (the single-process engine injects nothing)' if stages < 2 else ''}; "
-            f"use a stage from 0 to {max(stages - 1, 0)} of a pipelined run, or unset it")
-
-
-def parse_fault(spec: str, stage: int) -> tuple[int, str] | None:
-    """``"<stage>:<step>:<kind>"`` -> (step, kind) for this stage; a malformed spec is an error."""
-    if not spec:
-        return None
-    parts = spec.split(":")
-    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit() \
-            or parts[2] not in _FAULT_KINDS:
-        raise ValueError(f"{FAULT_ENV} = {spec!r} is invalid; accepted: <stage>:<step>:<kind> "
-                         f"with kind one of {', '.join(_FAULT_KINDS)}, e.g. 1:5:kill")
-    return (int(parts[1]), parts[2]) if int(parts[0]) == stage else None
-
-
-class DistPipe:
-    """Rank 0's view of a pipeline: stage 0 here, the other stages behind its outbox."""
-
-    def __init__(self, stage: Stage, *, num_stages: int, wire_batch: int) -> None:
-        self.stage, self.num_stages, self.wire_batch = stage, num_stages, wire_batch
-        self.device = stage.engine.device
-
-    def train_batch(self, step: int, epoch: int, x: Tensor, y: Tensor) -> None:
-        self.stage.handle(Message(Kind.TRAIN, step, epoch, x, y))
-
-    def eval_batch(self, x: Tensor, y: Tensor) -> None:
-        # Evaluation batches travel in wire-sized pieces (the wire shape is fixed).
-        for px, py in eval_pieces(x, y, self.wire_batch):
-            self.stage.handle(Message(Kind.EVAL, -1, -1, px, py))
-
-    def end_epoch(self, epoch: int) -> list[dict[str, Any]]:
-        return self.stage.handle(Message(Kind.END_EPOCH, -1, epoch))
-
-    def end_eval(self) -> dict[int, dict[str, int]]:
-        merged: dict[int, dict[str, int]] = {}
-        for stats in self.stage.handle(Message(Kind.END_EVAL)):
-            merged.update(stats)
-        return merged
-
-    def checkpoint(self, ckpt: Path, step: int) -> dict[str, str]:
-        # Returns once every stage has written its blocks; the trainer then commits the manifest.
-        merged: dict[str, str] = {}
-        for sha in self.stage.handle(Message(Kind.CHECKPOINT, step)):
-            merged.update(sha)
-        return merged
-
-    def close(self) -> None:
-        """Send STOP (and its trailers) down the pipeline and wait until delivered."""
-        self.stage.handle(Message(Kind.STOP))

@@ -28,7 +28,8 @@ from pipelocal.engine import Engine, build_blocks
 from pipelocal.pipeline.channel import P2PChannel
 from pipelocal.pipeline.nccl_order import SerialTransport, nccl_order_requested
 from pipelocal.pipeline.partition import stage_ranges
-from pipelocal.pipeline.stage import DistPipe, Stage
+from pipelocal.pipeline.pipe import DistPipe
+from pipelocal.pipeline.stage import Stage
 from pipelocal.rules import RULES
 from pipelocal.setup import Position, Setup
 from pipelocal.trainer import build_trainer
@@ -45,7 +46,7 @@ def wire_dtype(cfg: Config) -> torch.dtype:
 
 
 def _needs_image(cfg: Config) -> bool:
-    return bool(getattr(RULES.get(cfg.rule.name), "needs_image", False))
+    return RULES.get(cfg.rule.name).needs_image
 
 
 def configure_rank(

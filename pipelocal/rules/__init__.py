@@ -17,14 +17,9 @@ __all__ = [
     "RULES",
     "LocalRule",
     "RuleContext",
-    "available_rules",
     "build_rule",
     "end_to_end_top",
 ]
-
-
-def available_rules() -> list[str]:
-    return RULES.names()
 
 
 def build_rule(
@@ -35,7 +30,7 @@ def build_rule(
 ) -> LocalRule:
     """The rule of a block with output ``shape``; ``context`` is passed to rules that need it."""
     cls = RULES.get(cfg.name)
-    if not getattr(cls, "needs_context", False):
+    if not cls.needs_context:
         return cls(shape, num_classes, cfg)
     if context is None:
         raise ValueError(

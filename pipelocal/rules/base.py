@@ -34,9 +34,16 @@ class LocalRule(nn.Module):
         self.num_classes = num_classes
         self.cfg = cfg
 
-    on_wire: ClassVar[bool] = False
+    classifier_reads_passed_on: ClassVar[bool] = False
     """True for rules whose classifier reads what the block passes on (after dropout and
     max-pool, as Mostafa et al. place it) rather than the block's output."""
+
+    needs_context: ClassVar[bool] = False
+    """True for rules built from the model around their block: they take
+    ``context=RuleContext(specs, index)`` (AugLocal, InfoPro)."""
+
+    needs_image: ClassVar[bool] = False
+    """True for rules whose loss also needs the model's input image (InfoPro)."""
 
     feedback_alignment: ClassVar[bool] = False
     """True for ``fa``: every weight layer of every block sends its error down through a fixed

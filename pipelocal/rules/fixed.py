@@ -53,7 +53,7 @@ def square_hinge(scores: Tensor, y: Tensor) -> Tensor:
 
 
 class FixedClassifierRule(LocalRule):
-    on_wire: ClassVar[bool] = True
+    classifier_reads_passed_on: ClassVar[bool] = True
     feedback: ClassVar[str] = "sym"
     """sym: K = M^T; scfb: sign-concordant random K; tlc: M trainable, K = M^T."""
 

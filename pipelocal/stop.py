@@ -1,0 +1,89 @@
+"""The stop request of a run: the flag the training loop polls, the signal handlers and stop file
+that set it, and a child process's death with its parent.
+
+Ctrl-C / SIGTERM (or a supervisor's stop file) ask the loop to checkpoint at the current step and
+stop; :func:`die_with_parent` has the kernel end a worker whose launcher was killed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "clear_stop",
+    "die_with_parent",
+    "install_stop_handlers",
+    "request_stop",
+    "stop_requested",
+    "watch_stop_file",
+]
+
+_PR_SET_PDEATHSIG = 1
+_STOP = threading.Event()
+_STOP_FILE: list[Path] = []  # set by a supervising launcher that cannot signal us safely
+
+
+def request_stop() -> None:
+    """Ask the training loop to checkpoint and stop after the current step."""
+    _STOP.set()
+
+
+def clear_stop() -> None:
+    """A new run starts: forget an earlier run's stop request and stop file."""
+    _STOP.clear()
+    _STOP_FILE.clear()
+
+
+def watch_stop_file(path: Path) -> None:
+    """Also stop once ``path`` exists (how the spawn supervisor forwards Ctrl-C / SIGTERM)."""
+    _STOP_FILE[:] = [Path(path)]
+
+
+def stop_requested() -> bool:
+    if not _STOP.is_set() and _STOP_FILE and _STOP_FILE[0].exists():  # one stat() per batch
+        _STOP.set()
+    return _STOP.is_set()
+
+
+def install_stop_handlers(*, announce: bool = True, same_within_s: float = 0.0) -> None:
+    """SIGINT (Ctrl-C) and SIGTERM (Slurm, Kubernetes, docker stop): checkpoint at the current
+    step, then stop; a second one stops at once.
+
+    ``announce``: print the notice (one process of a job does). ``same_within_s``: a second
+    signal this soon after the first is the same request, forwarded (torchrun's agent passes on
+    the signal that the terminal or Slurm also sent to every process).
+    """
+    first: list[float] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if _STOP.is_set():
+            if first and time.monotonic() - first[0] < same_within_s:
+                return
+            raise KeyboardInterrupt
+        first.append(time.monotonic())
+        if announce:
+            name = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+            print(f"\n{name}: writing a checkpoint, then stopping (Ctrl-C again to abort)",
+                  flush=True)
+        _STOP.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux); exit if it already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the supervisor's own clean-up still applies
+        return
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
