@@ -7,16 +7,17 @@ the seeds) and keep their own summaries and checks.
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import read_metrics
+from benchmarks.common import Provenance, read_metrics, require_mnist_10k, run_root
 from pipelocal.config import Config, config_to_dict, load_config
 from pipelocal.launch import train
 
-__all__ = ["Record", "accuracy_record", "error_record", "run_grid"]
+__all__ = ["Record", "accuracy_record", "error_record", "run_grid", "run_rules"]
 
 Record = Callable[[Config, list[dict[str, Any]], float], dict[str, Any]]
 """(resolved config, per-epoch records of ``metrics.jsonl``, wall seconds) -> one run's result."""
@@ -92,3 +93,15 @@ def run_grid(base: Sequence[str], rules: Mapping[str, Sequence[str]], seeds: Seq
             runs.append(record(label)(cfg, read_metrics(summary["run_dir"]),
                                       time.perf_counter() - t0))
     return runs
+
+
+def run_rules(name: str, base: Sequence[str], args: argparse.Namespace) -> tuple[Provenance, list]:
+    """A preset's usual grid on mnist-10k: ``args.rules`` x seeds ``0..args.repeats-1`` over
+    ``base``, with the common arguments (data dir, runs dir, epochs, overrides)."""
+    require_mnist_10k(args.data_dir, name)
+    prov = Provenance(name)
+    with run_root(args.runs_dir) as root:
+        runs = run_grid(base, {r: [f"rule.name={r!r}"] for r in args.rules},
+                        range(args.repeats), root=root, epochs=args.epochs,
+                        overrides=args.overrides)
+    return prov, runs

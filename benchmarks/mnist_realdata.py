@@ -31,15 +31,12 @@ import argparse
 import sys
 from typing import Any
 
-from benchmarks.accuracy import run_grid
+from benchmarks.accuracy import run_rules
 from benchmarks.common import (
     MNIST_10K_DIR,
-    Provenance,
     add_common_args,
     fmt_stat,
     markdown_table,
-    require_mnist_10k,
-    run_root,
     summarize,
     write_result,
 )
@@ -112,12 +109,7 @@ def local_cell(errs: dict[str, float | None]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    require_mnist_10k(args.data_dir, NAME)
-    prov = Provenance(NAME)
-    with run_root(args.runs_dir) as root:
-        runs = run_grid(recipe(args), {r: [f"rule.name={r!r}"] for r in args.rules},
-                        range(args.repeats), root=root, epochs=args.epochs,
-                        overrides=args.overrides)
+    prov, runs = run_rules(NAME, recipe(args), args)
     import torch
 
     per_rule = {

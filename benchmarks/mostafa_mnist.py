@@ -28,14 +28,11 @@ import argparse
 import sys
 from typing import Any
 
-from benchmarks.accuracy import run_grid
+from benchmarks.accuracy import run_rules
 from benchmarks.common import (
     MNIST_10K_DIR,
-    Provenance,
     add_common_args,
     markdown_table,
-    require_mnist_10k,
-    run_root,
     summarize,
     write_result,
 )
@@ -93,12 +90,7 @@ def ordering(errors: dict[str, float]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    require_mnist_10k(args.data_dir, NAME)
-    prov = Provenance(NAME)
-    with run_root(args.runs_dir) as root:
-        runs = run_grid(recipe(args), {r: [f"rule.name={r!r}"] for r in args.rules},
-                        range(args.repeats), root=root, epochs=args.epochs,
-                        overrides=args.overrides)
+    prov, runs = run_rules(NAME, recipe(args), args)
     measured = {r: summarize([headline(x) for x in runs if x["rule"] == r])["mean"]
                 for r in args.rules}
     paper = {r: round(100 - PAPER_DO_ACC[r][-1], 2) for r in args.rules if r in PAPER_DO_ACC}
