@@ -105,17 +105,8 @@ def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_input_shape_mismatch_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(
-        [
-            "train",
-            "--stages",
-            "1",
-            "--set",
-            "model.input_shape=[1, 28, 28]",
-            "--set",
-            f"run.out_dir={tmp_path}",
-        ]
-    )
+    code = main(["train", "--stages", "1", "--set", "model.input_shape=[1, 28, 28]",
+                 "--set", f"run.out_dir={tmp_path}"])
     assert code == 2
     err = capsys.readouterr().err
     assert "[2, 1, 28, 28]" in err and "[2, 1, 8, 8]" in err and "model.input_shape" in err
