@@ -27,7 +27,9 @@
 #               git tree (default /work/docker-build)
 #   BASE_IMAGE  tag of the local base image (default: Dockerfile.cpu's BASE_IMAGE default)
 #   IMAGE       tag of the built image (default pipelocal:cpu)
-#   MIRROR      Debian mirror for debootstrap (default http://deb.debian.org/debian)
+#   MIRROR      Debian mirror for debootstrap (default: the first enabled `deb` source for
+#               bookworm in this machine's apt sources: /etc/apt/sources.list,
+#               /etc/apt/sources.list.d/*.list and deb822 *.sources; required when none has one)
 #   KEEP        1 = keep the image, the base image and the wheelhouse at the end (default 0)
 set -euo pipefail
 
@@ -35,7 +37,8 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${WORK:-/work/docker-build}
 BASE_IMAGE=${BASE_IMAGE:-$(sed -n 's/^ARG BASE_IMAGE=//p' "$REPO/docker/Dockerfile.cpu")}
 IMAGE=${IMAGE:-pipelocal:cpu}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+SUITE=bookworm             # Debian 12, whose python3 is CPython 3.11 (the wheelhouse is cp311)
+MIRROR=${MIRROR:-}
 KEEP=${KEEP:-0}
 RUNS=$WORK/runs            # mounted into every container: all checkpoints land on the host
 TIMEOUT=600                # seconds any one container may run before the script gives up
@@ -57,15 +60,59 @@ ensure_docker() {
   docker version --format 'docker server {{.Server.Version}}'
 }
 
+# apt_mirror SUITE: prints the URI of the first enabled `deb` source that serves SUITE in this
+# machine's apt sources (one-line *.list and deb822 *.sources), or nothing.
+apt_mirror() {
+  local suite=$1 f uri
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [[ -f $f ]] || continue
+    # deb [opt=value ...] URI SUITE COMPONENT...; the options may contain spaces.
+    uri=$(awk -v s="$suite" '
+      $1 == "deb" {
+        i = 2
+        if ($i ~ /^\[/) { while (i < NF && $i !~ /\]$/) i++; i++ }
+        if ($(i + 1) == s) { print $i; exit }
+      }' "$f")
+    [[ -n $uri ]] && { echo "$uri"; return; }
+  done
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [[ -f $f ]] || continue
+    # Stanzas separated by blank lines; field names are case-insensitive; a line that starts
+    # with white space continues the previous field.
+    uri=$(awk -v s="$suite" '
+      function flush() {
+        if (!done && (" " f["types"] " ") ~ / deb / && tolower(f["enabled"]) != "no" \
+            && (" " f["suites"] " ") ~ (" " s " ") && f["uris"] != "") {
+          split(f["uris"], u, " "); print u[1]; done = 1
+        }
+        delete f
+      }
+      /^[ \t]*#/ { next }
+      /^[ \t]*$/ { flush(); next }
+      /^[ \t]/ { v = $0; gsub(/[ \t]+/, " ", v); f[key] = f[key] v; next }
+      {
+        key = tolower(substr($0, 1, index($0, ":") - 1))
+        f[key] = substr($0, index($0, ":") + 1)
+        gsub(/[ \t]+/, " ", f[key]); sub(/^ /, "", f[key]); sub(/ $/, "", f[key])
+      }
+      END { flush() }' "$f")
+    [[ -n $uri ]] && { echo "$uri"; return; }
+  done
+}
+
 make_base() {
   step "base image $BASE_IMAGE (debootstrap bookworm + docker import)"
   if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     echo "present, reused"; return
   fi
-  local rootfs=$WORK/rootfs
+  local rootfs=$WORK/rootfs mirror=$MIRROR
+  [[ -n $mirror ]] || mirror=$(apt_mirror "$SUITE")
+  [[ -n $mirror ]] || fail "no Debian mirror for debootstrap: no enabled deb source for $SUITE in \
+/etc/apt/sources.list, /etc/apt/sources.list.d/*.list or *.sources; set MIRROR=<Debian mirror URL>"
+  echo "mirror: $mirror${MIRROR:+ (from MIRROR)}"
   rm -rf "$rootfs"
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-    bookworm "$rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 \
+    "$SUITE" "$rootfs" "$mirror" >"$WORK/debootstrap.log" 2>&1 \
     || fail "debootstrap failed; see $WORK/debootstrap.log"
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
   tar -C "$rootfs" -c . | docker import \
