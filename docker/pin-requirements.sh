@@ -7,9 +7,10 @@
 #   docker/pin-requirements.sh       # rewrites docker/requirements.txt; commit it
 #
 # Run it whenever a dependency in pyproject.toml changes; tests/test_docker_pins.py fails while
-# the pins lack a distribution that the installed project needs. Pins already in the file are
-# kept where they still fit (uv reads the old file as preferences); UPGRADE=1 re-resolves all
-# of them to the newest allowed releases.
+# the pins lack a distribution that the installed project needs. The resolver prefers, where
+# they fit, the versions installed in the environment running this script (the one the tests
+# run in, so the image runs what was tested and the test walks the same dependency tree), then
+# the versions already pinned; UPGRADE=1 ignores both and takes the newest allowed releases.
 #
 # The resolver honours the constraint files that pip is configured with (pip.conf or
 # PIP_CONSTRAINT), so the pins stay within what `pip download` in docker/smoke.sh can fetch here.
@@ -37,7 +38,14 @@ upgrade_args=()
 
 body=$(mktemp)
 trap 'rm -f "$body"' EXIT
-[[ -f $OUT ]] && cp "$OUT" "$body"   # uv keeps the versions pinned in the output file
+if [[ ${UPGRADE:-0} != 1 ]]; then
+  # uv prefers the versions pinned in its output file: seed it with the installed versions,
+  # then the current pins, one line per (normalised) name.
+  { python3 -m pip list --format=freeze --exclude-editable 2>/dev/null
+    [[ -f $OUT ]] && grep -E '^[A-Za-z0-9]' "$OUT"
+  } | awk -F'==' 'NF == 2 { n = tolower($1); gsub(/[-_.]+/, "-", n); if (!seen[n]++) print n "==" $2 }' \
+    >"$body"
+fi
 (cd "$REPO" && uv pip compile pyproject.toml --quiet --no-header --no-emit-index-url \
   --no-emit-find-links --python-version "$PYTHON_VERSION" --python-platform "$PLATFORM" \
   "${constraint_args[@]}" "${upgrade_args[@]}" --output-file "$body")
