@@ -10,7 +10,8 @@
 # the pins lack a distribution that the installed project needs. The resolver prefers, where
 # they fit, the versions installed in the environment running this script (the one the tests
 # run in, so the image runs what was tested and the test walks the same dependency tree), then
-# the versions already pinned; UPGRADE=1 ignores both and takes the newest allowed releases.
+# the versions already pinned; UPGRADE=1 ignores both and takes the newest allowed releases
+# (then `pip install -r docker/requirements.txt` here, so the tests walk the same tree again).
 #
 # The resolver honours the constraint files that pip is configured with (pip.conf or
 # PIP_CONSTRAINT), so the pins stay within what `pip download` in docker/smoke.sh can fetch here.
@@ -42,7 +43,7 @@ if [[ ${UPGRADE:-0} != 1 ]]; then
   # uv prefers the versions pinned in its output file: seed it with the installed versions,
   # then the current pins, one line per (normalised) name.
   { python3 -m pip list --format=freeze --exclude-editable 2>/dev/null
-    [[ -f $OUT ]] && grep -E '^[A-Za-z0-9]' "$OUT"
+    if [[ -f $OUT ]]; then grep -E '^[A-Za-z0-9]' "$OUT" || true; fi
   } | awk -F'==' 'NF == 2 { n = tolower($1); gsub(/[-_.]+/, "-", n); if (!seen[n]++) print n "==" $2 }' \
     >"$body"
 fi
