@@ -185,7 +185,11 @@ check_default_run() {
 }
 
 # Shared by (b) and (c): same model, data and thread count, so their checkpoints must match.
-TORCHRUN_TRAIN=(-m pipelocal train --stages 2 --set run.progress=false --set run.epochs=3)
+# The thread count is set: by default each stage takes cores // stages on its node, which is
+# 1 for (b)'s two stages in one container and all cores for (c)'s one stage per container, and
+# CPU kernels reduce in a thread-count-dependent order.
+TORCHRUN_TRAIN=(-m pipelocal train --stages 2 --set run.progress=false --set run.epochs=3
+                --set pipeline.threads_per_stage=1)
 
 check_torchrun_one_container() {
   step "b. 2-stage torchrun in one container"
