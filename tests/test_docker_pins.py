@@ -162,7 +162,7 @@ def test_pins_satisfy_the_project_requirements(env: dict[str, str]) -> None:
 
 
 def test_the_closure_is_walked_from_installed_metadata(env: dict[str, str]) -> None:
-    """The walk reaches transitive dependencies through installed metadata, extras included."""
+    """The walk reaches transitive dependencies through the installed metadata."""
     chains, not_installed = runtime_closure(project_requirements(), env)
     assert "torch" not in not_installed, "torch is not installed; pip install -e '.[dev]'"
     # matplotlib -> contourpy: a dependency the project does not name itself.
