@@ -162,6 +162,15 @@ wait_ok() {
   done
 }
 
+# log_has NAME REGEX: whether container NAME's log has a line matching REGEX. The log is read
+# whole first: in `docker logs | grep -q` under pipefail, grep quitting at the first match can
+# kill `docker logs` with SIGPIPE, and the pipeline then fails although the line is there.
+log_has() {
+  local log
+  log=$(docker logs "$1" 2>&1)
+  grep -qE "$2" <<<"$log"
+}
+
 same_checkpoints() {
   PYTHONPATH=$REPO python3 - "$1" "$2" <<'EOF'
 import sys
@@ -196,7 +205,7 @@ check_torchrun_one_container() {
   run smoke-torchrun --entrypoint torchrun "$IMAGE" --standalone --nproc-per-node 2 \
     "${TORCHRUN_TRAIN[@]}" --set run.name=torchrun >/dev/null
   wait_ok smoke-torchrun
-  docker logs smoke-torchrun 2>&1 | grep -q 'pipelined over 2 stages' \
+  log_has smoke-torchrun 'pipelined over 2 stages' \
     || fail "torchrun run did not pipeline over 2 stages"
 }
 
@@ -222,9 +231,9 @@ check_docker_stop() {
     --set run.epochs=100000 --set run.checkpoint_every=100000 >/dev/null
   local t0 code
   for _ in $(seq 120); do
-    docker logs smoke-stop 2>&1 | grep -q '^epoch 3/' && break; sleep 1
+    log_has smoke-stop '^epoch 3/' && break; sleep 1
   done
-  docker logs smoke-stop 2>&1 | grep -q '^epoch 3/' || fail "training did not reach epoch 3 in 120 s"
+  log_has smoke-stop '^epoch 3/' || fail "training did not reach epoch 3 in 120 s"
   t0=$(date +%s%N)
   docker stop -t 30 smoke-stop >/dev/null
   code=$(docker inspect -f '{{.State.ExitCode}}' smoke-stop)
