@@ -19,8 +19,8 @@
 #      c. two containers as two torchrun "nodes" (c10d rendezvous on 127.0.0.1, the nodes
 #         on 127.0.0.1 and 127.0.0.2); their
 #         checkpoint must equal (b)'s bit for bit;
-#      d. `docker stop` of a training container: reports how it exits and which checkpoint
-#         it leaves.
+#      d. `docker stop` of a training container: it must exit with pipelocal's status for a
+#         stop on SIGINT (130) and leave a checkpoint at the step it stopped.
 #
 # Variables (all optional):
 #   WORK        build context, wheelhouse, rootfs and run directories; keep it outside the
@@ -242,8 +242,11 @@ check_docker_stop() {
   local ckpts
   ckpts=$(find "$RUNS/stop/checkpoints" -maxdepth 1 -name 'step_*' -printf '%f ' 2>/dev/null)
   echo "checkpoints left: ${ckpts:-none}"
-  if [[ $code != 0 || -z $ckpts ]]; then
-    fail "docker stop did not end in a clean exit with a checkpoint"
+  # 130: pipelocal's status for "stopped by SIGINT after checkpointing"; 137 would be the
+  # SIGKILL that follows an ignored stop signal.
+  if [[ $code != 130 || -z $ckpts ]]; then
+    fail "docker stop: expected exit 130 (stopped on SIGINT) and a checkpoint; got exit $code" \
+      "and checkpoints: ${ckpts:-none}"
   fi
 }
 
