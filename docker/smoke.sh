@@ -19,15 +19,17 @@
 #      c. two containers as two torchrun "nodes" (c10d rendezvous on 127.0.0.1, the nodes
 #         on 127.0.0.1 and 127.0.0.2); their
 #         checkpoint must equal (b)'s bit for bit;
-#      d. `docker stop` of a training container: reports how it exits and which checkpoint
-#         it leaves.
+#      d. `docker stop` of a training container: it must exit with pipelocal's status for a
+#         stop on SIGINT (130) and leave a checkpoint at the step it stopped.
 #
 # Variables (all optional):
 #   WORK        build context, wheelhouse, rootfs and run directories; keep it outside the
 #               git tree (default /work/docker-build)
 #   BASE_IMAGE  tag of the local base image (default: Dockerfile.cpu's BASE_IMAGE default)
 #   IMAGE       tag of the built image (default pipelocal:cpu)
-#   MIRROR      Debian mirror for debootstrap (default http://deb.debian.org/debian)
+#   MIRROR      Debian mirror for debootstrap (default: the first enabled `deb` source for
+#               bookworm in this machine's apt sources: /etc/apt/sources.list,
+#               /etc/apt/sources.list.d/*.list and deb822 *.sources; required when none has one)
 #   KEEP        1 = keep the image, the base image and the wheelhouse at the end (default 0)
 set -euo pipefail
 
@@ -35,7 +37,8 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${WORK:-/work/docker-build}
 BASE_IMAGE=${BASE_IMAGE:-$(sed -n 's/^ARG BASE_IMAGE=//p' "$REPO/docker/Dockerfile.cpu")}
 IMAGE=${IMAGE:-pipelocal:cpu}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+SUITE=bookworm             # Debian 12, whose python3 is CPython 3.11 (the wheelhouse is cp311)
+MIRROR=${MIRROR:-}
 KEEP=${KEEP:-0}
 RUNS=$WORK/runs            # mounted into every container: all checkpoints land on the host
 TIMEOUT=600                # seconds any one container may run before the script gives up
@@ -57,15 +60,59 @@ ensure_docker() {
   docker version --format 'docker server {{.Server.Version}}'
 }
 
+# apt_mirror SUITE: prints the URI of the first enabled `deb` source that serves SUITE in this
+# machine's apt sources (one-line *.list and deb822 *.sources), or nothing.
+apt_mirror() {
+  local suite=$1 f uri
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [[ -f $f ]] || continue
+    # deb [opt=value ...] URI SUITE COMPONENT...; the options may contain spaces.
+    uri=$(awk -v s="$suite" '
+      $1 == "deb" {
+        i = 2
+        if ($i ~ /^\[/) { while (i < NF && $i !~ /\]$/) i++; i++ }
+        if ($(i + 1) == s) { print $i; exit }
+      }' "$f")
+    [[ -n $uri ]] && { echo "$uri"; return; }
+  done
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [[ -f $f ]] || continue
+    # Stanzas separated by blank lines; field names are case-insensitive; a line that starts
+    # with white space continues the previous field.
+    uri=$(awk -v s="$suite" '
+      function flush() {
+        if (!done && (" " f["types"] " ") ~ / deb / && tolower(f["enabled"]) != "no" \
+            && (" " f["suites"] " ") ~ (" " s " ") && f["uris"] != "") {
+          split(f["uris"], u, " "); print u[1]; done = 1
+        }
+        delete f
+      }
+      /^[ \t]*#/ { next }
+      /^[ \t]*$/ { flush(); next }
+      /^[ \t]/ { v = $0; gsub(/[ \t]+/, " ", v); f[key] = f[key] v; next }
+      {
+        key = tolower(substr($0, 1, index($0, ":") - 1))
+        f[key] = substr($0, index($0, ":") + 1)
+        gsub(/[ \t]+/, " ", f[key]); sub(/^ /, "", f[key]); sub(/ $/, "", f[key])
+      }
+      END { flush() }' "$f")
+    [[ -n $uri ]] && { echo "$uri"; return; }
+  done
+}
+
 make_base() {
   step "base image $BASE_IMAGE (debootstrap bookworm + docker import)"
   if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     echo "present, reused"; return
   fi
-  local rootfs=$WORK/rootfs
+  local rootfs=$WORK/rootfs mirror=$MIRROR
+  [[ -n $mirror ]] || mirror=$(apt_mirror "$SUITE")
+  [[ -n $mirror ]] || fail "no Debian mirror for debootstrap: no enabled deb source for $SUITE in \
+/etc/apt/sources.list, /etc/apt/sources.list.d/*.list or *.sources; set MIRROR=<Debian mirror URL>"
+  echo "mirror: $mirror${MIRROR:+ (from MIRROR)}"
   rm -rf "$rootfs"
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-    bookworm "$rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 \
+    "$SUITE" "$rootfs" "$mirror" >"$WORK/debootstrap.log" 2>&1 \
     || fail "debootstrap failed; see $WORK/debootstrap.log"
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
   tar -C "$rootfs" -c . | docker import \
@@ -115,6 +162,15 @@ wait_ok() {
   done
 }
 
+# log_has NAME REGEX: whether container NAME's log has a line matching REGEX. The log is read
+# whole first: in `docker logs | grep -q` under pipefail, grep quitting at the first match can
+# kill `docker logs` with SIGPIPE, and the pipeline then fails although the line is there.
+log_has() {
+  local log
+  log=$(docker logs "$1" 2>&1)
+  grep -qE "$2" <<<"$log"
+}
+
 same_checkpoints() {
   PYTHONPATH=$REPO python3 - "$1" "$2" <<'EOF'
 import sys
@@ -138,14 +194,18 @@ check_default_run() {
 }
 
 # Shared by (b) and (c): same model, data and thread count, so their checkpoints must match.
-TORCHRUN_TRAIN=(-m pipelocal train --stages 2 --set run.progress=false --set run.epochs=3)
+# The thread count is set: by default each stage takes cores // stages on its node, which is
+# 1 for (b)'s two stages in one container and all cores for (c)'s one stage per container, and
+# CPU kernels reduce in a thread-count-dependent order.
+TORCHRUN_TRAIN=(-m pipelocal train --stages 2 --set run.progress=false --set run.epochs=3
+                --set pipeline.threads_per_stage=1)
 
 check_torchrun_one_container() {
   step "b. 2-stage torchrun in one container"
   run smoke-torchrun --entrypoint torchrun "$IMAGE" --standalone --nproc-per-node 2 \
     "${TORCHRUN_TRAIN[@]}" --set run.name=torchrun >/dev/null
   wait_ok smoke-torchrun
-  docker logs smoke-torchrun 2>&1 | grep -q 'pipelined over 2 stages' \
+  log_has smoke-torchrun 'pipelined over 2 stages' \
     || fail "torchrun run did not pipeline over 2 stages"
 }
 
@@ -171,9 +231,9 @@ check_docker_stop() {
     --set run.epochs=100000 --set run.checkpoint_every=100000 >/dev/null
   local t0 code
   for _ in $(seq 120); do
-    docker logs smoke-stop 2>&1 | grep -q '^epoch 3/' && break; sleep 1
+    log_has smoke-stop '^epoch 3/' && break; sleep 1
   done
-  docker logs smoke-stop 2>&1 | grep -q '^epoch 3/' || fail "training did not reach epoch 3 in 120 s"
+  log_has smoke-stop '^epoch 3/' || fail "training did not reach epoch 3 in 120 s"
   t0=$(date +%s%N)
   docker stop -t 30 smoke-stop >/dev/null
   code=$(docker inspect -f '{{.State.ExitCode}}' smoke-stop)
@@ -182,8 +242,11 @@ check_docker_stop() {
   local ckpts
   ckpts=$(find "$RUNS/stop/checkpoints" -maxdepth 1 -name 'step_*' -printf '%f ' 2>/dev/null)
   echo "checkpoints left: ${ckpts:-none}"
-  if [[ $code != 0 || -z $ckpts ]]; then
-    fail "docker stop did not end in a clean exit with a checkpoint"
+  # 130: pipelocal's status for "stopped by SIGINT after checkpointing"; 137 would be the
+  # SIGKILL that follows an ignored stop signal.
+  if [[ $code != 130 || -z $ckpts ]]; then
+    fail "docker stop: expected exit 130 (stopped on SIGINT) and a checkpoint; got exit $code" \
+      "and checkpoints: ${ckpts:-none}"
   fi
 }
 
