@@ -5,8 +5,9 @@ Ray's raylet and GCS share the driver's fate, but its per-node agents (``ray::Da
 GCS: after a SIGKILL of the driver they stayed 60-120 s. So the driver starts this reaper next
 to the instance, holding the write end of a pipe to it. When the pipe closes (the driver exited
 or was killed), the reaper kills every process of that instance: those whose command line names
-its session folder, and those started by its raylet (``RAY_RAYLET_PID`` in their environment;
-the agents rename themselves, so their command line does not say), then exits.
+its session folder, and those started by its raylet (its children, noted while it lives, or
+``RAY_RAYLET_PID`` in their environment; the agents rename themselves, so their command line
+does not say), then exits.
 
     python pipelocal/launch/ray_reaper.py SESSION_DIR RAY_DIR RAYLET_PID   # stdin until EOF
 
@@ -18,6 +19,7 @@ library and is watching within a fraction of a second.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -52,8 +54,14 @@ def instance_pids(session_dir: str, ray_dir: str, raylet: int | None = None) -> 
     env_marker = f"RAY_RAYLET_PID={raylet}".encode() if raylet is not None else None
     return [pid for pid, cmd in procs
             if (session in cmd and package in cmd)
+            or (raylet is not None and _parent(pid) == raylet)  # the agents, while it lives
             or (env_marker is not None
                 and env_marker in _read(Path(f"/proc/{pid}/environ")).split(b"\0"))]
+
+
+def _parent(pid: int) -> int | None:
+    fields = _read(Path(f"/proc/{pid}/stat")).rsplit(b")", 1)[-1].split()
+    return int(fields[1]) if len(fields) > 1 else None
 
 
 class Reaper:
@@ -89,12 +97,29 @@ def start_reaper(session_dir: str, ray_dir: str) -> Reaper:
     return Reaper(proc)
 
 
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): with the pid, who it is."""
+    stat = _read(Path(f"/proc/{pid}/stat"))
+    fields = stat.rsplit(b")", 1)[-1].split()
+    return fields[19].decode() if len(fields) > 19 else None
+
+
 def _main(session_dir: str, ray_dir: str, raylet: int | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # it ends when the driver does, not before
-    sys.stdin.buffer.read()  # blocks until the driver closes the pipe or dies: EOF
+    # While the driver lives, note the instance's processes once a second: at the end the
+    # raylet may already be gone, and with it the only way to recognise its renamed agents.
+    known: dict[int, str | None] = {}
+    while not select.select([sys.stdin], [], [], 1.0)[0]:
+        raylet = raylet or _raylet(session_dir)
+        known.update((pid, _start_time(pid)) for pid in instance_pids(session_dir, ray_dir,
+                                                                      raylet))
+    sys.stdin.buffer.read()  # readable: the driver closed the pipe or died (EOF)
     for _ in range(3):  # again after a pause: a process the dying raylet was just starting
-        for pid in instance_pids(session_dir, ray_dir, raylet):
+        fresh = instance_pids(session_dir, ray_dir, raylet)
+        noted = [pid for pid, started in known.items()
+                 if started is not None and _start_time(pid) == started]
+        for pid in {*fresh, *noted}:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:  # already gone
