@@ -29,7 +29,7 @@ from pipelocal.checkpoint import (
 )
 from pipelocal.config import Config, config_to_dict
 from pipelocal.data import BatchLoader, load_dataset, make_loaders
-from pipelocal.data.loader import epoch_batches
+from pipelocal.data.prefetch import epoch_batches
 from pipelocal.metrics import Metrics
 from pipelocal.models import BlockSpec
 from pipelocal.setup import Position, Setup

@@ -20,7 +20,7 @@ import pytest
 from pipelocal.checkpoint import read_manifest, resolve_checkpoint
 from pipelocal.cli import EXIT_INTERRUPTED, EXIT_NONFINITE, main
 from pipelocal.launch import PipelineError, train
-from pipelocal.launch.preflight import lock_run_dir, release_run_dir
+from pipelocal.launch.run_dir import lock_run_dir, release_run_dir
 from pipelocal.pipeline.faults import FAULT_ENV
 from tests.conftest import REPO, assert_identical, checkpoint_tensors, tiny_config, tiny_overrides
 

@@ -2,7 +2,8 @@
 
 ``load_dataset(cfg.data)`` reads a registered dataset into memory; ``make_loaders`` wraps its
 splits in :class:`BatchLoader` s whose ``batch(epoch, index)`` is a pure function of the run
-seed, so every process of a pipelined run can rebuild exactly the same batches.
+seed, so every process of a pipelined run can rebuild exactly the same batches;
+:mod:`pipelocal.data.prefetch` iterates an epoch of them, built ahead by one thread.
 """
 
 from __future__ import annotations

@@ -28,9 +28,9 @@ from pipelocal.launch.preflight import (
     finalise,
     plan_stages,
     prepare,
-    release_run_dir,
     validate,
 )
+from pipelocal.launch.run_dir import release_run_dir
 from pipelocal.launch.spawn import Interrupted, PipelineError, check_not_stopped, spawn
 from pipelocal.launch.torchrun import torchrun_worker, under_torchrun
 from pipelocal.metrics import Metrics

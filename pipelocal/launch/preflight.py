@@ -1,5 +1,6 @@
 """Before any worker starts: load the data, find the resume point, choose the stage count and
-the partition, check every stage's shapes with a dummy batch, open the run directory.
+the partition, check every stage's shapes with a dummy batch, open the run directory
+(:mod:`pipelocal.launch.run_dir`).
 
 Everything checkable is checked here, in the launching process, so a bad run fails in seconds
 with a :class:`~pipelocal.config.ConfigError` and no process, and no run directory, is made.
@@ -7,12 +8,9 @@ with a :class:`~pipelocal.config.ConfigError` and no process, and no run directo
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import multiprocessing
 import os
-import shutil
-import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -32,12 +30,12 @@ from pipelocal.config import (
     apply_overrides,
     config_to_dict,
     from_dict,
-    to_toml,
     upgrade_saved_config,
 )
 from pipelocal.data import Dataset, load_dataset
 from pipelocal.device import auto_stages, check_bf16, cpu_threads, place_stage, visible_gpus
 from pipelocal.engine import Engine, build_blocks
+from pipelocal.launch.run_dir import check_fresh, open_run_dir
 from pipelocal.pipeline.faults import FAULT_ENV, check_fault_spec
 from pipelocal.pipeline.partition import check_partition, max_stages, stage_ranges
 from pipelocal.pipeline.plan import make_plan
@@ -47,24 +45,15 @@ from pipelocal.setup import Position, Setup
 __all__ = [
     "auto_resume_point",
     "check_fits",
-    "check_fresh",
     "check_resume",
     "dry_run",
     "finalise",
-    "lock_run_dir",
-    "make_run_dir",
-    "open_run_dir",
     "plan_stages",
     "prepare",
     "profiled_partition",
-    "release_run_dir",
     "resume_config",
     "validate",
 ]
-
-_LOCK_NAME = ".lock"
-_HELD: dict[Path, int] = {}
-"""Run directory -> file descriptor of its lock file, for the run this process launched."""
 
 _MATCHING_SECTIONS = ("model", "data", "rule", "optim", "schedule")
 # How batches are fed, never which batches: a resumed run may change these (and checkpoints
@@ -111,65 +100,6 @@ def _with(data: dict[str, Any], section: str, key: str, value: Any) -> dict[str,
     return {**data, section: {**data[section], key: value}}
 
 
-def make_run_dir(cfg: Config) -> Path:
-    """Create (named) or newly claim (unnamed) the run directory; an unnamed run never shares
-    one: two started in the same second get ``<stamp>`` and ``<stamp>-1``."""
-    out = Path(cfg.run.out_dir)
-    try:
-        if cfg.run.name:
-            run_dir = out / cfg.run.name
-            run_dir.mkdir(parents=True, exist_ok=True)
-            return run_dir
-        out.mkdir(parents=True, exist_ok=True)
-        stamp, suffix = time.strftime("%Y%m%d-%H%M%S"), 0
-        while True:  # mkdir is atomic: exactly one run creates each name
-            run_dir = out / (stamp if suffix == 0 else f"{stamp}-{suffix}")
-            try:
-                run_dir.mkdir()
-                return run_dir
-            except FileExistsError:
-                suffix += 1
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot create a run directory in run.out_dir = {str(out)!r}: "
-            f"{exc.strerror or exc}; set run.out_dir to a writable folder"
-        ) from exc
-
-
-def lock_run_dir(run_dir: Path) -> None:
-    """Own ``run_dir`` for this run: an exclusive ``flock`` on its lock file.
-
-    The kernel drops the lock when this process exits, however it exits, so a lock left by a
-    killed run is never stale. Worker processes do not inherit it (spawned, not forked).
-    """
-    path = run_dir / _LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise ConfigError(f"cannot write to the run directory {run_dir}: "
-                          f"{exc.strerror or exc}; set run.out_dir to a writable folder") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise ConfigError(
-            f"run directory {run_dir} is in use by another run (pid {holder}); wait for it to "
-            "end, stop it, or choose another run.name"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _HELD[run_dir] = fd
-
-
-def release_run_dir(run_dir: Path | None = None) -> None:
-    """Give up the lock on ``run_dir`` (every run directory this process holds when None)."""
-    for held in [run_dir] if run_dir is not None else list(_HELD):
-        fd = _HELD.pop(held, None) if held is not None else None
-        if fd is not None:
-            os.close(fd)  # closing the descriptor releases the flock
-
-
 def auto_resume_point(cfg: Config) -> Path | None:
     """``run.resume = "auto"``: the run directory if it holds a complete checkpoint; None if
     it holds no checkpoint at all. A damaged one is an error (offering what verifies), never a
@@ -182,59 +112,6 @@ def auto_resume_point(cfg: Config) -> Path | None:
             raise
         return None
     return run_dir
-
-
-_RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoints")
-"""What makes a folder a run directory that holds a run (an empty one, or one with only the
-lock file, is free)."""
-
-
-def _held_run(run_dir: Path) -> str | None:
-    """What ``run_dir`` holds of an earlier run, for the refusal; None if nothing."""
-    found = [name for name in _RUN_FILES if (run_dir / name).exists()]
-    if not found:
-        return None
-    try:
-        ckpt = resolve_checkpoint(run_dir)
-        return f"{', '.join(found)}; latest checkpoint {ckpt.name}"
-    except CheckpointError:
-        return ", ".join(found)
-
-
-def check_fresh(cfg: Config) -> None:
-    """A new named run must not write into a directory that holds another run (its pruning
-    would delete the new run's checkpoints): refused unless ``run.resume = "overwrite"``, or
-    ``"auto"`` found no checkpoint to continue. A directory in use is refused either way."""
-    if not cfg.run.name:
-        return  # an unnamed run always gets a new directory
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    if not run_dir.is_dir():
-        return
-    lock_run_dir(run_dir)  # raises if another run owns it now
-    release_run_dir(run_dir)
-    held = _held_run(run_dir)
-    if held is None or cfg.run.resume in ("overwrite", "auto"):
-        return
-    raise _holds_another(run_dir, held)
-
-
-def _holds_another(run_dir: Path, held: str) -> ConfigError:
-    return ConfigError(
-        f"run directory {run_dir} already holds another run ({held}); continue it with "
-        f"--resume {run_dir}, choose a fresh run.name, or replace it with --overwrite "
-        "(= --set run.resume=overwrite)"
-    )
-
-
-def _clear_run_dir(run_dir: Path) -> None:
-    """``run.resume = overwrite`` (or auto without a checkpoint): the earlier run's files go."""
-    for entry in run_dir.iterdir():
-        if entry.name == _LOCK_NAME:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
 
 
 def prepare(cfg: Config, resume: str | Path | None = None) -> tuple[Setup, Dataset]:
@@ -392,33 +269,3 @@ def finalise(setup: Setup, partition: list[int], *, in_subprocess: bool = False)
     dry_run(setup, partition)
     setup.cfg = cfg.replace(pipeline={"partition": partition})
     open_run_dir(setup)
-
-
-def open_run_dir(setup: Setup) -> None:
-    """Create and lock the run directory (a resumed run keeps its own), write the config."""
-    if setup.resume is None:
-        setup.run_dir = make_run_dir(setup.cfg)
-    lock_run_dir(setup.run_dir)
-    try:
-        if setup.resume is None and setup.cfg.run.name:
-            check_fresh_locked(setup)
-        (setup.run_dir / "config.toml").write_text(to_toml(setup.cfg))
-    except OSError as exc:
-        release_run_dir(setup.run_dir)
-        raise ConfigError(f"cannot write {setup.run_dir / 'config.toml'}: "
-                          f"{exc.strerror or exc}; set run.out_dir to a writable folder") from exc
-
-
-def check_fresh_locked(setup: Setup) -> None:
-    """Under the lock: refuse a directory that holds another run (it may have appeared since
-    :func:`check_fresh`), or clear it when the config says so; the config written into the
-    run directory then says ``never`` (a copy of it must not overwrite again)."""
-    run_dir, how = setup.run_dir, setup.cfg.run.resume
-    held = _held_run(run_dir)
-    if held is None:
-        return
-    if how == "never":
-        raise _holds_another(run_dir, held)
-    _clear_run_dir(run_dir)
-    if how == "overwrite":
-        setup.cfg = setup.cfg.replace(run={"resume": "never"})
