@@ -21,6 +21,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["NCCL_ORDER_ENV", "SerialTransport", "nccl_order_requested"]
@@ -104,11 +105,7 @@ class SerialTransport:
         return self._stream(group).post(lambda: op(tensor, peer, group=group, tag=tag))
 
     def isend(self, tensor: Tensor, dst: int, group: Any, tag: int) -> Any:
-        import torch.distributed as dist
-
         return self._post(dist.isend, tensor, dst, group, tag)
 
     def irecv(self, tensor: Tensor, src: int, group: Any, tag: int) -> Any:
-        import torch.distributed as dist
-
         return self._post(dist.irecv, tensor, src, group, tag)

@@ -60,7 +60,11 @@ def unnormalise(image: Tensor, stats: tuple[tuple[float, ...], tuple[float, ...]
     [0, 1]: a pixel of 1 can come back as 1 + 1e-7, and binary cross-entropy refuses targets
     outside [0, 1]."""
     mean, std = _stats_tensors(stats)
-    return (image * std.to(image) + mean.to(image)).clamp_(0.0, 1.0)
+    return _unnormalise(image, mean.to(image), std.to(image))
+
+
+def _unnormalise(image: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    return (image * std + mean).clamp_(0.0, 1.0)  # mean, std: [1, C, 1, 1] on image's device
 
 
 def _stats_tensors(stats: tuple[tuple[float, ...], tuple[float, ...]]) -> tuple[Tensor, Tensor]:
@@ -116,7 +120,7 @@ class InfoProRule(LocalRule):
         """The image in [0, 1] the decoder reconstructs, from the normalised input ``image``."""
         if self.cfg.infopro_target == "minmax" or self.image_stats is None:
             return unit_range(image)
-        return (image * self.image_std + self.image_mean).clamp_(0.0, 1.0)  # as unnormalise
+        return _unnormalise(image, self.image_mean, self.image_std)
 
     def loss(  # type: ignore[override]
         self, h: Tensor, y: Tensor, image: Tensor | None = None
