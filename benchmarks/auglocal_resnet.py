@@ -68,8 +68,8 @@ from benchmarks.common import (
 from benchmarks.cost import block_costs
 from pipelocal.config import load_config
 from pipelocal.models import build_model
+from pipelocal.pipeline.balance import balance_partition
 from pipelocal.pipeline.partition import balanced_partition, stage_ranges
-from pipelocal.pipeline.plan import make_plan
 from pipelocal.rules import end_to_end_top
 
 NAME = "auglocal_resnet"
@@ -129,7 +129,7 @@ def profiled_partition(args: argparse.Namespace) -> list[int]:
     cfg = load_config(None, [*base_overrides(args), *RULES["auglocal-d4"], "pipeline.stages=2"])
     torch.set_num_threads(1)
     specs = build_model(cfg.model, (1, 28, 28), 10)
-    return make_plan(cfg, specs, 10, torch.device("cpu")).partition
+    return balance_partition(cfg, specs, 10, torch.device("cpu")).partition
 
 
 def partition_run(args: argparse.Namespace, partition: list[int], root: Path, tag: str

@@ -35,7 +35,7 @@ import torch
 from benchmarks.common import Provenance, write_result
 from pipelocal.config import Config, ConfigError, load_config
 from pipelocal.data import load_dataset, make_loaders
-from pipelocal.device import configure_determinism
+from pipelocal.determinism import configure_determinism
 from pipelocal.engine import Engine, build_blocks
 from pipelocal.launch import train
 from pipelocal.models import build_model

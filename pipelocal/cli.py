@@ -61,23 +61,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _dry_run(cfg: Config, resume: str | None) -> int:
     """The checks `train` makes before any worker starts, then a dummy batch through the stages."""
-    import torch
-
-    from pipelocal.launch.preflight import (
-        dry_run,
-        plan_stages,
-        prepare,
-        profiled_partition,
-        validate,
-    )
+    from pipelocal.launch.preflight import preflight
     from pipelocal.pipeline.partition import stage_ranges
 
-    setup, _ = prepare(cfg, resume)
-    plan_stages(setup)
-    partition = validate(setup) or profiled_partition(setup, torch.device("cpu"))
-    dry_run(setup, partition)
-    specs = setup.specs
-    print(f"dry run OK: {setup.cfg.model.name} on {setup.cfg.data.name}, "
+    spec = preflight(cfg, resume, open_dir=False)
+    specs, partition = spec.specs, list(spec.cfg.pipeline.partition)
+    print(f"dry run OK: {spec.cfg.model.name} on {spec.cfg.data.name}, "
           f"{len(partition)} stage(s), partition {partition}")
     for s, r in enumerate(stage_ranges(partition)):
         print(f"  stage {s}: {', '.join(specs[i].name for i in r)}  "
@@ -127,22 +116,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
     from pipelocal.device import cpu_threads, place_stage, visible_gpus
-    from pipelocal.launch.preflight import plan_stages, prepare
-    from pipelocal.pipeline.plan import make_plan
+    from pipelocal.launch.preflight import resolve
+    from pipelocal.pipeline.balance import balance_partition
 
     cfg = _config(args, [f"pipeline.stages={args.stages}"] if args.stages else [])
-    setup, dataset = prepare(cfg)
-    plan_stages(setup)
-    cfg = setup.cfg
+    spec = resolve(cfg)
+    cfg = spec.cfg
     gpus = visible_gpus(cfg)
     device = place_stage(stages=cfg.pipeline.stages, gpus_per_node=gpus, nodes=1, local_rank=0,
                          device=cfg.run.device)
     torch.set_num_threads(cpu_threads(cfg.pipeline.threads_per_stage, cfg.pipeline.stages))
-    plan = make_plan(cfg, setup.specs, dataset.num_classes, device)
-    print(f"{cfg.model.name} on {dataset.name}, batch {cfg.data.batch_size}, {device}, "
-          f"{torch.get_num_threads()} thread(s) per stage; {setup.note}")
-    print(plan.table())
-    print(f"\nuse it: --set 'pipeline.partition={plan.partition}'")
+    balance = balance_partition(cfg, spec.specs, spec.num_classes, device)
+    print(f"{cfg.model.name} on {cfg.data.name}, batch {cfg.data.batch_size}, {device}, "
+          f"{torch.get_num_threads()} thread(s) per stage; {spec.note}")
+    print(balance.table())
+    print(f"\nuse it: --set 'pipeline.partition={balance.partition}'")
     return 0
 
 

@@ -36,7 +36,8 @@ def exit_status(exc: BaseException) -> tuple[int, str] | None:
     """(status, the line to print on stderr) for an exception that ends a run; None if it is a
     bug (the traceback is the report)."""
     from pipelocal.config import ConfigError
-    from pipelocal.launch.spawn import Interrupted, PipelineError
+    from pipelocal.launch.spawn import PipelineError
+    from pipelocal.stop import Interrupted
     from pipelocal.trainer import NonFiniteLoss
 
     if isinstance(exc, PipelineError):

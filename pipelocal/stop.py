@@ -2,7 +2,8 @@
 that set it, and a child process's death with its parent.
 
 Ctrl-C / SIGTERM (or a supervisor's stop file) ask the loop to checkpoint at the current step and
-stop; :func:`die_with_parent` has the kernel end a worker whose launcher was killed.
+stop; a stop during set-up raises :class:`Interrupted`. :func:`die_with_parent` has the kernel
+end a worker whose launcher was killed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "Interrupted",
+    "check_not_stopped",
     "clear_stop",
     "die_with_parent",
     "install_stop_handlers",
@@ -87,3 +90,15 @@ def die_with_parent(parent: int) -> None:
         return
     if os.getppid() != parent:  # the parent died before the line above
         os._exit(1)
+
+
+class Interrupted(RuntimeError):
+    """The run was stopped by Ctrl-C / SIGTERM before it could checkpoint: during set-up, or
+    aborted by a second one."""
+
+
+def check_not_stopped() -> None:
+    """Ctrl-C / SIGTERM during set-up: stop before any worker starts (nothing to checkpoint)."""
+    if stop_requested():
+        raise Interrupted("stopped during set-up, before training started; nothing was "
+                          "trained, so no checkpoint was written")

@@ -32,7 +32,7 @@ from pipelocal.data import BatchLoader, load_dataset, make_loaders
 from pipelocal.data.prefetch import epoch_batches
 from pipelocal.metrics import Metrics
 from pipelocal.models import BlockSpec
-from pipelocal.setup import Position, Setup
+from pipelocal.runspec import Position, RunSpec
 from pipelocal.stop import stop_requested
 
 __all__ = [
@@ -255,21 +255,21 @@ def _keep_best(result: dict[str, Any], record: dict[str, Any]) -> None:
         result["test/best_acc"], result["test/best_epoch"] = acc, record["epoch"]
 
 
-def build_trainer(setup: Setup, pipe: Pipe, *, where: str) -> Trainer:
+def build_trainer(spec: RunSpec, pipe: Pipe, *, where: str) -> Trainer:
     """The coordinator of a run: data, loaders, metrics and the run's first line, then the loop.
 
     ``where`` says how the run is laid out (single process or pipeline, backend, device).
     """
-    cfg, specs = setup.cfg, setup.specs
+    cfg, specs = spec.cfg, spec.specs
     dataset = load_dataset(cfg.data)
     train_loader, test_loader = make_loaders(dataset, cfg.data, cfg.run.seed)
-    metrics = Metrics(setup.run_dir, progress=cfg.run.progress, tensorboard=cfg.run.tensorboard)
-    note = f" ({setup.note})" if setup.note else ""
+    metrics = Metrics(spec.run_dir, progress=cfg.run.progress, tensorboard=cfg.run.tensorboard)
+    note = f" ({spec.note})" if spec.note else ""
     metrics.echo(
         f"pipelocal: {where}{note}; {cfg.model.name} ({len(specs)} blocks) with rule "
-        f"{cfg.rule.name} on {dataset.name}; run directory {setup.run_dir} (pid {os.getpid()})"
+        f"{cfg.rule.name} on {dataset.name}; run directory {spec.run_dir} (pid {os.getpid()})"
     )
-    if setup.resume is not None:
-        metrics.drop_after(setup.start.epoch)
-    return Trainer(cfg, pipe, specs, train_loader, test_loader, setup.run_dir,
-                   metrics=metrics, start=setup.start, partition_auto=setup.partition_auto)
+    if spec.resume is not None:
+        metrics.drop_after(spec.start.epoch)
+    return Trainer(cfg, pipe, specs, train_loader, test_loader, spec.run_dir,
+                   metrics=metrics, start=spec.start, partition_auto=spec.partition_auto)

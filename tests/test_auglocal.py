@@ -15,10 +15,10 @@ from pipelocal.config import Config, ConfigError, ModelConfig, RuleConfig, load_
 from pipelocal.engine import Engine, LocalBlock, build_blocks
 from pipelocal.launch.preflight import validate
 from pipelocal.models import build_model
-from pipelocal.pipeline.plan import make_plan
+from pipelocal.pipeline.balance import balance_partition
 from pipelocal.rules import RuleContext, build_rule, end_to_end_top
 from pipelocal.rules.auglocal import AugLocalRule, aux_layers, pyramid_depth, select_layers
-from pipelocal.setup import Setup
+from pipelocal.runspec import RunSpec
 
 # d_j for hidden layers j = 0..L-2, tau = 0.5, worked out by hand from
 # d_j = round(d - (d - 1) j / (2 (L - 2))) (halves round to even: 2.5 -> 2, 1.5 -> 2).
@@ -240,8 +240,8 @@ def test_a_top_split_across_engines_fails_loudly() -> None:
         blocks[0].train_step(x, y)
 
 
-def _setup(cfg: Config) -> Setup:
-    return Setup(cfg, (3, 32, 32), 10, Path())
+def _setup(cfg: Config) -> RunSpec:
+    return RunSpec(cfg, (3, 32, 32), 10, Path())
 
 
 @pytest.mark.parametrize(("extra", "match"), [
@@ -260,11 +260,11 @@ def test_a_partition_that_splits_the_top_is_a_config_error(extra: list[str], mat
 
 def test_plan_keeps_the_top_in_one_stage() -> None:
     cfg = _cfg("pipeline.stages=12", "data.batch_size=4")
-    plan = make_plan(cfg, build_model(cfg.model, (3, 32, 32), 10), 10, torch.device("cpu"))
+    plan = balance_partition(cfg, build_model(cfg.model, (3, 32, 32), 10), 10, torch.device("cpu"))
     assert plan.partition[-1] == 5 and plan.partition[:-1] == [1] * 11  # 12 stages: the top whole
     assert "blocks s3b1..out learn end to end" in plan.table()
     top = [p.time_s for p in plan.profiles[11:]]
     assert len(set(top)) == 1 and top[0] > 0  # one step, shared out
-    two = make_plan(cfg.replace(pipeline={"stages": 2}), build_model(cfg.model, (3, 32, 32), 10),
-                    10, torch.device("cpu"))
+    two = balance_partition(cfg.replace(pipeline={"stages": 2}),
+                            build_model(cfg.model, (3, 32, 32), 10), 10, torch.device("cpu"))
     assert sum(two.partition[:-1]) <= 11

@@ -9,20 +9,19 @@ import pytest
 import torch
 
 from pipelocal.config import ConfigError
-from pipelocal.device import (
+from pipelocal.determinism import (
     CUBLAS_WORKSPACE,
-    StepTimer,
-    auto_stages,
     check_bf16,
     configure_determinism,
-    cpu_threads,
     cublas_workspace_ok,
     deterministic_now,
+)
+from pipelocal.device import auto_stages, cpu_threads, place_stage, ray_gpu_index
+from pipelocal.meters import (
+    StepTimer,
     memory_stats,
     nvml_process_mib,
     nvml_uuid,
-    place_stage,
-    ray_gpu_index,
     reset_memory_stats,
 )
 

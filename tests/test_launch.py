@@ -127,19 +127,19 @@ def test_stage_shape_mismatch_between_stages(
     import dataclasses
 
     import pipelocal.launch.preflight as run_mod
-    import pipelocal.setup as setup_mod
+    import pipelocal.runspec as runspec_mod
 
-    real = setup_mod.build_model
+    real = runspec_mod.build_model
 
     def broken(cfg, in_shape, num_classes):  # block 2 declares a wrong input shape
         specs = real(cfg, in_shape, num_classes)
         specs[2] = dataclasses.replace(specs[2], in_shape=(17,))
         return specs
 
-    monkeypatch.setattr(setup_mod, "build_model", broken)
-    setup, _ = run_mod.prepare(tiny_config(tmp_path, "pipeline.stages=2"))
+    monkeypatch.setattr(runspec_mod, "build_model", broken)
+    spec = run_mod.resolve(tiny_config(tmp_path, "pipeline.stages=2"))
     with pytest.raises(ConfigError) as info:
-        run_mod.dry_run(setup, [2, 2])
+        run_mod.dry_run(spec, [2, 2])
     assert "stage 1 expects input [2, 17] but stage 0 sends [2, 16, 2, 2]" in str(info.value)
 
 
@@ -168,23 +168,21 @@ def _fake_gpus(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
 
 def test_one_gpu_plans_one_stage_and_says_so(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelocal.launch.preflight import plan_stages, prepare
+    from pipelocal.launch.preflight import Placement, resolve
 
     _fake_gpus(monkeypatch, 1)
-    setup, _ = prepare(tiny_config(tmp_path))
-    plan_stages(setup)
-    assert setup.cfg.pipeline.stages == 1
-    assert setup.note == "1 stage(s), one per GPU (1 visible)"
+    spec = resolve(tiny_config(tmp_path), placement=Placement(gpus_per_node=1))
+    assert spec.cfg.pipeline.stages == 1
+    assert spec.note == "1 stage(s), one per GPU (1 visible)"
 
 
 def test_no_gpu_plans_the_two_stage_cpu_pipeline(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelocal.launch.preflight import plan_stages, prepare
+    from pipelocal.launch.preflight import resolve
 
     _fake_gpus(monkeypatch, 0)  # as with CUDA_VISIBLE_DEVICES=""
-    setup, _ = prepare(tiny_config(tmp_path))
-    plan_stages(setup)
-    assert (setup.cfg.pipeline.stages, setup.note) == (2, "2 stages on CPU (no GPU visible)")
+    spec = resolve(tiny_config(tmp_path))
+    assert (spec.cfg.pipeline.stages, spec.note) == (2, "2 stages on CPU (no GPU visible)")
 
 
 @pytest.mark.usefixtures("no_spawn")
@@ -208,7 +206,7 @@ def test_spawn_and_torchrun_place_every_rank(
     import pipelocal.device
     import pipelocal.launch.preflight as prepare_mod
     import pipelocal.pipeline.worker as worker_mod
-    from pipelocal.launch.preflight import plan_stages, prepare, validate
+    from pipelocal.launch.preflight import Placement, resolve
     from pipelocal.launch.torchrun import torchrun_worker
 
     calls: list[tuple[int, int]] = []
@@ -220,9 +218,8 @@ def test_spawn_and_torchrun_place_every_rank(
     monkeypatch.setattr(prepare_mod, "place_stage", spy)
     monkeypatch.setattr(worker_mod, "place_stage", spy)
     _fake_gpus(monkeypatch, 2)
-    setup, _ = prepare(tiny_config(tmp_path, "pipeline.stages=2", "run.device=cpu"))
-    plan_stages(setup)
-    validate(setup, gpus_per_node=2)
+    resolve(tiny_config(tmp_path, "pipeline.stages=2", "run.device=cpu"),
+            placement=Placement(gpus_per_node=2))
     assert calls == [(2, 0), (2, 1)]
 
     calls.clear()

@@ -18,6 +18,7 @@ import pytest
 import tomllib
 
 import pipelocal.launch as launch_mod
+import pipelocal.launch.preflight as checks_mod
 from pipelocal.checkpoint import block_file, read_manifest, resolve_checkpoint
 from pipelocal.cli import EXIT_INTERRUPTED, EXIT_NONFINITE, main
 from pipelocal.config import ConfigError
@@ -48,14 +49,14 @@ def test_ctrl_c_during_set_up_stops_before_any_worker(
     presses: int, expected: str,
 ) -> None:
     """Real SIGINTs to this process while the run validates its pipeline (before spawning)."""
-    real = launch_mod.validate
+    real = checks_mod.validate
 
     def validate_with_ctrl_c(*args: Any, **kw: Any) -> list[int]:
         for _ in range(presses):
             os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kw)
 
-    monkeypatch.setattr(launch_mod, "validate", validate_with_ctrl_c)
+    monkeypatch.setattr(checks_mod, "validate", validate_with_ctrl_c)
     assert main(["train", "--stages", "2", *_sets(tmp_path, "run.name=early")]) \
         == EXIT_INTERRUPTED
     err = capsys.readouterr().err

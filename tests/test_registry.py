@@ -16,8 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipelocal"
 _LAYERS = [
     {"registry", "checkpoint", "metrics", "plot", "cuda_ops", "stop"},
     {"config"},
-    {"data", "models", "device", "recipes", "optim"},
-    {"rules", "setup"},
+    {"data", "models", "device", "determinism", "meters", "recipes", "optim"},
+    {"rules", "runspec"},
     {"engine", "trainer"},
     {"pipeline"},
     {"launch", "exits"},

@@ -230,7 +230,7 @@ def pipelocal_stats(run: dict[str, Any], stages: int) -> dict[str, Any]:
         "busy(s)": [rec[f"stage{k}/busy(s)"] for k in range(stages)],
         "recv_wait(s)": [rec[f"stage{k}/recv_wait(s)"] for k in range(stages)],
         "send_wait(s)": [rec[f"stage{k}/send_wait(s)"] for k in range(stages)],
-        # Keys as the runtime writes them (pipelocal.device.memory_stats): CPU peak RSS, or on
+        # Keys as the runtime writes them (pipelocal.meters.memory_stats): CPU peak RSS, or on
         # GPU the allocator's and NVML's figures.
         "peak_rss(MiB)": [rec.get(f"stage{k}/peak_rss(MiB)") for k in range(stages)],
         "gpu_memory(MiB)": [{key: rec[f"stage{k}/{key}"] for key in _GPU_MEMORY_KEYS

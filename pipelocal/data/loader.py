@@ -15,7 +15,7 @@ the one built on CPU (``tests/test_prefetch.py`` checks it where a GPU is presen
 serves that: 255 divides as a 0-dim tensor on the split's device, because CUDA divides by a
 Python (CPU) scalar as a multiplication by its reciprocal, which can differ in the last bit.
 
-The epoch plans are cached under a lock, so the prefetch thread (:mod:`pipelocal.data.prefetch`)
+The epoch orders are cached under a lock, so the prefetch thread (:mod:`pipelocal.data.prefetch`)
 and the caller may ask for batches at the same time.
 
 Seeds are derived with BLAKE2 over the parts (not Python's salted ``hash``), so they are the
@@ -36,10 +36,10 @@ import torch
 from pipelocal.data.augment import AUGMENTATIONS, apply_augmentations
 from pipelocal.data.registry import Dataset, Split
 from pipelocal.data.sampler import (
-    EpochPlan,
-    class_limited_plan,
-    sequential_plan,
-    shuffled_plan,
+    EpochOrder,
+    class_limited_order,
+    sequential_order,
+    shuffled_order,
 )
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ __all__ = [
     "make_loaders",
 ]
 
-_CACHED_EPOCHS = 2  # plans kept: the current epoch and its neighbour (a resume, an eval pass)
+_CACHED_EPOCHS = 2  # orders kept: the current epoch and its neighbour (a resume, an eval pass)
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -98,7 +98,7 @@ class BatchLoader:
         if pad_mode not in ("zeros", "reflect"):
             raise ValueError(f"pad_mode = {pad_mode!r} is invalid; accepted: zeros, reflect")
         self._split = split
-        self._labels = split.y.cpu()  # the plans are drawn on CPU wherever the split lives
+        self._labels = split.y.cpu()  # the orders are drawn on CPU wherever the split lives
         self._batch_size = batch_size
         self._seed = seed
         self._train = train
@@ -111,8 +111,8 @@ class BatchLoader:
         self._until_epoch = classes_per_batch_until_epoch
         self._num_classes = num_classes
         self._255 = torch.tensor(255.0)  # 0-dim, on the split's device (see the module doc)
-        self._plans: OrderedDict[int, EpochPlan] = OrderedDict()
-        self._plans_lock = threading.Lock()
+        self._orders: OrderedDict[int, EpochOrder] = OrderedDict()
+        self._orders_lock = threading.Lock()
 
     @property
     def num_samples(self) -> int:
@@ -139,7 +139,7 @@ class BatchLoader:
         moved._mean, moved._std, moved._255 = (
             t.to(device) for t in (self._mean, self._std, self._255)
         )
-        moved._plans, moved._plans_lock = OrderedDict(), threading.Lock()
+        moved._orders, moved._orders_lock = OrderedDict(), threading.Lock()
         return moved
 
     @property
@@ -155,17 +155,17 @@ class BatchLoader:
         )
 
     def num_batches(self, epoch: int) -> int:
-        return len(self._plan(epoch))
+        return len(self._order(epoch))
 
     def batch_indices(self, epoch: int, index: int) -> torch.Tensor:
         """The split indices (int64 [B]) that make up batch ``index`` of ``epoch``."""
-        plan = self._plan(epoch)
-        if not 0 <= index < len(plan):
+        order = self._order(epoch)
+        if not 0 <= index < len(order):
             raise IndexError(
-                f"batch {index} of epoch {epoch} does not exist; this epoch has {len(plan)} "
-                f"batches (0 .. {len(plan) - 1}) of up to {self._batch_size} samples"
+                f"batch {index} of epoch {epoch} does not exist; this epoch has {len(order)} "
+                f"batches (0 .. {len(order) - 1}) of up to {self._batch_size} samples"
             )
-        return plan[index]
+        return order[index]
 
     def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``index`` of ``epoch``: x float32 [B, C, H, W] normalised, y int64 [B]."""
@@ -183,30 +183,30 @@ class BatchLoader:
         for index in range(start, self.num_batches(epoch)):
             yield self.batch(epoch, index)
 
-    def _plan(self, epoch: int) -> EpochPlan:
+    def _order(self, epoch: int) -> EpochOrder:
         if epoch < 0:
             raise ValueError(f"epoch = {epoch} is invalid; epochs count from 0")
-        with self._plans_lock:
-            if epoch not in self._plans:
-                self._plans[epoch] = self._make_plan(epoch)
-                while len(self._plans) > _CACHED_EPOCHS:
-                    self._plans.popitem(last=False)
-            return self._plans[epoch]
+        with self._orders_lock:
+            if epoch not in self._orders:
+                self._orders[epoch] = self._make_order(epoch)
+                while len(self._orders) > _CACHED_EPOCHS:
+                    self._orders.popitem(last=False)
+            return self._orders[epoch]
 
-    def _make_plan(self, epoch: int) -> EpochPlan:
+    def _make_order(self, epoch: int) -> EpochOrder:
         n = self.num_samples
         if not self._train:
-            return sequential_plan(n, self._batch_size)
+            return sequential_order(n, self._batch_size)
         gen = _generator("order", self._seed, epoch)
         if self.class_limited(epoch):
-            return class_limited_plan(
+            return class_limited_order(
                 self._labels,
                 num_classes=self._num_classes,
                 classes_per_batch=self._classes_per_batch,
                 batch_size=self._batch_size,
                 generator=gen,
             )
-        return shuffled_plan(n, self._batch_size, gen)
+        return shuffled_order(n, self._batch_size, gen)
 
 
 def _validate(

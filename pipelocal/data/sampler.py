@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["EpochPlan", "class_limited_plan", "sequential_plan", "shuffled_plan"]
+__all__ = ["EpochOrder", "class_limited_order", "sequential_order", "shuffled_order"]
 
-EpochPlan = list[torch.Tensor]
+EpochOrder = list[torch.Tensor]
 """One int64 index tensor per batch, in batch order."""
 
 
-def sequential_plan(n: int, batch_size: int) -> EpochPlan:
+def sequential_order(n: int, batch_size: int) -> EpochOrder:
     """0 .. n-1 in order, cut into batches of ``batch_size`` (the last may be smaller)."""
     return list(torch.arange(n).split(batch_size))
 
 
-def shuffled_plan(n: int, batch_size: int, generator: torch.Generator) -> EpochPlan:
+def shuffled_order(n: int, batch_size: int, generator: torch.Generator) -> EpochOrder:
     """A random permutation of 0 .. n-1, cut into batches (no drop_last)."""
     return list(torch.randperm(n, generator=generator).split(batch_size))
 
@@ -42,14 +42,14 @@ def _round_robin_takes(remaining: list[int], batch_size: int) -> list[int]:
     return takes
 
 
-def class_limited_plan(
+def class_limited_order(
     labels: torch.Tensor,
     *,
     num_classes: int,
     classes_per_batch: int,
     batch_size: int,
     generator: torch.Generator,
-) -> EpochPlan:
+) -> EpochOrder:
     """Batches that each hold samples of at most ``classes_per_batch`` classes.
 
     Each class's indices are shuffled into a queue; each batch picks ``classes_per_batch`` of
@@ -61,11 +61,11 @@ def class_limited_plan(
         members = (labels == c).nonzero().flatten()
         queues.append(members[torch.randperm(len(members), generator=generator)])
     heads = [0] * num_classes
-    plan: EpochPlan = []
+    order: EpochOrder = []
     while True:
         open_classes = [c for c in range(num_classes) if heads[c] < len(queues[c])]
         if not open_classes:
-            return plan
+            return order
         picks = torch.randperm(len(open_classes), generator=generator)[:classes_per_batch]
         chosen = [open_classes[i] for i in picks.tolist()]
         takes = _round_robin_takes([len(queues[c]) - heads[c] for c in chosen], batch_size)
@@ -74,4 +74,4 @@ def class_limited_plan(
             parts.append(queues[c][heads[c] : heads[c] + t])
             slots.append(torch.arange(t) * len(chosen) + k)  # round j, class k -> slot j*K + k
             heads[c] += t
-        plan.append(torch.cat(parts)[torch.cat(slots).argsort()])
+        order.append(torch.cat(parts)[torch.cat(slots).argsort()])

@@ -20,23 +20,17 @@ from pipelocal.config import (
     from_dict,
     upgrade_saved_config,
 )
-from pipelocal.device import configure_determinism, place_stage, visible_gpus
+from pipelocal.determinism import configure_determinism
+from pipelocal.device import place_stage, visible_gpus
 from pipelocal.engine import Engine, build_blocks
-from pipelocal.launch.preflight import (
-    auto_resume_point,
-    check_resume,
-    finalise,
-    plan_stages,
-    prepare,
-    validate,
-)
+from pipelocal.launch import preflight as checks  # the module: its preflight() is checks.preflight
 from pipelocal.launch.run_dir import release_run_dir
-from pipelocal.launch.spawn import Interrupted, PipelineError, check_not_stopped, spawn
+from pipelocal.launch.spawn import PipelineError, spawn
 from pipelocal.launch.torchrun import torchrun_worker, under_torchrun
 from pipelocal.metrics import Metrics
 from pipelocal.pipeline.pipe import LocalPipe
-from pipelocal.setup import Setup
-from pipelocal.stop import clear_stop
+from pipelocal.runspec import RunSpec
+from pipelocal.stop import Interrupted, clear_stop
 from pipelocal.trainer import Trainer, build_trainer
 
 __all__ = ["Interrupted", "PipelineError", "evaluate_checkpoint", "train"]
@@ -56,15 +50,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any] | Non
             return torchrun_worker(cfg, resume)
         if cfg.pipeline.launcher == "ray":
             return _ray_train(cfg, resume)
-        setup, _ = prepare(cfg, resume)
-        plan_stages(setup)
-        partition = validate(setup)
-        check_not_stopped()
-        if setup.cfg.pipeline.stages == 1:
-            finalise(setup, partition)
-            check_not_stopped()
-            return _single(setup)
-        return spawn(setup, partition)
+        spec = checks.preflight(cfg, resume, placement=checks.Placement(profile_in_subprocess=True))
+        return _single(spec) if spec.cfg.pipeline.stages == 1 else spawn(spec)
     finally:
         release_run_dir()
         clear_stop()  # a stop request ends this run, never the next one in this process
@@ -73,12 +60,12 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any] | Non
 def _already_complete(cfg: Config, resume: str | Path | None) -> dict[str, Any] | None:
     """The summary of a resumed run that has nothing left to train (None otherwise), from its
     manifest alone."""
-    point = resume or (auto_resume_point(cfg) if cfg.run.resume == "auto" else None)
+    point = resume or (checks.auto_resume_point(cfg) if cfg.run.resume == "auto" else None)
     if not point:
         return None
     ckpt = resolve_checkpoint(point)
     manifest = read_manifest(ckpt)
-    check_resume(cfg, manifest)
+    checks.check_resume(cfg, manifest)
     epochs, max_steps = cfg.run.epochs, cfg.run.max_steps
     if manifest["epoch"] < epochs and not (max_steps and manifest["step"] >= max_steps):
         return None
@@ -99,23 +86,23 @@ def _ray_train(cfg: Config, resume: str | Path | None) -> dict[str, Any]:
     return ray_train(cfg, resume)
 
 
-def _engine(setup: Setup) -> Engine:
-    cfg = setup.cfg
+def _engine(spec: RunSpec) -> Engine:
+    cfg = spec.cfg
     device = place_stage(stages=1, gpus_per_node=visible_gpus(cfg), nodes=1, local_rank=0,
                          device=cfg.run.device)
     configure_determinism(device, cfg.run.deterministic)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    specs = setup.specs
-    engine = Engine(build_blocks(cfg, specs, setup.num_classes, range(len(specs)), device))
-    if setup.resume is not None:
-        engine.load(setup.resume)
+    specs = spec.specs
+    engine = Engine(build_blocks(cfg, specs, spec.num_classes, range(len(specs)), device))
+    if spec.resume is not None:
+        engine.load(spec.resume)
     return engine
 
 
-def _single(setup: Setup) -> dict[str, Any]:
-    engine = _engine(setup)
-    trainer = build_trainer(setup, LocalPipe(engine, eval_piece=setup.cfg.data.batch_size),
+def _single(spec: RunSpec) -> dict[str, Any]:
+    engine = _engine(spec)
+    trainer = build_trainer(spec, LocalPipe(engine, eval_piece=spec.cfg.data.batch_size),
                             where=f"single process on {engine.device}")
     return trainer.fit()
 
@@ -128,10 +115,10 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict[str, Any
     cfg = from_dict(apply_overrides(upgrade_saved_config(read_manifest(ckpt)["config"]),
                                     overrides))
     dataset = load_dataset(cfg.data)
-    setup = Setup(cfg, tuple(dataset.in_shape), dataset.num_classes, ckpt, resume=ckpt)
-    engine = _engine(setup)
+    spec = RunSpec(cfg, tuple(dataset.in_shape), dataset.num_classes, ckpt, resume=ckpt)
+    engine = _engine(spec)
     train_loader, test_loader = make_loaders(dataset, cfg.data, cfg.run.seed)
     pipe = LocalPipe(engine, eval_piece=cfg.data.batch_size)
-    trainer = Trainer(cfg, pipe, setup.specs, train_loader, test_loader, ckpt,
+    trainer = Trainer(cfg, pipe, spec.specs, train_loader, test_loader, ckpt,
                       metrics=Metrics(None, progress=False))
     return trainer.evaluate()

@@ -12,7 +12,9 @@ import importlib.util
 import multiprocessing
 import os
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +34,28 @@ from pipelocal.config import (
     from_dict,
     upgrade_saved_config,
 )
-from pipelocal.data import Dataset, load_dataset
-from pipelocal.device import auto_stages, check_bf16, cpu_threads, place_stage, visible_gpus
+from pipelocal.data import load_dataset
+from pipelocal.determinism import check_bf16
+from pipelocal.device import auto_stages, cpu_threads, place_stage, visible_gpus
 from pipelocal.engine import Engine, build_blocks
 from pipelocal.launch.run_dir import check_fresh, open_run_dir
+from pipelocal.pipeline.balance import balance_partition
 from pipelocal.pipeline.faults import FAULT_ENV, check_fault_spec
 from pipelocal.pipeline.partition import check_partition, max_stages, stage_ranges
-from pipelocal.pipeline.plan import make_plan
 from pipelocal.rules import RULES, end_to_end_top
-from pipelocal.setup import Position, Setup
+from pipelocal.runspec import Position, RunSpec
+from pipelocal.stop import check_not_stopped
 
 __all__ = [
+    "Placement",
     "auto_resume_point",
     "check_fits",
     "check_resume",
+    "choose_stages",
     "dry_run",
-    "finalise",
-    "plan_stages",
-    "prepare",
+    "preflight",
     "profiled_partition",
+    "resolve",
     "resume_config",
     "validate",
 ]
@@ -114,10 +119,51 @@ def auto_resume_point(cfg: Config) -> Path | None:
     return run_dir
 
 
-def prepare(cfg: Config, resume: str | Path | None = None) -> tuple[Setup, Dataset]:
-    """Load the data and find the resume point (the run directory is opened after validation)."""
+@dataclass(frozen=True)
+class Placement:
+    """What a launcher knows, before any worker starts, of where its stages will run."""
+
+    gpus: int | None = None
+    """GPUs the automatic stage count may use (one stage each); None: this machine's."""
+    gpus_per_node: int | None = None
+    """GPUs per node the stages are placed on; None: this machine's, whose bfloat16 support is
+    then checked too."""
+    nodes: int = 1
+    """Nodes the stages are spread over; 0: every stage on a node of its own (Ray actors)."""
+    note: str = "{auto}"
+    """The run's layout note; ``{auto}`` is why the stage count is what it is."""
+    profile_in_subprocess: bool = False
+    """Profile an automatic partition in a short-lived process, so that a launcher that only
+    supervises never holds a CUDA context (hundreds of MiB) on a stage's GPU."""
+    check: Callable[[int], None] | None = None
+    """The launcher's own check of the stage count (Ray: the cluster's resources)."""
+
+
+def preflight(cfg: Config, resume: str | Path | None = None, *,
+              placement: Placement = Placement(), open_dir: bool = True) -> RunSpec:
+    """Everything a launcher does before its workers start, once: :func:`resolve`, then the
+    partition (profiled when not given), a dummy batch through the stages and the run
+    directory (not opened when ``open_dir`` is false: a dry run). Ctrl-C during it stops
+    before any worker starts."""
+    spec = resolve(cfg, resume, placement=placement)
+    check_not_stopped()
+    partition = list(spec.cfg.pipeline.partition) or _profile(spec, placement)
+    dry_run(spec, partition)
+    check_not_stopped()  # profiling can take a while
+    spec = spec.evolve(cfg=spec.cfg.replace(pipeline={"partition": partition}))
+    if not open_dir:
+        return spec
+    run_dir, cfg = open_run_dir(spec.cfg, spec.run_dir if spec.resume else None)
+    return spec.evolve(cfg=cfg, run_dir=run_dir)
+
+
+def resolve(cfg: Config, resume: str | Path | None = None, *,
+            placement: Placement = Placement()) -> RunSpec:
+    """Load the data, find and verify the resume point, fix the stage count, and check
+    everything that needs no partition; the spec's partition is the given one ([n] for one
+    stage) or empty (to be profiled), and no run directory is opened yet."""
     dataset = load_dataset(cfg.data)
-    setup = Setup(cfg, tuple(dataset.in_shape), dataset.num_classes, Path())
+    spec = RunSpec(cfg, tuple(dataset.in_shape), dataset.num_classes, Path())
     if not resume and cfg.run.resume == "auto":
         resume = auto_resume_point(cfg)
     if resume:
@@ -125,37 +171,44 @@ def prepare(cfg: Config, resume: str | Path | None = None) -> tuple[Setup, Datas
         manifest = read_manifest(ckpt)
         check_resume(cfg, manifest)
         verify_checkpoint(ckpt, manifest["num_blocks"])
-        setup.run_dir, setup.resume = ckpt.parent.parent, ckpt
-        setup.start = Position(manifest["epoch"], manifest["batch"], manifest["step"])
-        check_fits(setup)
+        spec = spec.evolve(run_dir=ckpt.parent.parent, resume=ckpt,
+                           start=Position(manifest["epoch"], manifest["batch"], manifest["step"]))
+        check_fits(spec)
     else:
         check_fresh(cfg)
-    return setup, dataset
+    stages, why = choose_stages(spec, gpus=placement.gpus)
+    spec = spec.evolve(cfg=spec.cfg.replace(pipeline={"stages": stages}),
+                       note=placement.note.format(auto=why))
+    if placement.check is not None:
+        placement.check(stages)
+    partition = validate(spec, gpus_per_node=placement.gpus_per_node,
+                         nodes=placement.nodes or stages)
+    return spec.evolve(cfg=spec.cfg.replace(pipeline={"partition": partition}),
+                       partition_auto=not cfg.pipeline.partition)
 
 
-def check_fits(setup: Setup) -> None:
+def check_fits(spec: RunSpec) -> None:
     """Load the resumed checkpoint into the model the config describes, on the CPU here, so a
     checkpoint of another model (a manifest edited by hand) is a one-line error before any
     worker starts, not a load_state_dict traceback in one of them."""
-    assert setup.resume is not None
-    cfg, specs = setup.cfg, setup.specs
+    assert spec.resume is not None
+    cfg, specs = spec.cfg, spec.specs
     with warnings.catch_warnings():  # a GPU run's generator state reseeded here: irrelevant
         warnings.simplefilter("ignore")
-        Engine(build_blocks(cfg, specs, setup.num_classes, range(len(specs)), "cpu")).load(
-            setup.resume)
+        Engine(build_blocks(cfg, specs, spec.num_classes, range(len(specs)), "cpu")).load(
+            spec.resume)
 
 
-def plan_stages(setup: Setup, *, gpus: int | None = None) -> None:
-    """Fix ``pipeline.stages`` (0 = automatic: one per GPU, 2 on CPU) and note why."""
-    cfg = setup.cfg
-    stages, setup.note = auto_stages(
+def choose_stages(spec: RunSpec, *, gpus: int | None = None) -> tuple[int, str]:
+    """``pipeline.stages`` (0 = automatic: one per GPU, 2 on CPU) and why."""
+    cfg = spec.cfg
+    return auto_stages(
         requested=cfg.pipeline.stages,
         partition=len(cfg.pipeline.partition),
         gpus=visible_gpus(cfg) if gpus is None else gpus,
-        num_blocks=_stage_units(cfg, len(setup.specs)),
+        num_blocks=_stage_units(cfg, len(spec.specs)),
         is_global=RULES.get(cfg.rule.name).is_global,
     )
-    setup.cfg = cfg.replace(pipeline={"stages": stages})
 
 
 def _stage_units(cfg: Config, num_blocks: int) -> int:
@@ -171,9 +224,9 @@ def _top_reason(cfg: Config, top: range) -> str:
             f"{len(top)} blocks; rule.top_layers = 'local' gives each its own auxiliary net)")
 
 
-def validate(setup: Setup, *, gpus_per_node: int | None = None, nodes: int = 1) -> list[int]:
+def validate(spec: RunSpec, *, gpus_per_node: int | None = None, nodes: int = 1) -> list[int]:
     """Everything checkable before a worker starts; returns the partition (explicit or [n])."""
-    cfg, specs = setup.cfg, setup.specs
+    cfg, specs = spec.cfg, spec.specs
     names = [s.name for s in specs]
     stages = cfg.pipeline.stages
     rule = RULES.get(cfg.rule.name)
@@ -213,11 +266,11 @@ def validate(setup: Setup, *, gpus_per_node: int | None = None, nodes: int = 1) 
     return partition
 
 
-def dry_run(setup: Setup, partition: list[int]) -> None:
+def dry_run(spec: RunSpec, partition: list[int]) -> None:
     """Run a dummy batch stage by stage and check each stage gets the shape it expects."""
-    cfg, specs = setup.cfg, setup.specs
-    blocks = build_blocks(cfg, specs, setup.num_classes, range(len(specs)), "cpu")
-    x = torch.zeros((2, *setup.in_shape))
+    cfg, specs = spec.cfg, spec.specs
+    blocks = build_blocks(cfg, specs, spec.num_classes, range(len(specs)), "cpu")
+    x = torch.zeros((2, *spec.in_shape))
     sender = "the data loader"
     for s, r in enumerate(stage_ranges(partition)):
         want = (2, *specs[r.start].in_shape)
@@ -237,35 +290,25 @@ def dry_run(setup: Setup, partition: list[int]) -> None:
         sender = f"stage {s}"
 
 
-def profiled_partition(setup: Setup, device: torch.device) -> list[int]:
+def profiled_partition(spec: RunSpec, device: torch.device) -> list[int]:
     """The balanced partition from profiling every block on ``device`` as a stage runs it."""
-    cfg = setup.cfg
+    cfg = spec.cfg
     threads = torch.get_num_threads()
     torch.set_num_threads(cpu_threads(cfg.pipeline.threads_per_stage, cfg.pipeline.stages))
     try:
-        return make_plan(cfg, setup.specs, setup.num_classes, device).partition
+        return balance_partition(cfg, spec.specs, spec.num_classes, device).partition
     finally:
         torch.set_num_threads(threads)
 
 
-def finalise(setup: Setup, partition: list[int], *, in_subprocess: bool = False) -> None:
-    """Choose the partition (profiled when not given), dry-run it, open the run directory.
-
-    ``in_subprocess``: profile in a short-lived process, so that a launcher that only
-    supervises never holds a CUDA context (hundreds of MiB) on a stage's GPU.
-    """
-    cfg = setup.cfg
-    setup.partition_auto = not cfg.pipeline.partition  # [n] for one stage is automatic too
-    if not partition:
-        gpus = visible_gpus(cfg)
-        device = place_stage(stages=cfg.pipeline.stages, gpus_per_node=gpus, nodes=1,
-                             local_rank=0, device=cfg.run.device) if gpus else torch.device("cpu")
-        if in_subprocess and device.type == "cuda":
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-                partition = pool.submit(profiled_partition, setup, device).result()
-        else:
-            partition = profiled_partition(setup, device)
-    dry_run(setup, partition)
-    setup.cfg = cfg.replace(pipeline={"partition": partition})
-    open_run_dir(setup)
+def _profile(spec: RunSpec, placement: Placement) -> list[int]:
+    """The automatic partition, profiled on the device stage 0 runs on."""
+    cfg = spec.cfg
+    gpus = visible_gpus(cfg)
+    device = place_stage(stages=cfg.pipeline.stages, gpus_per_node=gpus, nodes=1,
+                         local_rank=0, device=cfg.run.device) if gpus else torch.device("cpu")
+    if placement.profile_in_subprocess and device.type == "cuda":
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            return pool.submit(profiled_partition, spec, device).result()
+    return profiled_partition(spec, device)

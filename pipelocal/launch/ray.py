@@ -44,7 +44,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pipelocal.checkpoint import last_complete_note
 from pipelocal.config import Config, ConfigError
 from pipelocal.device import ray_gpu_index
-from pipelocal.launch.preflight import finalise, plan_stages, prepare, validate
+from pipelocal.launch.preflight import Placement, preflight
 from pipelocal.launch.ray_reaper import Reaper, start_reaper
 from pipelocal.launch.report import (
     Death,
@@ -53,11 +53,11 @@ from pipelocal.launch.report import (
     forward_stop_signals,
     raise_outcome,
 )
-from pipelocal.launch.spawn import Interrupted, PipelineError
+from pipelocal.launch.spawn import PipelineError
 from pipelocal.pipeline.stage import Stage
 from pipelocal.pipeline.worker import run_rank
-from pipelocal.setup import Setup
-from pipelocal.stop import clear_stop, request_stop, stop_requested
+from pipelocal.runspec import RunSpec
+from pipelocal.stop import Interrupted, clear_stop, request_stop, stop_requested
 
 __all__ = ["ACTOR_PREFIX", "StageActor", "ray_train", "start_local"]
 
@@ -90,7 +90,7 @@ class StageActor:
                                     wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
         return host, self._store.port
 
-    def run(self, cfg: Config, setup: Setup | None, host: str, port: int) -> dict[str, Any]:
+    def run(self, cfg: Config, spec: RunSpec | None, host: str, port: int) -> dict[str, Any]:
         """The worker body; returns {"result": summary on rank 0} or {"failure": report}."""
         clear_stop()
         stage_box: list[Stage] = []
@@ -103,7 +103,7 @@ class StageActor:
             # position among the visible GPUs where RAY_EXPERIMENTAL_NOSET_... keeps them all.
             gpu = ray_gpu_index(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"),
                                 bool(os.environ.get(_NOSET_ENV)))
-            result = run_rank(cfg, setup, rank=self.rank, world=self.world, local_rank=gpu or 0,
+            result = run_rank(cfg, spec, rank=self.rank, world=self.world, local_rank=gpu or 0,
                               local_world=1, nodes=self.world, store=store, stage_box=stage_box)
             return {"result": result}
         except BaseException as exc:  # the driver kills every actor, then raises it
@@ -119,11 +119,8 @@ def ray_train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     clear_stop()
     started = _connect(cfg)
     try:
-        setup, _ = prepare(cfg, resume)
-        gpus_each = _plan(setup)
-        partition = validate(setup, gpus_per_node=gpus_each, nodes=setup.cfg.pipeline.stages)
-        finalise(setup, partition, in_subprocess=True)
-        return _launch(setup, gpus_each)
+        cfg, placement, gpus_each = _on_cluster(cfg)
+        return _launch(preflight(cfg, resume, placement=placement), gpus_each)
     finally:
         if started:
             ray.shutdown()
@@ -161,33 +158,35 @@ def start_local(**options: Any) -> None:
                 raise
 
 
-def _plan(setup: Setup) -> int:
-    """Fix the stage count from the cluster's GPUs and check the cluster can hold the actors;
-    returns GPUs per actor. Stage actors print no progress bar (their output is forwarded
-    line by line); CPU actors run on the CPU."""
-    cfg, have = setup.cfg, ray.cluster_resources()
+def _on_cluster(cfg: Config) -> tuple[Config, Placement, int]:
+    """The config, placement and GPUs per actor for this cluster: the stage count follows its
+    GPUs, and preflight checks that it can hold the actors. Stage actors print no progress bar
+    (their output is forwarded line by line); CPU actors run on the CPU."""
+    have = ray.cluster_resources()
     gpus = int(have.get("GPU", 0)) if cfg.run.device != "cpu" else 0
     gpus_each = cfg.ray.gpus_per_stage if cfg.ray.gpus_per_stage >= 0 else int(gpus > 0)
-    plan_stages(setup, gpus=gpus if gpus_each else 0)
-    stages = setup.cfg.pipeline.stages
-    need = {"CPU": stages * cfg.ray.cpus_per_stage, "GPU": stages * gpus_each}
-    for kind, amount in need.items():
-        if amount > have.get(kind, 0):
-            raise ConfigError(
-                f"{stages} stage actors need {amount:g} {kind}s (ray.cpus_per_stage = "
-                f"{cfg.ray.cpus_per_stage:g}, GPUs per stage {gpus_each}) but the Ray cluster has "
-                f"{have.get(kind, 0):g}; use fewer stages, lower ray.cpus_per_stage, or add nodes"
-            )
+
+    def fits(stages: int) -> None:
+        need = {"CPU": stages * cfg.ray.cpus_per_stage, "GPU": stages * gpus_each}
+        for kind, amount in need.items():
+            if amount > have.get(kind, 0):
+                raise ConfigError(
+                    f"{stages} stage actors need {amount:g} {kind}s (ray.cpus_per_stage = "
+                    f"{cfg.ray.cpus_per_stage:g}, GPUs per stage {gpus_each}) but the Ray cluster "
+                    f"has {have.get(kind, 0):g}; use fewer stages, lower ray.cpus_per_stage, or "
+                    "add nodes")
+
     threads = cfg.pipeline.threads_per_stage or max(1, int(cfg.ray.cpus_per_stage))
-    setup.cfg = setup.cfg.replace(pipeline={"threads_per_stage": threads},
-                                  run={"progress": False} if gpus_each else
-                                  {"progress": False, "device": "cpu"})
-    setup.note += f"; Ray actors, {cfg.ray.placement} placement"
-    return gpus_each
+    run = {"progress": False} if gpus_each else {"progress": False, "device": "cpu"}
+    cfg = cfg.replace(pipeline={"threads_per_stage": threads}, run=run)
+    placement = Placement(gpus=gpus if gpus_each else 0, gpus_per_node=gpus_each, nodes=0,
+                          note=f"{{auto}}; Ray actors, {cfg.ray.placement} placement",
+                          profile_in_subprocess=True, check=fits)
+    return cfg, placement, gpus_each
 
 
-def _launch(setup: Setup, gpus_each: int) -> dict[str, Any]:
-    cfg, world = setup.cfg, setup.cfg.pipeline.stages
+def _launch(spec: RunSpec, gpus_each: int) -> dict[str, Any]:
+    cfg, world = spec.cfg, spec.cfg.pipeline.stages
     bundle = {"CPU": cfg.ray.cpus_per_stage, **({"GPU": gpus_each} if gpus_each else {})}
     group = placement_group([dict(bundle) for _ in range(world)],
                             strategy=cfg.ray.placement.upper())
@@ -200,7 +199,7 @@ def _launch(setup: Setup, gpus_each: int) -> dict[str, Any]:
                 f"{cfg.pipeline.timeout_s:g} s; the cluster has {ray.available_resources()} "
                 "available")
         actors = _start_actors(cfg, group, world, gpus_each)
-        return _run(setup, actors)
+        return _run(spec, actors)
     finally:
         _stop_all(actors)
         remove_placement_group(group)
@@ -225,8 +224,8 @@ def _start_actors(cfg: Config, group: Any, world: int, gpus_each: int) -> list[A
     ]
 
 
-def _run(setup: Setup, actors: list[Any]) -> dict[str, Any]:
-    cfg = setup.cfg
+def _run(spec: RunSpec, actors: list[Any]) -> dict[str, Any]:
+    cfg = spec.cfg
     try:  # start-up: one ray.get for every actor's address, not one per batch
         infos = ray.get([a.info.remote() for a in actors], timeout=cfg.pipeline.timeout_s)
         host, port = ray.get(actors[0].open_store.remote(cfg.pipeline.timeout_s),
@@ -235,20 +234,20 @@ def _run(setup: Setup, actors: list[Any]) -> dict[str, Any]:
         raise PipelineError(f"the Ray stage actors did not start within pipeline.timeout_s = "
                             f"{cfg.pipeline.timeout_s:g} s: {exc}") from exc
     pids = [i["pid"] for i in infos]
-    runs = {a.run.remote(cfg, setup if r == 0 else None, host, port): r
+    runs = {a.run.remote(cfg, spec if r == 0 else None, host, port): r
             for r, a in enumerate(actors)}
-    result, reports, dead = _supervise(actors, runs, pids, setup)
+    result, reports, dead = _supervise(actors, runs, pids, spec)
     if result is not None and not reports and dead is None:
         return result
-    raise_outcome(reports, setup.run_dir)  # a non-finite loss, a full disk: not a crash
+    raise_outcome(reports, spec.run_dir)  # a non-finite loss, a full disk: not a crash
     nodes = {i["rank"]: i["node"] for i in infos}
     raise PipelineError(describe_failure(
         reports, dead, f"the Ray stage actors ended without a result (nodes by stage: {nodes})",
-        run_dir=setup.run_dir))
+        run_dir=spec.run_dir))
 
 
 def _supervise(
-    actors: list[Any], runs: dict[Any, int], pids: list[int], setup: Setup
+    actors: list[Any], runs: dict[Any, int], pids: list[int], spec: RunSpec
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]], Death | None]:
     """Wait for the S run futures: the summary, the failure reports, the stage that died."""
     result, reports, dead = None, [], None
@@ -260,7 +259,7 @@ def _supervise(
                 stop_sent = True
             if hits[0] > 1:
                 raise Interrupted("aborted by a second interrupt before the checkpoint; "
-                                  f"{last_complete_note(setup.run_dir)}")
+                                  f"{last_complete_note(spec.run_dir)}")
             ready, _ = ray.wait(list(runs), num_returns=1, timeout=_POLL_S)
             for ref in ready:
                 rank = runs.pop(ref)

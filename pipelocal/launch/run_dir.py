@@ -18,7 +18,6 @@ from pathlib import Path
 
 from pipelocal.checkpoint import CheckpointError, resolve_checkpoint
 from pipelocal.config import Config, ConfigError, to_toml
-from pipelocal.setup import Setup
 
 __all__ = [
     "check_fresh",
@@ -146,31 +145,31 @@ def _clear_run_dir(run_dir: Path) -> None:
             entry.unlink()
 
 
-def open_run_dir(setup: Setup) -> None:
-    """Create and lock the run directory (a resumed run keeps its own), write the config."""
-    if setup.resume is None:
-        setup.run_dir = make_run_dir(setup.cfg)
-    lock_run_dir(setup.run_dir)
+def open_run_dir(cfg: Config, resumed: Path | None = None) -> tuple[Path, Config]:
+    """Create and lock the run directory (a resumed run keeps its own, ``resumed``), write the
+    config into it; returns the directory and the config as written."""
+    run_dir = resumed if resumed is not None else make_run_dir(cfg)
+    lock_run_dir(run_dir)
     try:
-        if setup.resume is None and setup.cfg.run.name:
-            check_fresh_locked(setup)
-        (setup.run_dir / "config.toml").write_text(to_toml(setup.cfg))
+        if resumed is None and cfg.run.name:
+            cfg = check_fresh_locked(run_dir, cfg)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
     except OSError as exc:
-        release_run_dir(setup.run_dir)
-        raise ConfigError(f"cannot write {setup.run_dir / 'config.toml'}: "
+        release_run_dir(run_dir)
+        raise ConfigError(f"cannot write {run_dir / 'config.toml'}: "
                           f"{exc.strerror or exc}; set run.out_dir to a writable folder") from exc
+    return run_dir, cfg
 
 
-def check_fresh_locked(setup: Setup) -> None:
+def check_fresh_locked(run_dir: Path, cfg: Config) -> Config:
     """Under the lock: refuse a directory that holds another run (it may have appeared since
-    :func:`check_fresh`), or clear it when the config says so; the config written into the
-    run directory then says ``never`` (a copy of it must not overwrite again)."""
-    run_dir, how = setup.run_dir, setup.cfg.run.resume
+    :func:`check_fresh`), or clear it when the config says so; returns the config to write into
+    the run directory, which then says ``never`` (a copy of it must not overwrite again)."""
+    how = cfg.run.resume
     held = _held_run(run_dir)
     if held is None:
-        return
+        return cfg
     if how == "never":
         raise _holds_another(run_dir, held)
     _clear_run_dir(run_dir)
-    if how == "overwrite":
-        setup.cfg = setup.cfg.replace(run={"resume": "never"})
+    return cfg.replace(run={"resume": "never"}) if how == "overwrite" else cfg

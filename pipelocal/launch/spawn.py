@@ -27,7 +27,6 @@ from torch.multiprocessing.spawn import (
 )
 
 from pipelocal.checkpoint import last_complete_note
-from pipelocal.launch.preflight import finalise
 from pipelocal.launch.report import (
     Death,
     describe_failure,
@@ -36,10 +35,10 @@ from pipelocal.launch.report import (
     raise_outcome,
 )
 from pipelocal.pipeline.worker import run_rank
-from pipelocal.setup import Position, Setup
-from pipelocal.stop import die_with_parent, stop_requested, watch_stop_file
+from pipelocal.runspec import Position, RunSpec
+from pipelocal.stop import Interrupted, die_with_parent, stop_requested, watch_stop_file
 
-__all__ = ["Interrupted", "PipelineError", "check_not_stopped", "spawn"]
+__all__ = ["PipelineError", "spawn"]
 
 _GRACE_S = 2.0
 """After the first failure: how long the other workers get to report before they are killed."""
@@ -54,34 +53,22 @@ class PipelineError(RuntimeError):
     """A pipeline worker failed; the message names the stage, the batch and the traceback."""
 
 
-class Interrupted(RuntimeError):
-    """The run was stopped by Ctrl-C / SIGTERM before it could checkpoint: during set-up, or
-    aborted by a second one."""
-
-
-def check_not_stopped() -> None:
-    """Ctrl-C / SIGTERM during set-up: stop before any worker starts (nothing to checkpoint)."""
-    if stop_requested():
-        raise Interrupted("stopped during set-up, before training started; nothing was "
-                          "trained, so no checkpoint was written")
-
-
 def _write(path: Path, obj: Any) -> None:
     tmp_path = path.with_suffix(".tmp")
     tmp_path.write_bytes(pickle.dumps(obj))
     os.replace(tmp_path, path)
 
 
-def _worker_main(rank: int, setup: Setup, port: int, parent: int, talk: str,
+def _worker_main(rank: int, spec: RunSpec, port: int, parent: int, talk: str,
                  progress: Any) -> None:
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the supervisor's
-    talk_dir, world, stage_box = Path(talk), setup.cfg.pipeline.stages, []
+    talk_dir, world, stage_box = Path(talk), spec.cfg.pipeline.stages, []
     try:
         if rank == 0:
             watch_stop_file(talk_dir / "stop")
         store = dist.TCPStore("127.0.0.1", port, world_size=world, is_master=False,
-                              timeout=timedelta(seconds=setup.cfg.pipeline.timeout_s))
+                              timeout=timedelta(seconds=spec.cfg.pipeline.timeout_s))
 
         def on_phase(phase: str, pos: Position | None) -> None:
             # Every message: four integers into shared memory, no file, no lock.
@@ -89,7 +76,7 @@ def _worker_main(rank: int, setup: Setup, port: int, parent: int, talk: str,
             progress[at + 1:at + _SLOTS] = [pos.epoch, pos.batch, pos.step] if pos else [-1] * 3
             progress[at] = _PHASES.index(phase) if phase in _PHASES else 0
 
-        result = run_rank(setup.cfg, setup, rank=rank, world=world, local_rank=rank,
+        result = run_rank(spec.cfg, spec, rank=rank, world=world, local_rank=rank,
                           local_world=world, store=store, stage_box=stage_box,
                           on_phase=on_phase)
         if rank == 0:
@@ -99,34 +86,32 @@ def _worker_main(rank: int, setup: Setup, port: int, parent: int, talk: str,
         os._exit(1)  # the process group may hold transfers that can never complete
 
 
-def spawn(setup: Setup, partition: list[int]) -> dict[str, Any]:
+def spawn(spec: RunSpec) -> dict[str, Any]:
     """Run the pipeline in ``pipeline.stages`` spawned worker processes and supervise them."""
-    finalise(setup, partition, in_subprocess=True)
-    check_not_stopped()  # profiling can take a while: Ctrl-C during it stops here
-    cfg, world = setup.cfg, setup.cfg.pipeline.stages
+    cfg, world = spec.cfg, spec.cfg.pipeline.stages
     store = dist.TCPStore("127.0.0.1", 0, world_size=world, is_master=True,
                           wait_for_workers=False, timeout=timedelta(seconds=cfg.pipeline.timeout_s))
     progress = tmp.get_context("spawn").RawArray("q", [0, -1, -1, -1] * world)
     with tempfile.TemporaryDirectory(prefix="pipelocal-") as talk:
         ctx = tmp.start_processes(_worker_main,
-                                  args=(setup, store.port, os.getpid(), talk, progress),
+                                  args=(spec, store.port, os.getpid(), talk, progress),
                                   nprocs=world, join=False, start_method="spawn")
-        failure = _supervise(ctx, Path(talk), setup)
-        return _outcome(ctx, Path(talk), failure, setup, _positions(progress, world, setup))
+        failure = _supervise(ctx, Path(talk), spec)
+        return _outcome(ctx, Path(talk), failure, spec, _positions(progress, world, spec))
 
 
-def _positions(progress: Any, world: int, setup: Setup) -> dict[int, tuple[str, str | None]]:
+def _positions(progress: Any, world: int, spec: RunSpec) -> dict[int, tuple[str, str | None]]:
     """{rank: (phase, position)} as each worker last put them in shared memory."""
     out = {}
     for rank in range(world):
         phase, epoch, batch, step = progress[rank * _SLOTS:(rank + 1) * _SLOTS]
-        where = (Position(epoch, batch, step).where(setup.cfg.run.epochs) if step >= 0
+        where = (Position(epoch, batch, step).where(spec.cfg.run.epochs) if step >= 0
                  else None)
         out[rank] = (_PHASES[phase], where)
     return out
 
 
-def _supervise(ctx: Any, talk: Path, setup: Setup) -> BaseException | None:
+def _supervise(ctx: Any, talk: Path, spec: RunSpec) -> BaseException | None:
     """Wait for the workers; forward one stop request; a second one kills them."""
     with forward_stop_signals() as hits:
         try:
@@ -136,7 +121,7 @@ def _supervise(ctx: Any, talk: Path, setup: Setup) -> BaseException | None:
                 if hits[0] > 1:
                     _kill(ctx)
                     return Interrupted("aborted by a second interrupt before the checkpoint; "
-                                       f"{last_complete_note(setup.run_dir)}")
+                                       f"{last_complete_note(spec.run_dir)}")
                 try:
                     if ctx.join(timeout=0.5, grace_period=_GRACE_S):
                         return None
@@ -154,7 +139,7 @@ def _kill(ctx: Any) -> None:
         p.join(timeout=10)
 
 
-def _outcome(ctx: Any, talk: Path, failure: BaseException | None, setup: Setup,
+def _outcome(ctx: Any, talk: Path, failure: BaseException | None, spec: RunSpec,
              progress: dict[int, tuple[str, str | None]]) -> dict[str, Any]:
     if isinstance(failure, Interrupted):
         raise failure
@@ -162,7 +147,7 @@ def _outcome(ctx: Any, talk: Path, failure: BaseException | None, setup: Setup,
     result_file = talk / "result.pkl"
     if failure is None and not reports and result_file.exists():
         return pickle.loads(result_file.read_bytes())
-    raise_outcome(reports, setup.run_dir)  # a non-finite loss, a full disk: not a crash
+    raise_outcome(reports, spec.run_dir)  # a non-finite loss, a full disk: not a crash
     dead = None
     if isinstance(failure, ProcessExitedException) and failure.exit_code < 0:
         rank = failure.error_index
@@ -178,4 +163,4 @@ def _outcome(ctx: Any, talk: Path, failure: BaseException | None, setup: Setup,
     codes = {rank: p.exitcode for rank, p in enumerate(ctx.processes)}
     raise PipelineError(describe_failure(
         reports, dead, f"pipeline workers ended without a result (exit codes by stage: {codes})",
-        silent=silent, progress=progress, run_dir=setup.run_dir))
+        silent=silent, progress=progress, run_dir=spec.run_dir))

@@ -17,11 +17,12 @@ import torch
 import torch.distributed as dist
 
 from pipelocal.config import Config, ConfigError
-from pipelocal.device import configure_determinism, visible_gpus
+from pipelocal.determinism import configure_determinism
+from pipelocal.device import visible_gpus
 from pipelocal.exits import exit_status, write_status
-from pipelocal.launch.preflight import finalise, plan_stages, prepare, validate
+from pipelocal.launch.preflight import Placement, preflight
 from pipelocal.pipeline.worker import run_rank
-from pipelocal.setup import Setup
+from pipelocal.runspec import RunSpec
 from pipelocal.stop import die_with_parent, install_stop_handlers
 
 __all__ = ["torchrun_worker", "under_torchrun"]
@@ -71,15 +72,12 @@ def torchrun_worker(cfg: Config, resume: str | Path | None) -> dict[str, Any] | 
                           cfg.run.deterministic)
     # Every rank stops through rank 0 (the coordinator), which alone says so.
     install_stop_handlers(announce=rank == 0, same_within_s=_FORWARDED_S)
-    setup: Setup | None = None
+    spec: RunSpec | None = None
     if rank == 0:
-        setup, _ = prepare(cfg, resume)
-        plan_stages(setup)
-        setup.note = f"{world} torchrun processes, one per stage"
-        partition = validate(setup, nodes=world // local_world)
-        finalise(setup, partition)
+        spec = preflight(cfg, resume, placement=Placement(
+            nodes=world // local_world, note=f"{world} torchrun processes, one per stage"))
     try:
-        return run_rank(cfg, setup, rank=rank, world=world, local_rank=local_rank,
+        return run_rank(cfg, spec, rank=rank, world=world, local_rank=local_rank,
                         local_world=local_world, nodes=world // local_world,
                         store=_attempt_store(cfg, rank, world))
     except BaseException as exc:

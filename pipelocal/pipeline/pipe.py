@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import Tensor
 
-from pipelocal.device import StepTimer, epoch_stats, reset_memory_stats
 from pipelocal.engine import Engine, eval_pieces
+from pipelocal.meters import StepTimer, epoch_stats, reset_memory_stats
 from pipelocal.pipeline.channel import Kind, Message
 from pipelocal.pipeline.stage import Stage
 

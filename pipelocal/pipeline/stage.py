@@ -23,11 +23,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipelocal.checkpoint import DiskFull, checkpoint_dir, locate_full
-from pipelocal.device import StepTimer, epoch_stats, reset_memory_stats
 from pipelocal.engine import Engine
+from pipelocal.meters import StepTimer, epoch_stats, reset_memory_stats
 from pipelocal.pipeline.channel import Kind, Message, P2PChannel
 from pipelocal.pipeline.faults import FAULT_ENV, parse_fault
-from pipelocal.setup import Position
+from pipelocal.runspec import Position
 
 __all__ = ["Stage"]
 

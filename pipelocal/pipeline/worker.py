@@ -3,7 +3,7 @@
     configure the device (placement, threads, determinism) before any CUDA call
     join the process group, one group per pipeline edge (s, s + 1) for the tensors (NCCL on
     GPU, gloo on CPU) and two gloo groups (control, headers)
-    receive the Setup from rank 0
+    receive the RunSpec from rank 0
     build_stage(...)                 -> Stage: the engine over this rank's blocks + its channels
     rank 0: build_trainer(...).fit()    the coordinator drives the pipeline through stage 0
     others: stage.serve()               until STOP
@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from pipelocal.config import Config
-from pipelocal.device import configure_determinism, cpu_threads, place_stage, visible_gpus
+from pipelocal.determinism import configure_determinism
+from pipelocal.device import cpu_threads, place_stage, visible_gpus
 from pipelocal.engine import Engine, build_blocks
 from pipelocal.pipeline.channel import P2PChannel
 from pipelocal.pipeline.nccl_order import SerialTransport, nccl_order_requested
@@ -31,7 +32,7 @@ from pipelocal.pipeline.partition import stage_ranges
 from pipelocal.pipeline.pipe import DistPipe
 from pipelocal.pipeline.stage import Stage
 from pipelocal.rules import RULES
-from pipelocal.setup import Position, Setup
+from pipelocal.runspec import Position, RunSpec
 from pipelocal.trainer import build_trainer
 
 __all__ = ["build_stage", "configure_rank", "edge_groups", "run_rank", "wire_dtype"]
@@ -71,7 +72,7 @@ def edge_groups(world: int, backend: str, timeout: timedelta) -> list[dist.Proce
 
 
 def build_stage(
-    setup: Setup,
+    spec: RunSpec,
     *,
     rank: int,
     world: int,
@@ -83,11 +84,11 @@ def build_stage(
 ) -> Stage:
     """Rank ``rank``'s stage: its blocks (resumed if the run resumes) between its channels;
     ``edges[s]`` carries the tensors between stages s and s + 1 over ``backend``."""
-    cfg, specs = setup.cfg, setup.specs
+    cfg, specs = spec.cfg, spec.specs
     r = stage_ranges(cfg.pipeline.partition)[rank]
-    engine = Engine(build_blocks(cfg, specs, setup.num_classes, r, device))
-    if setup.resume is not None:
-        engine.load(setup.resume)
+    engine = Engine(build_blocks(cfg, specs, spec.num_classes, r, device))
+    if spec.resume is not None:
+        engine.load(spec.resume)
     wire = dict(
         stage=rank, batch_size=cfg.data.batch_size, depth=cfg.pipeline.channel_depth,
         wire_dtype=wire_dtype(cfg), timeout_s=cfg.pipeline.timeout_s, device=device,
@@ -103,12 +104,12 @@ def build_stage(
     outbox = (P2PChannel(wire_shape_in=None, wire_shape_out=specs[r.stop - 1].wire_shape,
                          data_group=edges[rank], **wire) if rank < world - 1 else None)
     return Stage(rank, engine, inbox=inbox, outbox=outbox, control=control,
-                 run_dir=setup.run_dir, start=setup.start, epochs=cfg.run.epochs)
+                 run_dir=spec.run_dir, start=spec.start, epochs=cfg.run.epochs)
 
 
 def run_rank(
     cfg: Config,
-    setup: Setup | None,
+    spec: RunSpec | None,
     *,
     rank: int,
     world: int,
@@ -121,7 +122,7 @@ def run_rank(
 ) -> dict[str, Any] | None:
     """Run rank ``rank`` to the end; returns the training summary on rank 0.
 
-    ``setup`` is needed on rank 0 only (the others receive it). ``stage_box`` receives the
+    ``spec`` is needed on rank 0 only (the others receive it). ``stage_box`` receives the
     Stage as soon as it exists, so that a launcher can report where a failure happened;
     ``on_phase`` is told the phase and position of each message (see :attr:`Stage.on_phase`).
     """
@@ -136,21 +137,21 @@ def run_rank(
     control = dist.new_group(backend="gloo", timeout=timeout)
     headers = dist.new_group(backend="gloo", timeout=timeout)
     edges = edge_groups(world, backend, timeout)
-    box = [setup]
+    box = [spec]
     dist.broadcast_object_list(box, src=0, group=control)
-    setup = box[0]
-    assert setup is not None
-    stage = build_stage(setup, rank=rank, world=world, device=device, control=control,
+    spec = box[0]
+    assert spec is not None
+    stage = build_stage(spec, rank=rank, world=world, device=device, control=control,
                         headers=headers, edges=edges, backend=backend)
     stage.on_phase = on_phase
     if stage_box is not None:
         stage_box.append(stage)
     result = None
     if rank == 0:
-        pipe = DistPipe(stage, num_stages=world, wire_batch=setup.cfg.data.batch_size)
-        where = (f"pipelined over {world} stages {list(setup.cfg.pipeline.partition)} "
+        pipe = DistPipe(stage, num_stages=world, wire_batch=spec.cfg.data.batch_size)
+        where = (f"pipelined over {world} stages {list(spec.cfg.pipeline.partition)} "
                  f"({backend}, {device.type})")
-        result = build_trainer(setup, pipe, where=where).fit()
+        result = build_trainer(spec, pipe, where=where).fit()
         pipe.close()
     else:
         stage.serve()

@@ -1,4 +1,5 @@
-"""``pipelocal plan``: profile every block, propose the partition, predict the throughput.
+"""Balancing the stages by profiling: time every block, choose the partition, predict the throughput
+(``pipelocal plan`` prints it; an automatic partition uses it).
 
 Each block is built on the target device and timed over a few training steps on a random batch
 of the configured size (forward + local loss + backward + step: everything a stage does per
@@ -23,7 +24,7 @@ from pipelocal.models import BlockSpec
 from pipelocal.pipeline.partition import balanced_partition, stage_ranges
 from pipelocal.rules import end_to_end_top
 
-__all__ = ["BlockProfile", "Plan", "make_plan", "profile_blocks"]
+__all__ = ["Balance", "BlockProfile", "balance_partition", "profile_blocks"]
 
 _GIB = 2**30
 
@@ -101,7 +102,9 @@ def profile_blocks(
 
 
 @dataclass(frozen=True)
-class Plan:
+class Balance:
+    """A partition chosen from measured block costs, with the throughput it predicts."""
+
     partition: list[int]
     profiles: list[BlockProfile]
     batch_size: int
@@ -176,9 +179,11 @@ class Plan:
         return "\n".join(lines + self.warnings())
 
 
-def make_plan(
+def balance_partition(
     cfg: Config, specs: Sequence[BlockSpec], num_classes: int, device: torch.device
-) -> Plan:
+) -> Balance:
+    """Profile every block on ``device`` and choose the balanced partition for the config's
+    stage count (within ``pipeline.memory_cap_gib``)."""
     profiles = profile_blocks(cfg, specs, num_classes, device)
     top = end_to_end_top(cfg.rule, len(specs))
     partition = balanced_partition(
@@ -191,5 +196,5 @@ def make_plan(
     concurrent = 0
     if device.type == "cpu":  # stages are processes sharing this machine's cores
         concurrent = max(1, len(os.sched_getaffinity(0)) // max(torch.get_num_threads(), 1))
-    return Plan(partition, profiles, cfg.data.batch_size, cfg.pipeline.channel_depth,
-                concurrent, top)
+    return Balance(partition, profiles, cfg.data.batch_size, cfg.pipeline.channel_depth,
+                   concurrent, top)
