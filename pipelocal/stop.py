@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import threading
 import time
@@ -81,15 +82,53 @@ def install_stop_handlers(*, announce: bool = True, same_within_s: float = 0.0) 
         signal.signal(signal.SIGTERM, handler)
 
 
-def die_with_parent(parent: int) -> None:
-    """Have the kernel SIGKILL this process when its parent dies (Linux); exit if it already has."""
+def die_with_parent(launcher: int) -> None:
+    """Have this process SIGKILLed when ``launcher`` dies (Linux); exit if it already has.
+
+    ``launcher`` is the parent, or the process whose forkserver the parent is. The kernel
+    signals a child when its parent dies (``PR_SET_PDEATHSIG``); a forkserver outlives its
+    launcher while any of its children holds the server's pipe, so a forkserver child also
+    watches the launcher itself, from a thread blocked on the launcher's pidfd."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the supervisor's own clean-up still applies
         return
-    if os.getppid() != parent:  # the parent died before the line above
-        os._exit(1)
+    if os.getppid() == launcher:
+        return
+    try:
+        pidfd = os.pidfd_open(launcher)
+    except (OSError, AttributeError):  # gone already (or no pidfd: Linux < 5.3)
+        if not _alive(launcher):
+            os._exit(1)
+        pidfd = None
+    threading.Thread(target=_die_with, args=(launcher, pidfd), daemon=True,
+                     name="pipelocal-die-with-launcher").start()
+
+
+def _die_with(launcher: int, pidfd: int | None) -> None:
+    """Block until ``launcher`` exits (readable pidfd, or a poll twice a second), then die."""
+    if pidfd is not None:
+        select.select([pidfd], [], [])
+    else:
+        while _alive(launcher):
+            time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (a killed parent not yet reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return state != "Z"
 
 
 class Interrupted(RuntimeError):

@@ -146,6 +146,27 @@ def test_digits_loads_offline_with_fixed_split(monkeypatch: pytest.MonkeyPatch) 
     assert torch.equal(again.train.x, ds.train.x) and torch.equal(again.test.y, ds.test.y)
 
 
+def test_digits_are_sklearns_without_importing_it() -> None:
+    """The file read directly gives exactly scikit-learn's load_digits(), and loading it
+    imports no scikit-learn (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    ds, bunch = load_dataset(DataConfig(name="digits")), load_digits()
+    x = torch.as_tensor(bunch.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
+    perm = torch.randperm(1797, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ds.train.x, x[perm][:1437]) and torch.equal(ds.test.x, x[perm][1437:])
+    assert torch.equal(ds.test.y, torch.as_tensor(bunch.target)[perm][1437:])
+    probe = ("import sys; from pipelocal.data import load_dataset; "
+             "from pipelocal.config import DataConfig; load_dataset(DataConfig(name='digits')); "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
 def test_synthetic_cifar_is_cifar_shaped_and_fixed() -> None:
     ds = load_dataset(DataConfig(name="synthetic-cifar", data_dir="/nonexistent"))
     assert (len(ds.train), len(ds.test), ds.in_shape) == (10_000, 2_000, (3, 32, 32))

@@ -326,3 +326,36 @@ def test_full_disk_is_one_line_keeps_the_last_checkpoint_and_resumes(
     assert main(["train", "--resume", str(moved), "--stages", "1",
                  "--set=pipeline.partition=[]"]) == 0
     assert read_manifest(moved)["step"] == 25
+
+
+def test_the_forkserver_preload_never_touches_cuda() -> None:
+    """Workers fork from a server that imported the spawn module; a child of a process that
+    initialised CUDA (even by asking for the device count: cuInit) cannot use CUDA, so that
+    import must make no CUDA call. Checked in a fresh interpreter whose CUDA entry points
+    record every call."""
+    import sys
+
+    from pipelocal.launch.spawn import START_METHOD, preload_modules
+
+    assert START_METHOD == "forkserver"
+    probe = (
+        "import torch, torch.cuda\n"
+        "calls = []\n"
+        "def spy(name):\n"
+        "    def f(*a, **k):\n"
+        "        calls.append(name)\n"
+        "        raise RuntimeError(name)\n"
+        "    return f\n"
+        "for name in ('device_count', 'is_available', 'init', '_lazy_init', 'current_device',\n"
+        "             'get_device_properties', 'set_device', 'is_bf16_supported'):\n"
+        "    setattr(torch.cuda, name, spy(name))\n"
+        "torch._C._cuda_getDeviceCount = spy('_cuda_getDeviceCount')\n"
+        f"for module in {preload_modules()!r}:\n"
+        "    __import__(module)\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "print('calls', calls)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "calls []" in out.stdout, out.stdout

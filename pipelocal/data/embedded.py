@@ -8,6 +8,7 @@ experiment sees the same train and test images.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,7 @@ __all__ = [
     "MNIST_10K_FILES",
     "MNIST_10K_TRAIN",
     "SYNTHETIC_CIFAR_SIZES",
+    "digits_file",
     "fixed_split",
 ]
 
@@ -55,13 +57,28 @@ def fixed_split(x: torch.Tensor, y: torch.Tensor, n_train: int) -> tuple[Split, 
     return Split(x[:n_train], y[:n_train]), Split(x[n_train:], y[n_train:])
 
 
+def digits_file() -> Path:
+    """scikit-learn's bundled ``digits.csv.gz`` (1797 rows of 64 pixels 0..16 and the label),
+    found without importing scikit-learn (seconds of start-up in every process that loads it)."""
+    spec = importlib.util.find_spec("sklearn")
+    path = (Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+            if spec is not None and spec.origin else None)
+    if path is None or not path.is_file():
+        raise DatasetError("dataset 'digits' is the copy bundled with scikit-learn, which is not "
+                           "installed here (or lacks datasets/data/digits.csv.gz): pip install "
+                           "scikit-learn, or use another data.name")
+    return path
+
+
 @register_dataset("digits")
 def _digits(cfg: DataConfig) -> Dataset:
-    from sklearn.datasets import load_digits  # bundled file, no network
+    import numpy as np
 
-    bunch = load_digits()
-    x = torch.as_tensor(bunch.images, dtype=torch.float32).div_(16.0).unsqueeze(1)  # [N,1,8,8]
-    y = torch.as_tensor(bunch.target, dtype=torch.int64)
+    # What sklearn.datasets.load_digits reads, read the same way: float64 pixels, int labels.
+    table = np.loadtxt(digits_file(), delimiter=",")
+    images, target = table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
+    x = torch.as_tensor(images, dtype=torch.float32).div_(16.0).unsqueeze(1)  # [N,1,8,8]
+    y = torch.as_tensor(target, dtype=torch.int64)
     train, test = fixed_split(x, y, DIGITS_TRAIN)
     return Dataset(
         name="digits",
