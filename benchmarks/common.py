@@ -47,6 +47,8 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+DOCS_IMG_DIR = REPO_ROOT / "docs" / "img"
+"""Plots of the committed results, where the docs (GitHub and the MkDocs site) show them."""
 
 
 # --------------------------------------------------------------------------- provenance

@@ -17,7 +17,8 @@ noise hits them alike:
 then the memory figures (memory.py), the transport against a plain copy, the scaling model
 (scaling.py) for S = 1..16 checked against the measured S, and the time to a common test
 accuracy of glob on one device and pipelocal with S stages. Writes ``<name>.json``,
-``<name>.md`` and ``<name>.png`` to ``--out-dir`` (default benchmarks/results).
+``<name>.md`` to ``--out-dir`` (default benchmarks/results) and ``<name>.png`` beside them (for the
+default, to docs/img/, where the docs show it).
 
 The committed headline result (2-core CPU; see the JSON for the machine and its load):
 
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
+    DOCS_IMG_DIR,
     MNIST_10K_DIR,
     REPO_ROOT,
     RESULTS_DIR,
@@ -335,8 +337,17 @@ def main(argv: list[str] | None = None) -> int:
             models[name] = {"raw": raw, **analyse_model(raw)}
             # Written after every model, so that a stopped run keeps what it measured.
             path = write_outputs(args, prov, models, complete=len(models) == len(names))
-    _log(f"wrote {path} and the .md and .png beside it")
+    _log(f"wrote {path}, the .md beside it and {plot_path(Path(args.out_dir), args.name)}")
     return 0
+
+
+def plot_path(out_dir: Path, name: str) -> Path:
+    """The plot of a result: docs/img/ for the committed results (the docs show it), beside
+    the JSON for any other --out-dir."""
+    if out_dir.resolve() == RESULTS_DIR.resolve():
+        DOCS_IMG_DIR.mkdir(parents=True, exist_ok=True)
+        return DOCS_IMG_DIR / f"{name}.png"
+    return out_dir / f"{name}.png"
 
 
 def write_outputs(args: argparse.Namespace, prov: Provenance, models: dict[str, Any], *,
@@ -364,7 +375,7 @@ def write_outputs(args: argparse.Namespace, prov: Provenance, models: dict[str, 
     result = json.loads(path.read_text())
     text = markdown(result)
     (out_dir / f"{args.name}.md").write_text(text)
-    plot(result, out_dir / f"{args.name}.png")
+    plot(result, plot_path(out_dir, args.name))
     print(text, flush=True)
     return path
 
