@@ -107,7 +107,8 @@ def _engine(setup: Setup) -> Engine:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     specs = setup.specs
-    engine = Engine(build_blocks(cfg, specs, setup.num_classes, range(len(specs)), device))
+    engine = Engine(build_blocks(cfg, specs, setup.num_classes, range(len(specs)), device),
+                    micro_batches=cfg.pipeline.micro_batches)
     if setup.resume is not None:
         engine.load(setup.resume)
     return engine
