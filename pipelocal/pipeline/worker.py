@@ -85,7 +85,8 @@ def build_stage(
     ``edges[s]`` carries the tensors between stages s and s + 1 over ``backend``."""
     cfg, specs = setup.cfg, setup.specs
     r = stage_ranges(cfg.pipeline.partition)[rank]
-    engine = Engine(build_blocks(cfg, specs, setup.num_classes, r, device))
+    engine = Engine(build_blocks(cfg, specs, setup.num_classes, r, device),
+                    micro_batches=cfg.pipeline.micro_batches)
     if setup.resume is not None:
         engine.load(setup.resume)
     wire = dict(
