@@ -33,7 +33,7 @@ from pipelocal.checkpoint import (
 )
 from pipelocal.config import Config, OptimConfig, RuleConfig, ScheduleConfig
 from pipelocal.data import dataset_stats
-from pipelocal.microbatch import WHOLE, MicroBatch, split_batch
+from pipelocal.microbatch import WHOLE, MicroBatch, split_batch, wire_rows
 from pipelocal.models import BlockSpec
 from pipelocal.models.init import he_normal_
 from pipelocal.optim import build_optimizer, learning_rate
@@ -46,6 +46,7 @@ __all__ = [
     "block_seed",
     "build_blocks",
     "eval_pieces",
+    "piece_rows",
     "train_end_to_end",
 ]
 
@@ -506,9 +507,16 @@ class Engine:
                 ) from exc
 
 
+def piece_rows(cfg: Config) -> int:
+    """Rows of the pipeline's wire and of an evaluation piece: data.batch_size, or with
+    micro-batches the largest micro-batch, ceil(data.batch_size / pipeline.micro_batches)."""
+    return wire_rows(cfg.data.batch_size, cfg.pipeline.micro_batches)
+
+
 def eval_pieces(x: Tensor, y: Tensor, size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """An evaluation batch in pieces of ``size`` rows (the last one shorter), as every path
-    evaluates: the pipeline's wire has that batch size, and cuDNN picks kernels by shape, so
-    one piece size keeps GPU results equal between one process and a pipeline."""
+    """An evaluation batch in pieces of ``size`` rows (:func:`piece_rows`; the last one
+    shorter), as every path evaluates: the pipeline's wire has that batch size, and cuDNN
+    picks kernels by shape, so one piece size keeps GPU results equal between one process and
+    a pipeline."""
     for start in range(0, y.numel(), size):
         yield x[start:start + size], y[start:start + size]

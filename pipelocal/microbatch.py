@@ -9,7 +9,9 @@ those of the batch mean, and the block steps once, after its last micro-batch.
 
 The split is a pure function of (B, M): a stage that receives micro-batch i of a batch knows
 its weight from the header alone, and an engine fed the concatenated output of another splits
-it back into the very same micro-batches.
+it back into the very same micro-batches. No micro-batch of a batch of at most
+``data.batch_size`` rows has more than :func:`wire_rows` rows: the pipeline's wire buffers
+have that many, and evaluation runs in pieces of that size on every path.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-__all__ = ["WHOLE", "MicroBatch", "micro_batch_sizes", "split_batch"]
+__all__ = ["WHOLE", "MicroBatch", "micro_batch_sizes", "split_batch", "wire_rows"]
 
 
 def micro_batch_sizes(rows: int, micro_batches: int) -> list[int]:
@@ -32,6 +34,12 @@ def micro_batch_sizes(rows: int, micro_batches: int) -> list[int]:
         return []
     base, extra = divmod(rows, count)
     return [base + 1] * extra + [base] * (count - extra)
+
+
+def wire_rows(batch_size: int, micro_batches: int) -> int:
+    """The most rows a micro-batch of a batch of at most ``batch_size`` rows has:
+    ceil(batch_size / micro_batches) (``batch_size`` itself with one micro-batch)."""
+    return -(-batch_size // micro_batches)
 
 
 @dataclass(frozen=True, slots=True)

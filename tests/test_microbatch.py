@@ -13,7 +13,7 @@ import torch
 from pipelocal.config import ConfigError, load_config
 from pipelocal.engine import Engine, LocalBlock, build_blocks
 from pipelocal.launch import train
-from pipelocal.microbatch import WHOLE, MicroBatch, micro_batch_sizes, split_batch
+from pipelocal.microbatch import WHOLE, MicroBatch, micro_batch_sizes, split_batch, wire_rows
 from pipelocal.models import build_model
 from pipelocal.pipeline.channel import Kind, Message
 from pipelocal.pipeline.pipe import DistPipe
@@ -43,6 +43,8 @@ def test_micro_batch_sizes_are_as_even_as_rows_allow() -> None:
             assert sum(sizes) == rows and len(sizes) == min(m, rows)
             assert all(s >= 1 for s in sizes) and sizes == sorted(sizes, reverse=True)
             assert not sizes or max(sizes) - min(sizes) <= 1
+            # the wire of a batch size >= rows holds every micro-batch
+            assert all(s <= wire_rows(b, m) for s in sizes for b in range(max(rows, 1), 41))
     with pytest.raises(ValueError, match="micro_batches = 0"):
         micro_batch_sizes(4, 0)
 

@@ -21,7 +21,7 @@ from pipelocal.config import (
     upgrade_saved_config,
 )
 from pipelocal.device import configure_determinism, place_stage, visible_gpus
-from pipelocal.engine import Engine, build_blocks
+from pipelocal.engine import Engine, build_blocks, piece_rows
 from pipelocal.launch.preflight import (
     auto_resume_point,
     check_resume,
@@ -116,7 +116,7 @@ def _engine(setup: Setup) -> Engine:
 
 def _single(setup: Setup) -> dict[str, Any]:
     engine = _engine(setup)
-    trainer = build_trainer(setup, LocalPipe(engine, eval_piece=setup.cfg.data.batch_size),
+    trainer = build_trainer(setup, LocalPipe(engine, eval_piece=piece_rows(setup.cfg)),
                             where=f"single process on {engine.device}")
     return trainer.fit()
 
@@ -132,7 +132,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict[str, Any
     setup = Setup(cfg, tuple(dataset.in_shape), dataset.num_classes, ckpt, resume=ckpt)
     engine = _engine(setup)
     train_loader, test_loader = make_loaders(dataset, cfg.data, cfg.run.seed)
-    pipe = LocalPipe(engine, eval_piece=cfg.data.batch_size)
+    pipe = LocalPipe(engine, eval_piece=piece_rows(cfg))
     trainer = Trainer(cfg, pipe, setup.specs, train_loader, test_loader, ckpt,
                       metrics=Metrics(None, progress=False))
     return trainer.evaluate()

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from pipelocal.config import Config
 from pipelocal.device import configure_determinism, cpu_threads, place_stage, visible_gpus
-from pipelocal.engine import Engine, build_blocks
+from pipelocal.engine import Engine, build_blocks, piece_rows
 from pipelocal.pipeline.channel import P2PChannel
 from pipelocal.pipeline.nccl_order import SerialTransport, nccl_order_requested
 from pipelocal.pipeline.partition import stage_ranges
@@ -90,7 +90,8 @@ def build_stage(
     if setup.resume is not None:
         engine.load(setup.resume)
     wire = dict(
-        stage=rank, batch_size=cfg.data.batch_size, depth=cfg.pipeline.channel_depth,
+        # A message is one micro-batch: the wire holds the largest one (the batch with M = 1).
+        stage=rank, batch_size=piece_rows(cfg), depth=cfg.pipeline.channel_depth,
         wire_dtype=wire_dtype(cfg), timeout_s=cfg.pipeline.timeout_s, device=device,
         header_group=headers, data_backend=backend,
         # PIPELOCAL_NCCL_ORDER=1: the edges' ops complete in posting order, as on NCCL.
@@ -148,7 +149,7 @@ def run_rank(
         stage_box.append(stage)
     result = None
     if rank == 0:
-        pipe = DistPipe(stage, num_stages=world, wire_batch=setup.cfg.data.batch_size)
+        pipe = DistPipe(stage, num_stages=world, wire_batch=piece_rows(setup.cfg))
         where = (f"pipelined over {world} stages {list(setup.cfg.pipeline.partition)} "
                  f"({backend}, {device.type})")
         result = build_trainer(setup, pipe, where=where).fit()
