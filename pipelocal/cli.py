@@ -4,6 +4,7 @@
     pipelocal train --config my.toml --set optim.lr=3e-4 --stages 4
     pipelocal train --resume runs/NAME                # continue from the latest checkpoint
     pipelocal train --stages 4 --dry-run              # check config, partition, stage shapes
+    pipelocal train --stages 2 --micro-batches 4 --set rule.name=pred   # streamed in quarters
     pipelocal eval runs/NAME                          # test accuracy of a checkpoint
     pipelocal plan --config my.toml --stages 4        # profile blocks, propose a partition
     pipelocal plot runs/NAME                          # learning curves -> runs/NAME/curves.png
@@ -75,7 +76,8 @@ def _dry_run(cfg: Config, resume: str | None) -> int:
 
 
 def _train_flags(args: argparse.Namespace) -> list[str]:
-    """--stages, --launcher and --overwrite as overrides (they win over --set, like any flag).
+    """--stages, --micro-batches, --launcher and --overwrite as overrides (they win over --set,
+    like any flag).
 
     ``--stages 1`` without ``--launcher`` runs in this process, whatever launcher the config
     or the resumed checkpoint names (a Ray run resumed on one stage starts no Ray).
@@ -83,6 +85,8 @@ def _train_flags(args: argparse.Namespace) -> list[str]:
     flags = [f"pipeline.stages={args.stages}"] if args.stages else []
     if args.stages == 1 and not args.launcher:
         flags.append("pipeline.launcher=spawn")
+    if args.micro_batches is not None:
+        flags.append(f"pipeline.micro_batches={args.micro_batches}")
     flags += ["run.resume=overwrite"] if args.overwrite else []
     return flags + ([f"pipeline.launcher={args.launcher}"] if args.launcher else [])
 
@@ -219,6 +223,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--stages", type=int,
                    help="pipeline stages (= pipeline.stages); 1 runs in this process unless "
                         "--launcher ray is given too")
+    t.add_argument("--micro-batches", type=int, metavar="M",
+                   help="train each batch in M micro-batches, each streamed to the next stage "
+                        "as soon as it is done (= pipeline.micro_batches)")
     t.add_argument("--resume", help="run directory or checkpoint to continue from")
     t.add_argument("--overwrite", action="store_true",
                    help="run.name names a directory holding an earlier run: delete it and "

@@ -224,6 +224,10 @@ class RuleConfig:
     classifier_init: Literal["uniform", "gaussian"] = "uniform"
     """sym/scfb/tlc: distribution of the classifier (and feedback) weights, zero mean and
     std sqrt(2 / (fan_in + fan_out)) (Mostafa et al. 2018, eq. 7; gaussian = their GI)."""
+    micro_batch_similarity: bool = False
+    """sim, predsim, their bpf variants, glob+sim with pipeline.micro_batches > 1: true = the
+    similarity matrix of each micro-batch alone (a different loss from the whole batch's);
+    false = such a run is refused."""
 
     def __post_init__(self) -> None:
         _check_name("rule.name", self.name, Registry.of("rule").names())
@@ -331,6 +335,12 @@ class PipelineConfig:
     """Blocks per stage, e.g. [3, 2, 3]; empty = balanced by profiling (``pipelocal plan``)."""
     channel_depth: int = 2
     """Messages in flight between two stages (bounds memory and how far a fast stage runs ahead)."""
+    micro_batches: int = 1
+    """Every block trains on each batch in this many micro-batches (as even as rows allow; at
+    most one per row), accumulating row-weighted gradients, one optimiser step per batch; a
+    pipeline stage sends each micro-batch on as soon as it is done. Batch statistics (BN) see
+    micro-batches; rules whose loss couples the samples of a batch (sim, predsim, ...) refuse
+    M > 1 unless rule.micro_batch_similarity = true."""
     wire_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Dtype of activations on the wire; auto = follow run.precision (bf16 -> bfloat16). With
     run.precision = fp32, bfloat16 halves traffic but breaks bitwise exactness."""
@@ -360,6 +370,8 @@ class PipelineConfig:
             f"{self.stages}), or [] for an automatic partition",
         )
         _check(self.channel_depth >= 1, "pipeline.channel_depth", self.channel_depth, ">= 1")
+        _check(self.micro_batches >= 1, "pipeline.micro_batches", self.micro_batches,
+               "an integer >= 1 (1 = the whole batch at once)")
         _check(
             self.wire_dtype in ("auto", "float32", "bfloat16"),
             "pipeline.wire_dtype",
@@ -537,6 +549,8 @@ _ADDED_SINCE = {
     ("data", "pad_mode"): "zeros",
     ("schedule", "warmup_epochs"): 0,
     ("schedule", "warmup_start_lr"): 0.01,  # unused without a warm-up
+    ("pipeline", "micro_batches"): 1,  # the whole batch at once
+    ("rule", "micro_batch_similarity"): False,  # unused with one micro-batch
 }
 """Keys added to the config tree after checkpoints were written without them, and what those
 checkpoints trained with (the new defaults follow the papers' authors instead)."""

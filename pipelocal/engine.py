@@ -8,7 +8,9 @@ every pipeline stage run the very same ``train_step`` and get bit-identical resu
 :class:`Engine` is a contiguous run of blocks trained in order. With all blocks it is the
 reference every pipelined run must reproduce bit for bit; each pipeline stage runs one of these
 over its own slice of blocks. For each minibatch and each block in order: forward, local loss,
-backward, optimiser step, pass the detached output on.
+backward, optimiser step, pass the detached output on. With ``micro_batches = M`` each batch
+goes through the blocks in M micro-batches (:mod:`pipelocal.microbatch`): each block
+accumulates the row-weighted gradients of its micro-batches and steps after the last one.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pipelocal.checkpoint import (
 )
 from pipelocal.config import Config, OptimConfig, RuleConfig, ScheduleConfig
 from pipelocal.data import dataset_stats
+from pipelocal.microbatch import WHOLE, MicroBatch, split_batch, wire_rows
 from pipelocal.models import BlockSpec
 from pipelocal.models.init import he_normal_
 from pipelocal.optim import build_optimizer, learning_rate
@@ -43,6 +46,7 @@ __all__ = [
     "block_seed",
     "build_blocks",
     "eval_pieces",
+    "piece_rows",
     "train_end_to_end",
 ]
 
@@ -187,8 +191,14 @@ class LocalBlock(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self, x: Tensor, y: Tensor, image: Tensor | None = None) -> Tensor:
-        """One update on (x, y); ``image`` is the model's input, for rules that need it."""
+    def train_step(
+        self, x: Tensor, y: Tensor, image: Tensor | None = None, *, part: MicroBatch = WHOLE
+    ) -> Tensor:
+        """One update on (x, y); ``image`` is the model's input, for rules that need it.
+
+        ``part``: which micro-batch of its batch (x, y) is: the gradients are zeroed at the
+        first, accumulated with weight rows / batch rows, and the optimiser steps at the last.
+        """
         if self.end_to_end:
             raise RuntimeError(
                 f"block {self.index} ({self.spec.name}) learns end to end with blocks "
@@ -204,10 +214,12 @@ class LocalBlock(nn.Module):
             if self.classifier_reads_passed_on:  # dropped and pooled, as it is passed on
                 h = self.pass_on(h)
             loss, scores = self.local_loss(h, y, image)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.record(loss, scores, y)
+        if part.first:
+            self.optimizer.zero_grad(set_to_none=True)
+        _backward(loss, part, y)  # frees this micro-batch's graph
+        if part.last:
+            self.optimizer.step()
+        self.record(loss, scores, y, last=part.last)
         return h.detach() if self.classifier_reads_passed_on else self.pass_on(h.detach())
 
     @torch.no_grad()
@@ -233,12 +245,14 @@ class LocalBlock(nn.Module):
         # the device and read with the sums: checking every step would be a sync per step.
         self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
 
-    def record(self, loss: Tensor, scores: Tensor | None, y: Tensor) -> None:
+    def record(self, loss: Tensor, scores: Tensor | None, y: Tensor, *, last: bool = True) -> None:
+        """Add a (micro-)batch's mean loss, weighted by its rows; ``last``: the batch's last
+        micro-batch, which ends the step (a NaN/Inf loss names the step, not the part)."""
         loss = loss.detach()
         first = self._first_nonfinite
         self._first_nonfinite = torch.where(~torch.isfinite(loss) & (first < 0), self._steps,
                                             first)
-        self._steps += 1
+        self._steps += int(last)
         self._loss_sum += loss * y.numel()
         if scores is not None:
             self._correct += (scores.argmax(1) == y).sum()
@@ -332,12 +346,22 @@ def build_blocks(
     ]
 
 
-def train_end_to_end(blocks: Sequence[LocalBlock], x: Tensor, y: Tensor) -> Tensor:
+def _backward(loss: Tensor, part: MicroBatch, y: Tensor) -> None:
+    """Backward of a micro-batch's mean loss weighted by its share of the batch's rows, so
+    that the gradients accumulated over the batch are those of the batch mean. The whole batch
+    is not scaled at all (bitwise what a step without micro-batches computes)."""
+    (loss if part.whole else loss * part.weight(y.numel())).backward()
+
+
+def train_end_to_end(
+    blocks: Sequence[LocalBlock], x: Tensor, y: Tensor, *, part: MicroBatch = WHOLE
+) -> Tensor:
     """One backprop step of ``blocks`` (contiguous, the output block last) on (x, y).
 
     The output's cross-entropy (plus, for glob+sim, every hidden block's sim loss) flows back
     through all of them; each block's own optimiser then steps. Used for global rules (every
-    block) and for AugLocal's end-to-end top layers.
+    block) and for AugLocal's end-to-end top layers. ``part``: as in
+    :meth:`LocalBlock.train_step` (gradient accumulation over the micro-batches of a batch).
     """
     losses: list[Tensor] = []
     for block in blocks:
@@ -346,21 +370,25 @@ def train_end_to_end(blocks: Sequence[LocalBlock], x: Tensor, y: Tensor) -> Tens
             h = block(x.float())
             loss, scores = block.local_loss(h, y)
         losses.append(loss)  # zero for a top block without a loss of its own; glob+sim: sim
-        block.record(loss, scores, y)
+        block.record(loss, scores, y, last=part.last)
         x = block.pass_on(h)
-    for block in blocks:
-        block.optimizer.zero_grad(set_to_none=True)
-    torch.stack(losses).sum().backward()
-    for block in blocks:
-        block.optimizer.step()
+    if part.first:
+        for block in blocks:
+            block.optimizer.zero_grad(set_to_none=True)
+    _backward(torch.stack(losses).sum(), part, y)
+    if part.last:
+        for block in blocks:
+            block.optimizer.step()
     return x.detach()
 
 
 class Engine:
-    """Blocks ``blocks`` (contiguous, in order) of one model, in this process."""
+    """Blocks ``blocks`` (contiguous, in order) of one model, in this process; each training
+    batch in ``micro_batches`` micro-batches (``pipeline.micro_batches``)."""
 
-    def __init__(self, blocks: Sequence[LocalBlock]) -> None:
+    def __init__(self, blocks: Sequence[LocalBlock], *, micro_batches: int = 1) -> None:
         self.blocks = list(blocks)
+        self.micro_batches = micro_batches
         self.device = self.blocks[0].device
         rule = self.blocks[0].rule
         self.is_global = rule is not None and rule.is_global
@@ -382,7 +410,20 @@ class Engine:
 
         ``image`` is the model's input batch, for rules that need it; an engine starting at
         block 0 takes ``x`` itself, a later pipeline stage receives it with the activation.
+        In micro-batches, each goes through every block before the next one starts (as a
+        pipeline streams them); the output is the micro-batches' outputs concatenated, which
+        an engine over the next blocks splits back into the same micro-batches.
         """
+        outs = [self.train_micro(px, py, epoch, pimage, part=part)  # type: ignore[arg-type]
+                for part, (px, py, pimage) in split_batch((x, y, image), self.micro_batches)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def train_micro(
+        self, x: Tensor, y: Tensor, epoch: int, image: Tensor | None = None, *,
+        part: MicroBatch = WHOLE,
+    ) -> Tensor:
+        """Micro-batch ``part`` of a training batch through every block; returns the last
+        block's output. Each block steps after the batch's last micro-batch."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         for block in self.blocks:
             block.set_epoch(epoch)
@@ -390,8 +431,8 @@ class Engine:
         if self.needs_image:
             image = self.input_image(x, image)
         for block in self.blocks[: len(self.blocks) - len(self._top)]:
-            x = block.train_step(x, y, image)
-        return train_end_to_end(self._top, x, y) if self._top else x
+            x = block.train_step(x, y, image, part=part)
+        return train_end_to_end(self._top, x, y, part=part) if self._top else x
 
     def _check_top(self) -> None:
         """The end-to-end blocks must all be here: a gradient cannot cross two engines."""
@@ -466,9 +507,16 @@ class Engine:
                 ) from exc
 
 
+def piece_rows(cfg: Config) -> int:
+    """Rows of the pipeline's wire and of an evaluation piece: data.batch_size, or with
+    micro-batches the largest micro-batch, ceil(data.batch_size / pipeline.micro_batches)."""
+    return wire_rows(cfg.data.batch_size, cfg.pipeline.micro_batches)
+
+
 def eval_pieces(x: Tensor, y: Tensor, size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """An evaluation batch in pieces of ``size`` rows (the last one shorter), as every path
-    evaluates: the pipeline's wire has that batch size, and cuDNN picks kernels by shape, so
-    one piece size keeps GPU results equal between one process and a pipeline."""
+    """An evaluation batch in pieces of ``size`` rows (:func:`piece_rows`; the last one
+    shorter), as every path evaluates: the pipeline's wire has that batch size, and cuDNN
+    picks kernels by shape, so one piece size keeps GPU results equal between one process and
+    a pipeline."""
     for start in range(0, y.numel(), size):
         yield x[start:start + size], y[start:start + size]

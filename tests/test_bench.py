@@ -196,3 +196,49 @@ def test_every_registered_benchmark_has_a_main(name):
     import importlib
 
     assert callable(importlib.import_module(BENCHMARKS[name]).main)
+
+
+def test_micro_memory_falls_with_the_micro_batch_count():
+    """A block holds one micro-batch's graph at a time; the wire holds the largest one."""
+    from benchmarks.headline.peers import micro_memory
+
+    cfg = _tiny_config().replace(rule={"name": "pred"}, model={"batchnorm": True})
+    mem = micro_memory(cfg, [1, 4])
+    one, four = mem["1"]["blocks"], mem["4"]["blocks"]
+    assert [b["name"] for b in one] == [b["name"] for b in four] == ["fc1", "fc2", "fc3", "out"]
+    for a, b in zip(one[1:], four[1:]):  # the first block's input is the batch itself
+        assert b["saved_local_bytes"] < a["saved_local_bytes"] / 2
+    assert [b["wire_bytes"] * 4 for b in four] == [b["wire_bytes"] for b in one]  # 32 -> 8 rows
+    assert [b["state_local_bytes"] for b in four] == [b["state_local_bytes"] for b in one]
+
+
+def test_micro_analysis_compares_each_count_with_one_and_with_1f1b():
+    from benchmarks.headline.analysis import MIB, analyse_micro
+
+    blocks = [{"saved_local_bytes": s * MIB, "state_local_bytes": MIB, "wire_bytes": w * MIB}
+              for s, w in ((8, 2), (4, 1))]
+    half = [{**b, "saved_local_bytes": b["saved_local_bytes"] / 2,
+             "wire_bytes": b["wire_bytes"] / 2} for b in blocks]
+
+    def c(tp):
+        return {"throughput(samples/s)": tp, "peak_rss(MiB)": [700, 690],
+                "busy_fraction": [0.9, 0.8]}
+
+    def d(tp, m):
+        return {"schedule": "1f1b", "microbatches": m, "throughput(samples/s)": tp,
+                "activation_peak(B)": 3 * MIB, "params(B)": MIB, "grads(B)": MIB,
+                "optimizer(B)": 0, "peak_rss(MiB)": 720, "busy_fraction": 0.5}
+
+    reps = [{"c": {"pred": {"1": c(100.0), "2": c(150.0)}},
+             "d": [{"settings": [d(80.0, 4), d(60.0, 8)]}] * 2} for _ in range(2)]
+    raw = {"repeats": reps, "rules": ["pred"], "micro_batches": [1, 2], "partition": [1, 1],
+           "channel_depth": 2, "memory": {"pred": {"1": {"blocks": blocks},
+                                                   "2": {"blocks": half}}}}
+    out = analyse_micro(raw)
+    assert list(out["peers"]) == ["c pred M=1", "c pred M=2", "d 1f1b"]
+    assert out["ratios"]["c pred M=2 / c pred M=1"]["median"] == 1.5
+    assert out["ratios"]["d 1f1b / c pred M=1"]["median"] == 0.8
+    assert out["peers"]["d 1f1b"]["microbatches"] == 4
+    m2 = out["peers"]["c pred M=2"]
+    assert m2["activation(MiB)"] == [4, 2] and m2["state(MiB)"] == [1, 1]
+    assert m2["in_flight(MiB)"] == [2 * 1, 2 * 1]  # depth 2 x the edge's 1 MiB, both ends

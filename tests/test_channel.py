@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from pipelocal.microbatch import WHOLE, MicroBatch
 from pipelocal.pipeline.channel import Kind, Message, P2PChannel, PeerError
 from tests.conftest import run_two_ranks
 
@@ -51,7 +52,9 @@ def _run(rank: int, port: int, dtype_name: str, scenario: str, out: Any) -> None
                 for step in range(5):
                     rows = 4 if step < 4 else 3
                     x = torch.arange(rows * 6, dtype=torch.float32).reshape(rows, *SHAPE) + step
-                    ch.send(Message(Kind.TRAIN, step, 7, x, torch.full((rows,), step)))
+                    part = MicroBatch(step % 2, 2, 8) if step < 4 else WHOLE
+                    ch.send(Message(Kind.TRAIN, step, 7, x, torch.full((rows,), step),
+                                    part=part))
                 ch.send(Message(Kind.END_EPOCH, -1, 7))
                 ch.flush()
             out.put((rank, "ok"))
@@ -61,7 +64,8 @@ def _run(rank: int, port: int, dtype_name: str, scenario: str, out: Any) -> None
                 for _ in range(6):
                     m = ch.recv()
                     # Plain lists: tensors would cross the queue as this process's shared memory.
-                    got.append((int(m.kind), m.step, m.epoch, m.rows, m.x.tolist(), m.y.tolist()))
+                    got.append((int(m.kind), m.step, m.epoch, m.rows, m.x.tolist(), m.y.tolist(),
+                                (m.part.index, m.part.count, m.part.batch_rows)))
                 out.put((rank, got))
             except PeerError as exc:
                 out.put((rank, f"PeerError: {exc}"))
@@ -80,13 +84,14 @@ def test_messages_arrive_in_order_with_padding_removed(dtype_name: str) -> None:
     assert results[0] == "ok"
     got = results[1]
     assert isinstance(got, list), got
-    for step, (kind, s, epoch, rows, x, y) in enumerate(got[:5]):
+    for step, (kind, s, epoch, rows, x, y, part) in enumerate(got[:5]):
         want_rows = 4 if step < 4 else 3
         want = torch.arange(want_rows * 6, dtype=torch.float32).reshape(want_rows, *SHAPE) + step
         assert (kind, s, epoch, rows) == (int(Kind.TRAIN), step, 7, want_rows)
         exact = want.to(getattr(torch, dtype_name)).float()  # what survives the wire dtype
         assert torch.equal(torch.tensor(x), exact)
         assert y == [step] * want_rows
+        assert part == ((step % 2, 2, 8) if step < 4 else (0, 1, 0))  # the micro-batch
     assert got[5][:4] == (int(Kind.END_EPOCH), -1, 7, 0)
 
 

@@ -200,3 +200,15 @@ def test_backend_is_a_deprecated_alias_of_launcher() -> None:
     old = _parser().parse_args(["train", "--backend", "ray", "--stages", "2"])
     assert _train_flags(old) == _train_flags(new) == ["pipeline.stages=2",
                                                       "pipeline.launcher=ray"]
+
+
+def test_micro_batches_flag_sets_the_key_and_a_bad_value_exits_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pipelocal.cli import _parser, _train_flags
+
+    args = _parser().parse_args(["train", "--micro-batches", "4", "--stages", "2"])
+    assert _train_flags(args) == ["pipeline.stages=2", "pipeline.micro_batches=4"]
+    assert _train_flags(_parser().parse_args(["train"])) == []
+    assert main(["train", "--micro-batches", "0", "--stages", "1"]) == 2
+    assert "pipeline.micro_batches = 0 is invalid" in capsys.readouterr().err

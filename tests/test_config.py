@@ -182,6 +182,7 @@ def test_wrong_type(override: str, key: str, value: str, accepted: str) -> None:
         ),
         (["pipeline.stages=-1"], "pipeline.stages", "-1", ">= 0"),
         (["pipeline.launcher=dask"], "pipeline.launcher", "dask", "spawn, ray"),
+        (["pipeline.micro_batches=0"], "pipeline.micro_batches", "0", "an integer >= 1"),
         (["ray.gpus_per_stage=2"], "ray.gpus_per_stage", "2", "NCCL cannot share a GPU"),
         (["ray.cpus_per_stage=0"], "ray.cpus_per_stage", "0", "> 0"),
         (["ray.placement=strict"], "ray.placement", "strict", "pack, spread"),
@@ -315,6 +316,8 @@ def test_a_saved_config_without_newer_keys_gets_the_values_it_trained_with() -> 
     new = upgrade_saved_config(old)
     assert new["rule"]["top_layers"] == "local" and new["rule"]["infopro_target"] == "minmax"
     assert new["model"]["init"] == "pytorch" and new["schedule"]["warmup_epochs"] == 0
+    assert new["pipeline"]["micro_batches"] == 1  # the whole batch at once, as it trained
+    assert new["rule"]["micro_batch_similarity"] is False
     assert new["data"] == {"name": "svhn-extra", "pad_mode": "zeros"}  # svhn was train + extra
     assert old["data"] == {"name": "svhn"}  # the input is left alone
     current = upgrade_saved_config(config_to_dict(Config()))

@@ -21,6 +21,7 @@ from pipelocal.cuda_ops import OpRecorder, fake_cuda_autocast
 from pipelocal.engine import Engine, build_blocks
 from pipelocal.models import build_model
 from pipelocal.pipeline.channel import Kind, Message, P2PChannel, tensor_wait_timeout
+from pipelocal.pipeline.pipe import DistPipe
 from pipelocal.pipeline.stage import Stage
 from tests.conftest import tiny_config
 
@@ -70,14 +71,16 @@ def test_channel_waits_on_the_host_only_for_headers_on_nccl(backend: str) -> Non
         assert waits == [(0, timedelta(seconds=5)), (1, tensor_timeout), (2, tensor_timeout)]
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2])
 def test_stage_zero_batch_path_never_waits_for_the_device(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, micro_batches: int
 ) -> None:
     """Stage 0 of two on a (fake) GPU: a training and an evaluation batch from host memory, the
-    blocks' steps and the send; the backward, which needs a real device, is left out."""
-    cfg = tiny_config(tmp_path)
+    blocks' steps and the send (one per micro-batch); the backward, which needs a real device,
+    is left out."""
+    cfg = tiny_config(tmp_path, *(["rule.name=pred"] if micro_batches > 1 else []))
     specs = build_model(cfg.model, (1, 8, 8), 10)
-    engine = Engine(build_blocks(cfg, specs, 10, [0, 1], "cpu"))
+    engine = Engine(build_blocks(cfg, specs, 10, [0, 1], "cpu"), micro_batches=micro_batches)
     stage = Stage(0, engine, inbox=None, outbox=None, control=None, run_dir=tmp_path)  # type: ignore[arg-type]
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: None)
     x, y = torch.randn(64, 1, 8, 8), torch.arange(64) % 10  # host memory, as from the loader
@@ -91,15 +94,15 @@ def test_stage_zero_batch_path_never_waits_for_the_device(
             block._reset_stats()
         engine.device = cuda
         transport = _Recording()
-        stage.outbox = P2PChannel(stage=0, batch_size=64, wire_shape_in=None,
+        stage.outbox = P2PChannel(stage=0, batch_size=64 // micro_batches, wire_shape_in=None,
                                   wire_shape_out=specs[1].wire_shape, wire_dtype=torch.float32,
                                   depth=2, timeout_s=5.0, device=cuda, data_backend="nccl",
                                   transport=transport)
         with OpRecorder() as rec:
-            stage.handle(Message(Kind.TRAIN, 0, 0, x, y))
+            DistPipe(stage, num_stages=2, wire_batch=64).train_batch(0, 0, x, y)
             stage.handle(Message(Kind.EVAL, -1, -1, x[:10], y[:10]))
             stage.outbox.flush()
     assert rec.ops
     assert rec.syncs == [] and rec.copies == []
     tensor_waits = [timeout for _, tag, timeout in transport.waits if tag != 0]
-    assert tensor_waits == [None] * 4  # x and y of two messages
+    assert tensor_waits == [None] * 2 * (micro_batches + 1)  # x and y of each message

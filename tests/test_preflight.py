@@ -281,10 +281,12 @@ def test_a_checkpoint_written_before_newer_config_keys_resumes_as_it_trained(
     manifest = json.loads((ckpt / "manifest.json").read_text())
     for section, key in (("rule", "top_layers"), ("rule", "infopro_target"), ("model", "init"),
                          ("data", "pad_mode"), ("schedule", "warmup_epochs"),
-                         ("schedule", "warmup_start_lr")):
+                         ("schedule", "warmup_start_lr"), ("pipeline", "micro_batches"),
+                         ("rule", "micro_batch_similarity")):
         del manifest["config"][section][key]
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     assert main(["train", "--resume", str(first["run_dir"])]) == 0
     saved = tomllib.loads((Path(first["run_dir"]) / "config.toml").read_text())
     assert (saved["rule"]["top_layers"], saved["model"]["init"]) == ("local", "pytorch")
+    assert saved["pipeline"]["micro_batches"] == 1  # predsim: the whole batch, as it trained
     assert read_manifest(resolve_checkpoint(first["run_dir"]))["step"] == 10

@@ -51,8 +51,8 @@ def _case(overrides: tuple[str, ...], stages: int, name: str, split: tuple[int, 
 # engines (tests/test_split_engine.py); what crosses a process boundary differently is here:
 # the basic path, middle stages (S = 4, in NCCL's op order), the classifier reading the
 # passed-on activation (Mostafa et al.'s nets), bf16 on the wire (also through a middle
-# stage), InfoPro's input image travelling with the activation, and AugLocal's end-to-end top
-# as a stage of its own.
+# stage), InfoPro's input image travelling with the activation, AugLocal's end-to-end top
+# as a stage of its own, and micro-batches, one message each.
 _CASES = [
     _case(("rule.name=predsim",), 2, "predsim-S2"),
     _case(("rule.name=predsim",), 4, "predsim-S4"),
@@ -67,6 +67,9 @@ _CASES = [
     # stage 1 is exactly that top (s3b1..out).
     _case(("rule.name=auglocal", "model.name=resnet32", "rule.aux_depth=4", *_DEEP), 2,
           "auglocal-resnet32-S2", (11, 5)),
+    # Micro-batches: each one streamed to the next stage as soon as stage 0 is done with it
+    # (the short last batch of 44 rows too), against one process with the same count.
+    _case(("rule.name=pred", "pipeline.micro_batches=2"), 2, "pred-micro2-S2"),
     # The same worker body as Ray actors (one local Ray instance for the session).
     _case(("rule.name=predsim",), 3, "predsim-S3-ray", launcher="ray"),
 ]

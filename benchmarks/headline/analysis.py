@@ -20,7 +20,7 @@ from benchmarks.headline.scaling import (
 )
 from pipelocal.pipeline.partition import stage_ranges
 
-__all__ = ["DEFINITIONS", "analyse_model", "stat", "time_to_accuracy"]
+__all__ = ["DEFINITIONS", "analyse_micro", "analyse_model", "stat", "time_to_accuracy"]
 
 MIB = 2**20
 
@@ -100,6 +100,32 @@ def _best_setting(ranks: list[dict[str, Any]], schedule: str) -> dict[str, Any]:
     return max(rows, key=lambda x: x["throughput(samples/s)"]) | {"sweep": rows}
 
 
+def _torchpipe_peer(reps: list[dict[str, Any]], sched: str) -> dict[str, Any]:
+    """Peer (d) with ``sched`` at its fastest micro-batch count of the first repeat."""
+    best = [_best_setting(r["d"], sched) for r in reps]
+    return {
+        "throughput(samples/s)": stat([b["throughput(samples/s)"] for b in best]),
+        "microbatches": best[0]["microbatches"],
+        "activation(MiB)": [v / MIB for v in best[0]["activation(B)"]],
+        "state(MiB)": [v / MIB for v in best[0]["state(B)"]],
+        "peak_rss(MiB)": best[0]["peak_rss(MiB)"],
+        "busy_fraction": [_median(col) for col in zip(*(b["busy_fraction"] for b in best))],
+        "sweep": best[0]["sweep"],
+    }
+
+
+def _pipelocal_peer(cs: list[dict[str, Any]], mem: list[dict[str, float]]) -> dict[str, Any]:
+    """Peer (c) from its runs over the repeats and its memory per stage."""
+    return {
+        "throughput(samples/s)": stat([c["throughput(samples/s)"] for c in cs]),
+        "activation(MiB)": [m["activation"] / MIB for m in mem],
+        "in_flight(MiB)": [m["in_flight"] / MIB for m in mem],
+        "state(MiB)": [m["state"] / MIB for m in mem],
+        "peak_rss(MiB)": [max(col) for col in zip(*(c["peak_rss(MiB)"] for c in cs))],
+        "busy_fraction": [_median(col) for col in zip(*(c["busy_fraction"] for c in cs))],
+    }
+
+
 def analyse_model(raw: dict[str, Any]) -> dict[str, Any]:
     reps, rules, part = raw["repeats"], raw["rules"], raw["partition"]
     s, depth, batch = raw["stages"], raw["channel_depth"], raw["batch_size"]
@@ -109,27 +135,11 @@ def analyse_model(raw: dict[str, Any]) -> dict[str, Any]:
     ratios: dict[str, Any] = {}
     efficiency: dict[str, Any] = {}
     for sched in ("gpipe", "1f1b"):
-        best = [_best_setting(r["d"], sched) for r in reps]
-        peers[f"d {sched}"] = {
-            "throughput(samples/s)": stat([b["throughput(samples/s)"] for b in best]),
-            "microbatches": best[0]["microbatches"],
-            "activation(MiB)": [v / MIB for v in best[0]["activation(B)"]],
-            "state(MiB)": [v / MIB for v in best[0]["state(B)"]],
-            "peak_rss(MiB)": best[0]["peak_rss(MiB)"],
-            "busy_fraction": [_median(col) for col in zip(*(b["busy_fraction"] for b in best))],
-            "sweep": best[0]["sweep"],
-        }
+        peers[f"d {sched}"] = _torchpipe_peer(reps, sched)
     for rule in rules:
         cs = [r["c"][rule] for r in reps]
         mem = _pipelocal_memory(reps[0]["profile"]["rules"][rule], part, depth)
-        peers[f"c {rule}"] = {
-            "throughput(samples/s)": stat([c["throughput(samples/s)"] for c in cs]),
-            "activation(MiB)": [m["activation"] / MIB for m in mem],
-            "in_flight(MiB)": [m["in_flight"] / MIB for m in mem],
-            "state(MiB)": [m["state"] / MIB for m in mem],
-            "peak_rss(MiB)": [max(col) for col in zip(*(c["peak_rss(MiB)"] for c in cs))],
-            "busy_fraction": [_median(col) for col in zip(*(c["busy_fraction"] for c in cs))],
-        }
+        peers[f"c {rule}"] = _pipelocal_peer(cs, mem)
         ideal = [batch / max(r["profile"]["rules"][rule]["stage_alone(s)"]) for r in reps]
         efficiency[rule] = {
             "ideal_alone(samples/s)": stat(ideal),
@@ -152,6 +162,22 @@ def analyse_model(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def analyse_micro(raw: dict[str, Any]) -> dict[str, Any]:
+    """pipelocal at each micro-batch count beside torch's 1F1B at its best (``bench
+    --micro-batches``): peers ``c RULE M=m`` and ``d 1f1b``, ratios to ``c RULE M=1``."""
+    reps, part, depth = raw["repeats"], raw["partition"], raw["channel_depth"]
+    peers: dict[str, Any] = {}
+    for rule in raw["rules"]:
+        for m in raw["micro_batches"]:
+            mem = _pipelocal_memory(raw["memory"][rule][str(m)], part, depth)
+            peers[f"c {rule} M={m}"] = _pipelocal_peer([r["c"][rule][str(m)] for r in reps], mem)
+    peers["d 1f1b"] = _torchpipe_peer(reps, "1f1b")
+    base = next(iter(peers))
+    ratios = {f"{name} / {base}": stat([_throughput(r, name) / _throughput(r, base)
+                                        for r in reps]) for name in peers if name != base}
+    return {"peers": peers, "ratios": ratios}
+
+
 def _throughput(rep: dict[str, Any], name: str) -> float:
     kind, _, which = name.partition(" ")
     if kind == "a":
@@ -159,7 +185,9 @@ def _throughput(rep: dict[str, Any], name: str) -> float:
     if kind == "b":
         return rep["b"][which]["throughput(samples/s)"]
     if kind == "c":
-        return rep["c"][which]["throughput(samples/s)"]
+        rule, _, m = which.partition(" M=")  # "pred" or, with micro-batches, "pred M=4"
+        c = rep["c"][rule]
+        return (c[m] if m else c)["throughput(samples/s)"]
     return _best_setting(rep["d"], which)["throughput(samples/s)"]
 
 

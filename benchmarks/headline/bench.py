@@ -28,6 +28,17 @@ A smoke test (tiny models, one model, writes to /tmp; a few minutes on an idle 2
 
     python -m benchmarks bench --quick --models mlp --repeats 2 --out-dir /tmp/bench
 
+Micro-batches (``--micro-batches``): instead of the peers above, (c) with
+``pipeline.micro_batches = M`` for each M listed, per rule whose loss is a mean over samples,
+beside (d) 1F1B at its best micro-batch count, same batch, split and threads; memory per
+device from each block's saved-for-backward peak at M (peers.py micro_memory) plus the
+in-flight messages and state, and each stage's peak RSS. Writes ``bench_micro.json`` and
+``.md``:
+
+    python -m benchmarks bench --micro-batches 1,2,4,8 --rules pred
+    python -m benchmarks bench --micro-batches 1,2 --rules pred --quick --models mlp \
+        --repeats 1 --out-dir /tmp/bench     # smoke test, one or two minutes
+
 CPU only: every peer runs on the CPU (gloo, torch threads per process); there is no GPU path
 yet (``memory.gpu_memory`` holds the CUDA / NVML read-out for it, not exercised here).
 """
@@ -117,7 +128,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny models and runs (a smoke test)")
     p.add_argument("--note", default="", help="free text stored in the JSON (machine state)")
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
-    p.add_argument("--name", default="bench", help="file stem of the outputs")
+    p.add_argument("--micro-batches", default="", metavar="M,M,...",
+                   help="measure pipelocal at these pipeline.micro_batches beside 1F1B at its "
+                        "best (instead of the headline peers), e.g. 1,2,4,8")
+    p.add_argument("--name", default=None,
+                   help="file stem of the outputs (default bench; bench_micro with "
+                        "--micro-batches)")
     p.add_argument("--runs-dir", default=None, help="keep pipelocal run dirs here")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="extra config override (repeatable)")
@@ -174,8 +190,9 @@ class Runner:
             return json.loads(out.read_text())
 
     def pipelocal(self, rule: str, name: str, epochs: int, batches: int,
-                  partition: list[int]) -> dict[str, Any]:
-        """(c) through the CLI; returns the run's records and resolved config."""
+                  partition: list[int], extra: tuple[str, ...] = ()) -> dict[str, Any]:
+        """(c) through the CLI (``extra``: more overrides); returns the run's records and
+        resolved config."""
         sets = [
             *self.base,
             f"rule.name={rule!r}",
@@ -187,6 +204,7 @@ class Runner:
             f"pipeline.threads_per_stage={self.threads}",
             f"pipeline.partition={partition}",
             f"data.train_limit={batches * self.args.batch_size}",  # 0 = all
+            *extra,
         ]
         cmd = [sys.executable, "-m", "pipelocal", "train", "--stages", str(len(partition))]
         for s in sets:
@@ -257,24 +275,49 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", flush=True)
 
 
+_FACTORS = [2, 4, 8]
+"""(d)'s micro-batch counts swept in the first repeat: these multiples of S."""
+
+
+def _split(run: Runner, name: str, rules: list[str], glob: bool) -> tuple[dict[str, Any],
+                                                                         list[int]]:
+    """The profile of every block alone and the split balanced on the last rule's times."""
+    from pipelocal.pipeline.partition import balanced_partition
+
+    n = _num_blocks(run.config("glob"))
+    _log(f"{name}: profiling each of the {n} blocks alone ({run.threads} thread(s))")
+    plan = run.peer("profile", rules[-1], rules=rules, partition=[1] * n, glob=glob)
+    times = [b["local_s"] for b in plan["rules"][rules[-1]]["blocks"]]
+    return plan, balanced_partition(times, run.args.stages)
+
+
+def _sweep(args: argparse.Namespace, schedules: tuple[str, ...]) -> list[tuple[str, int]]:
+    s = args.stages
+    return [(sched, f * s) for sched in schedules for f in _FACTORS
+            if args.batch_size % (f * s) == 0]
+
+
+def _best_settings(first: list[dict[str, Any]], schedules: tuple[str, ...]
+                   ) -> list[tuple[str, int]]:
+    """Each schedule's fastest micro-batch count in the first repeat's sweep."""
+    return [(sched, max((x for x in first[0]["settings"] if x["schedule"] == sched),
+                        key=lambda x: x["throughput(samples/s)"])["microbatches"])
+            for sched in schedules]
+
+
 def measure_model(args: argparse.Namespace, name: str, root: Path) -> dict[str, Any]:
     """Every peer of one model, ``--repeats`` times interleaved, and the time-to-accuracy runs."""
     from benchmarks.headline.analysis import time_to_accuracy
     from benchmarks.headline.torchpipe import run_torchpipe
-    from pipelocal.pipeline.partition import balanced_partition
 
     preset = preset_for(name, args.quick)
     run = Runner(args, preset, root)
     rules, s = args.rules.split(","), args.stages
-    factors = [2, 4, 8]
+    factors = _FACTORS
     cfg = run.config("glob")
-    n = _num_blocks(cfg)
-    _log(f"{name}: profiling each of the {n} blocks alone ({run.threads} thread(s))")
-    plan = run.peer("profile", rules[-1], rules=rules, partition=[1] * n, glob=True)
     # One split for (c) and (d): balanced on the last rule's local step times (predsim's).
-    partition = balanced_partition([b["local_s"] for b in plan["rules"][rules[-1]]["blocks"]], s)
-    sweep = [(sched, f * s) for sched in ("gpipe", "1f1b") for f in factors
-             if args.batch_size % (f * s) == 0]
+    plan, partition = _split(run, name, rules, glob=True)
+    sweep = _sweep(args, ("gpipe", "1f1b"))
     reps: list[dict[str, Any]] = []
     for i in range(args.repeats):
         rep: dict[str, Any] = {}
@@ -285,10 +328,7 @@ def measure_model(args: argparse.Namespace, name: str, root: Path) -> dict[str, 
         rep["c"] = {rule: pipelocal_stats(run.pipelocal(rule, f"{name}-{rule}-r{i}", 2,
                                                         preset.pipe_batches, partition), s)
                     for rule in rules}
-        settings = sweep if i == 0 else [
-            (sched, max((x for x in reps[0]["d"][0]["settings"] if x["schedule"] == sched),
-                        key=lambda x: x["throughput(samples/s)"])["microbatches"])
-            for sched in ("gpipe", "1f1b")]
+        settings = sweep if i == 0 else _best_settings(reps[0]["d"], ("gpipe", "1f1b"))
         _log(f"{name} repeat {i + 1}: (d) torch.distributed.pipelining {settings}")
         rep["d"] = run_torchpipe(cfg, partition, settings, warmup=preset.warmup,
                                  steps=preset.steps, threads=run.threads,
@@ -319,25 +359,71 @@ def measure_model(args: argparse.Namespace, name: str, root: Path) -> dict[str, 
     return raw
 
 
+def measure_micro(args: argparse.Namespace, name: str, root: Path) -> dict[str, Any]:
+    """(c) at each ``--micro-batches`` count and (d) 1F1B at its best, ``--repeats`` times
+    interleaved, for the rules whose loss is a mean over samples; memory at each count."""
+    from benchmarks.headline.torchpipe import run_torchpipe
+    from pipelocal.rules import RULES
+
+    preset = preset_for(name, args.quick)
+    run = Runner(args, preset, root)
+    counts = [int(m) for m in args.micro_batches.split(",")]
+    rules = [r for r in args.rules.split(",") if not RULES.get(r).couples_samples]
+    skipped = sorted(set(args.rules.split(",")) - set(rules))
+    if skipped:
+        _log(f"skipping {skipped}: their loss couples a batch's samples (the similarity "
+             "matrix), so micro-batches change what they compute")
+    if not rules:
+        sys.exit(f"bench: none of --rules {args.rules} takes micro-batches; use e.g. pred")
+    _, partition = _split(run, name, rules, glob=False)
+    memory = {rule: run.peer("micro_memory", rule, micro_batches=counts) for rule in rules}
+    reps: list[dict[str, Any]] = []
+    for i in range(args.repeats):
+        _log(f"{name} repeat {i + 1}/{args.repeats}: (c) pipelocal S={args.stages} "
+             f"partition {partition}, micro-batches {counts}")
+        rep: dict[str, Any] = {"c": {rule: {str(m): pipelocal_stats(run.pipelocal(
+            rule, f"{name}-{rule}-m{m}-r{i}", 2, preset.pipe_batches, partition,
+            (f"pipeline.micro_batches={m}",)), args.stages) for m in counts} for rule in rules}}
+        settings = _sweep(args, ("1f1b",)) if i == 0 else _best_settings(reps[0]["d"],
+                                                                         ("1f1b",))
+        _log(f"{name} repeat {i + 1}: (d) torch.distributed.pipelining {settings}")
+        rep["d"] = run_torchpipe(run.config("glob"), partition, settings, warmup=preset.warmup,
+                                 steps=preset.steps, threads=run.threads, transport_rounds=0)
+        reps.append(rep)
+    return {
+        "label": preset.label, "preset": preset.__dict__ | {"quick": args.quick},
+        "overrides": run.base, "stages": args.stages, "threads_per_process": run.threads,
+        "rules": rules, "skipped_rules": skipped, "micro_batches": counts,
+        "batch_size": args.batch_size, "partition": partition,
+        "channel_depth": run.config(rules[0]).pipeline.channel_depth,
+        "pipe_batches": preset.pipe_batches, "memory": memory, "repeats": reps,
+        "pipelocal_command": reps[0]["c"][rules[0]][str(counts[-1])].get("command"),
+    }
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.headline.analysis import analyse_model
+    from benchmarks.headline.analysis import analyse_micro, analyse_model
 
     args = parse_args(argv)
+    args.name = args.name or ("bench_micro" if args.micro_batches else "bench")
     require_mnist_10k(args.data_dir, "bench")
     prov = Provenance(args.name)
     names = args.models.split(",")
     models: dict[str, Any] = {}
+    measure, analyse = ((measure_micro, analyse_micro) if args.micro_batches
+                        else (measure_model, analyse_model))
     with tempfile.TemporaryDirectory(prefix="pipelocal-bench-") as tmp:
         root = Path(args.runs_dir) if args.runs_dir else Path(tmp)
         for name in names:
-            raw = measure_model(args, name, root)
-            models[name] = {"raw": raw, **analyse_model(raw)}
+            raw = measure(args, name, root)
+            models[name] = {"raw": raw, **analyse(raw)}
             # Written after every model, so that a stopped run keeps what it measured.
             path = write_outputs(args, prov, models, complete=len(models) == len(names))
-    _log(f"wrote {path}, the .md beside it and {plot_path(Path(args.out_dir), args.name)}")
+    plotted = "" if args.micro_batches else f" and {plot_path(Path(args.out_dir), args.name)}"
+    _log(f"wrote {path}, the .md beside it{plotted}")
     return 0
 
 
@@ -353,7 +439,7 @@ def plot_path(out_dir: Path, name: str) -> Path:
 def write_outputs(args: argparse.Namespace, prov: Provenance, models: dict[str, Any], *,
                   complete: bool) -> Path:
     from benchmarks.headline.analysis import DEFINITIONS
-    from benchmarks.headline.report import markdown, plot
+    from benchmarks.headline.report import markdown, micro_markdown, plot
 
     # 1-minute load average before the run and now; above ~0.5 other work shared the cores.
     loads = [prov.load_before[0] if prov.load_before else 0.0, os.getloadavg()[0]]
@@ -373,9 +459,10 @@ def write_outputs(args: argparse.Namespace, prov: Provenance, models: dict[str, 
     }
     path = write_result(prov, payload, out_dir / f"{args.name}.json")
     result = json.loads(path.read_text())
-    text = markdown(result)
+    text = micro_markdown(result) if args.micro_batches else markdown(result)
     (out_dir / f"{args.name}.md").write_text(text)
-    plot(result, plot_path(out_dir, args.name))
+    if not args.micro_batches:
+        plot(result, plot_path(out_dir, args.name))
     print(text, flush=True)
     return path
 

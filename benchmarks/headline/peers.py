@@ -14,6 +14,11 @@ starts (pipelocal's stage 0 builds its own inside its timing: a small cost next 
   stage's blocks only, inputs made beforehand by the blocks before it) with per-block times,
   saved-for-backward and state bytes; and each block's share of a backprop step, timed alone
   on a random output gradient. The ideal of (c) and the scaling model's cost table.
+* ``micro_memory`` (``"micro_batches": [M, ...]``): for each M, each block's
+  saved-for-backward peak while it trains one batch in M micro-batches (an engine over that
+  block alone, ``micro_batches = M``, inputs made by the blocks before it, each micro-batch in
+  a buffer of its own as a stage receives it), its state bytes and the bytes of its wire
+  message (the largest micro-batch's rows).
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ from torch import Tensor
 from benchmarks.headline.memory import SavedTensorMeter, peak_rss_mib, state_bytes
 from pipelocal.config import Config, load_config
 from pipelocal.data import load_dataset, make_loaders
-from pipelocal.engine import Engine, LocalBlock, build_blocks
+from pipelocal.engine import Engine, LocalBlock, build_blocks, piece_rows
+from pipelocal.microbatch import split_batch
 from pipelocal.models import build_model
 
-__all__ = ["build_all", "profile", "single_device"]
+__all__ = ["build_all", "micro_memory", "profile", "single_device"]
 
 Batch = tuple[Tensor, Tensor]
 
@@ -179,6 +185,32 @@ def _prod(shape: tuple[int, ...]) -> int:
     return n
 
 
+def micro_memory(cfg: Config, micro_batches: list[int]) -> dict[str, Any]:
+    """{M: {"blocks": [...]}} in the form of a profile's blocks (analysis reads either)."""
+    out = {}
+    for m in micro_batches:
+        mcfg = cfg.replace(pipeline={"micro_batches": m})
+        blocks, batches = build_all(mcfg)
+        (h, y), rows = batches[0], piece_rows(mcfg)
+        rows_out = []
+        with SavedTensorMeter(blocks) as meter:
+            for block in blocks:
+                engine, outs = Engine([block], micro_batches=m), []
+                meter.reset_peak()
+                for part, (px, py) in split_batch((h, y), m):
+                    assert px is not None and py is not None
+                    outs.append(engine.train_micro(px.clone(), py, 0, part=part))
+                h = torch.cat(outs)
+                rows_out.append({
+                    "name": block.spec.name,
+                    "saved_local_bytes": meter.peak,
+                    "state_local_bytes": sum(state_bytes([block], [block.optimizer]).values()),
+                    "wire_bytes": rows * 4 * _prod(block.spec.wire_shape),
+                })
+        out[str(m)] = {"blocks": rows_out}
+    return out
+
+
 def profile(cfg: Config, rules: list[str], partition: list[int], warmup: int,
             steps: int, glob: bool) -> dict[str, Any]:
     """Stage-alone times per rule, and (``glob``) each block's share of a backprop step."""
@@ -197,6 +229,8 @@ def main(argv: list[str]) -> int:
     cfg = load_config(None, spec["overrides"])
     if spec["task"] == "single":
         result = single_device(cfg, spec["warmup"], spec["steps"])
+    elif spec["task"] == "micro_memory":
+        result = micro_memory(cfg, spec["micro_batches"])
     else:
         result = profile(cfg, spec["rules"], spec["partition"], spec["warmup"], spec["steps"],
                          spec["glob"])

@@ -8,7 +8,7 @@ from typing import Any
 from benchmarks.common import markdown_table
 from benchmarks.headline.analysis import MIB, model_memory
 
-__all__ = ["markdown", "plot"]
+__all__ = ["markdown", "micro_markdown", "plot"]
 
 
 def _range(s: dict[str, Any], digits: int = 0) -> str:
@@ -51,9 +51,9 @@ HEADERS = ["peer", "samples/s median [min-max]", "x (a)", "activation MiB per de
            "busy % per stage", "efficiency: vs ideal alone / vs S x (b)"]
 
 
-def markdown(result: dict[str, Any]) -> str:
+def _preamble(result: dict[str, Any], title: str) -> list[str]:
     hw, lines = result["hardware"], []
-    lines.append(f"# Headline benchmark ({result['started']})\n")
+    lines.append(f"# {title} ({result['started']})\n")
     lines.append(f"Hardware: {hw['cpu_model']}, {hw['cpu_cores_usable']} cores, "
                  f"{hw['ram_gib']} GiB RAM, GPUs: {hw['gpus'] or 'none'}; torch "
                  f"{result['versions']['torch']}; git {str(result['git']['commit'])[:10]}"
@@ -63,6 +63,11 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f"Command: `{result['command']}` ({result['duration(s)']:.0f} s"
                  + ("" if result["complete"] else "; INCOMPLETE: stopped before every model "
                     "was measured") + ")\n")
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = _preamble(result, "Headline benchmark")
     for m in result["models"].values():
         raw = m["raw"]
         s = raw["stages"]
@@ -101,6 +106,42 @@ def markdown(result: dict[str, Any]) -> str:
                          f"- {100 * tta['margin']:.0f} pt), training seconds: " + ", ".join(
                              f"{k}: {'not reached' if v is None else f'{v:.1f} s'}"
                              for k, v in tta["time_to_target(s)"].items()) + ".\n")
+    return "\n".join(lines)
+
+
+MICRO_HEADERS = ["peer", "samples/s median [min-max]", "x (c M=1)",
+                 "activation MiB per device", "state MiB per device",
+                 "model memory MiB (max device)", "peak RSS MiB per device", "busy % per stage"]
+
+
+def micro_markdown(result: dict[str, Any]) -> str:
+    """The micro-batch comparison (``bench --micro-batches``): one table per model."""
+    lines = _preamble(result, "Micro-batches: pipelocal against torch 1F1B")
+    for m in result["models"].values():
+        raw = m["raw"]
+        lines.append(f"## {raw['label']}, mnist-10k 28x28, batch {raw['batch_size']}, "
+                     f"S={raw['stages']}, split {raw['partition']}, "
+                     f"{raw['threads_per_process']} thread(s) per process, "
+                     f"{len(raw['repeats'])} repeats\n")
+        rows = []
+        base = next(iter(m["peers"]))
+        for name, p in m["peers"].items():
+            ratio = m["ratios"].get(f"{name} / {base}")
+            label = (f"(d) torch 1F1B M={p['microbatches']}" if name.startswith("d ")
+                     else f"(c) pipelocal {name[2:]}")
+            rows.append([
+                label, _range(p["throughput(samples/s)"]),
+                "1" if ratio is None else f"{ratio['median']:.2f}",
+                _list(p["activation(MiB)"]) + (f" (+{_list(p['in_flight(MiB)'])} in flight)"
+                                               if p.get("in_flight(MiB)") else ""),
+                _list(p["state(MiB)"]), f"{model_memory(p):.1f}",
+                _list(p["peak_rss(MiB)"], 0),
+                _list([100 * b for b in p["busy_fraction"]], 0) if p["busy_fraction"] else "-",
+            ])
+        lines.append(markdown_table(MICRO_HEADERS, rows) + "\n")
+        if raw["skipped_rules"]:
+            lines.append(f"Not measured: {', '.join(raw['skipped_rules'])} (their loss couples "
+                         "a batch's samples).\n")
     return "\n".join(lines)
 
 

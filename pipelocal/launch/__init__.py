@@ -22,7 +22,7 @@ from pipelocal.config import (
 )
 from pipelocal.determinism import configure_determinism
 from pipelocal.device import place_stage, visible_gpus
-from pipelocal.engine import Engine, build_blocks
+from pipelocal.engine import Engine, build_blocks, piece_rows
 from pipelocal.launch import preflight as checks  # the module: its preflight() is checks.preflight
 from pipelocal.launch.run_dir import release_run_dir
 from pipelocal.launch.spawn import PipelineError, spawn
@@ -94,7 +94,8 @@ def _engine(spec: RunSpec) -> Engine:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     specs = spec.specs
-    engine = Engine(build_blocks(cfg, specs, spec.num_classes, range(len(specs)), device))
+    engine = Engine(build_blocks(cfg, specs, spec.num_classes, range(len(specs)), device),
+                    micro_batches=cfg.pipeline.micro_batches)
     if spec.resume is not None:
         engine.load(spec.resume)
     return engine
@@ -102,7 +103,7 @@ def _engine(spec: RunSpec) -> Engine:
 
 def _single(spec: RunSpec) -> dict[str, Any]:
     engine = _engine(spec)
-    trainer = build_trainer(spec, LocalPipe(engine, eval_piece=spec.cfg.data.batch_size),
+    trainer = build_trainer(spec, LocalPipe(engine, eval_piece=piece_rows(spec.cfg)),
                             where=f"single process on {engine.device}")
     return trainer.fit()
 
@@ -118,7 +119,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict[str, Any
     spec = RunSpec(cfg, tuple(dataset.in_shape), dataset.num_classes, ckpt, resume=ckpt)
     engine = _engine(spec)
     train_loader, test_loader = make_loaders(dataset, cfg.data, cfg.run.seed)
-    pipe = LocalPipe(engine, eval_piece=cfg.data.batch_size)
+    pipe = LocalPipe(engine, eval_piece=piece_rows(cfg))
     trainer = Trainer(cfg, pipe, spec.specs, train_loader, test_loader, ckpt,
                       metrics=Metrics(None, progress=False))
     return trainer.evaluate()

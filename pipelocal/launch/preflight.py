@@ -42,7 +42,7 @@ from pipelocal.launch.run_dir import check_fresh, open_run_dir
 from pipelocal.pipeline.balance import balance_partition
 from pipelocal.pipeline.faults import FAULT_ENV, check_fault_spec
 from pipelocal.pipeline.partition import check_partition, max_stages, stage_ranges
-from pipelocal.rules import RULES, end_to_end_top
+from pipelocal.rules import RULES, check_micro_batches, end_to_end_top
 from pipelocal.runspec import Position, RunSpec
 from pipelocal.stop import check_not_stopped
 
@@ -253,6 +253,7 @@ def validate(spec: RunSpec, *, gpus_per_node: int | None = None, nodes: int = 1)
         raise ConfigError("run.tensorboard = true needs the tensorboard package (not "
                           "installed): pip install tensorboard, or set run.tensorboard = false")
     check_fault_spec(os.environ.get(FAULT_ENV, ""), stages)
+    check_micro_batches(cfg)
     partition = list(cfg.pipeline.partition) or ([len(specs)] if stages == 1 else [])
     if partition:
         together = range(0) if rule.is_global else top

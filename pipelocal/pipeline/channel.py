@@ -1,6 +1,8 @@
 """Channels between neighbouring stages: one interface, torch.distributed point-to-point below.
 
-A message is ``(kind, step, epoch, rows)`` plus an activation and the labels. On the wire every
+A message is ``(kind, step, epoch, rows)`` plus an activation and the labels, and for a
+training message the micro-batch it is (index, count, rows of its batch: see
+:mod:`pipelocal.microbatch`; one message per micro-batch). On the wire every
 message has the same shapes: a header int64 [8], the activation [batch_size, *wire_shape] in
 the wire dtype and the labels int64 [batch_size]. A smaller (last or evaluation) batch is padded
 and ``rows`` says how many rows are real. Fixed shapes let the receiver post the receives for the
@@ -45,6 +47,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from pipelocal.microbatch import WHOLE, MicroBatch
 
 __all__ = ["Kind", "Message", "P2PChannel", "PeerError", "Transport", "tensor_wait_timeout"]
 
@@ -99,6 +103,8 @@ class Message:
     y: Tensor | None = None
     image: Tensor | None = None
     """The model's input batch, carried along for rules that need it (else None)."""
+    part: MicroBatch = WHOLE
+    """Which micro-batch of its training batch this message carries."""
 
     @property
     def rows(self) -> int:
@@ -211,10 +217,11 @@ class P2PChannel:
         self._wait(slot.works or [], f"receive from stage {self.stage - 1}", "next")
         slot.works = None
         self.recv_wait_s += time.perf_counter() - t0
-        kind, step, epoch, rows = (int(v) for v in slot.header[:4].tolist())  # host tensor
+        kind, step, epoch, rows, *part = (int(v) for v in slot.header[:7].tolist())  # host
         self._pending_repost, self._next = index, (index + 1) % self.depth
         image = None if slot.image is None else slot.image[:rows]
-        return Message(Kind(kind), step, epoch, slot.x[:rows], slot.y[:rows], image)
+        return Message(Kind(kind), step, epoch, slot.x[:rows], slot.y[:rows], image,
+                       MicroBatch(*part))
 
     @property
     def posted(self) -> int:
@@ -246,7 +253,9 @@ class P2PChannel:
         assert self.wire_shape_out is not None
         rows, b = msg.rows, self.batch_size
         header = torch.zeros(_HEADER, dtype=torch.int64)  # host memory, gloo
-        header[:4] = torch.tensor([int(msg.kind), msg.step, msg.epoch, rows])
+        p = msg.part
+        header[:7] = torch.tensor([int(msg.kind), msg.step, msg.epoch, rows, p.index, p.count,
+                                   p.batch_rows])
         if rows == b and msg.x is not None and msg.x.dtype == self.wire_dtype:
             x = msg.x.contiguous()  # a fresh output tensor: sent as it is, no copy
         else:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from pipelocal.engine import Engine, eval_pieces
 from pipelocal.meters import StepTimer, epoch_stats, reset_memory_stats
+from pipelocal.microbatch import split_batch
 from pipelocal.pipeline.channel import Kind, Message
 from pipelocal.pipeline.stage import Stage
 
@@ -79,7 +80,10 @@ class DistPipe:
         self.device = stage.engine.device
 
     def train_batch(self, step: int, epoch: int, x: Tensor, y: Tensor) -> None:
-        self.stage.handle(Message(Kind.TRAIN, step, epoch, x, y))
+        # One message per micro-batch: each one leaves stage 0 as soon as it is trained.
+        for part, (px, py) in split_batch((x, y), self.stage.engine.micro_batches):
+            assert px is not None and py is not None
+            self.stage.handle(Message(Kind.TRAIN, step, epoch, px, py, part=part))
 
     def eval_batch(self, x: Tensor, y: Tensor) -> None:
         # Evaluation batches travel in wire-sized pieces (the wire shape is fixed).

@@ -1,10 +1,13 @@
 """One pipeline stage: an engine over a contiguous slice of blocks, between two channels.
 
 A stage receives (activation, labels, batch id) from the stage before it, trains its blocks on
-it at once and sends the detached output on. Control messages travel the same path, so they
-arrive after every batch sent before them: END_EPOCH / END_EVAL / CHECKPOINT are points where
-every stage has seen exactly the same batches. There each stage joins a gather on the control
-group that brings its statistics (or its checkpoint confirmation) to the coordinator, rank 0.
+it at once and sends the detached output on. With micro-batches each message is one
+micro-batch: it passes all of the stage's blocks and goes on at once, so the next stage starts
+on it while this one trains on the next; each block steps after the batch's last micro-batch.
+Control messages travel the same path, so they arrive after every batch sent before them:
+END_EPOCH / END_EVAL / CHECKPOINT are points where every stage has seen exactly the same
+batches. There each stage joins a gather on the control group that brings its statistics (or
+its checkpoint confirmation) to the coordinator, rank 0.
 STOP ends the stage: it is passed on with its trailers, and the trailers from the stage before
 are drained, so that nothing is left posted when the process group is destroyed.
 """
@@ -141,12 +144,12 @@ class Stage:
         image = x if self.engine.indices[0] == 0 else msg.image
         self._timer.start()
         if msg.kind == Kind.TRAIN:
-            out = self.engine.train_batch(x, y, msg.epoch, image=image)
+            out = self.engine.train_micro(x, y, msg.epoch, image, part=msg.part)
             self.samples += msg.rows
         else:
             out = self.engine.eval_batch(x, y)
         self._timer.stop()
-        self._forward(Message(msg.kind, msg.step, msg.epoch, out, y, image))
+        self._forward(Message(msg.kind, msg.step, msg.epoch, out, y, image, msg.part))
 
     def _forward(self, msg: Message) -> None:
         if self.outbox is not None:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from pipelocal.config import Config
 from pipelocal.determinism import configure_determinism
 from pipelocal.device import cpu_threads, place_stage, visible_gpus
-from pipelocal.engine import Engine, build_blocks
+from pipelocal.engine import Engine, build_blocks, piece_rows
 from pipelocal.pipeline.channel import P2PChannel
 from pipelocal.pipeline.nccl_order import SerialTransport, nccl_order_requested
 from pipelocal.pipeline.partition import stage_ranges
@@ -86,11 +86,13 @@ def build_stage(
     ``edges[s]`` carries the tensors between stages s and s + 1 over ``backend``."""
     cfg, specs = spec.cfg, spec.specs
     r = stage_ranges(cfg.pipeline.partition)[rank]
-    engine = Engine(build_blocks(cfg, specs, spec.num_classes, r, device))
+    engine = Engine(build_blocks(cfg, specs, spec.num_classes, r, device),
+                    micro_batches=cfg.pipeline.micro_batches)
     if spec.resume is not None:
         engine.load(spec.resume)
     wire = dict(
-        stage=rank, batch_size=cfg.data.batch_size, depth=cfg.pipeline.channel_depth,
+        # A message is one micro-batch: the wire holds the largest one (the batch with M = 1).
+        stage=rank, batch_size=piece_rows(cfg), depth=cfg.pipeline.channel_depth,
         wire_dtype=wire_dtype(cfg), timeout_s=cfg.pipeline.timeout_s, device=device,
         header_group=headers, data_backend=backend,
         # PIPELOCAL_NCCL_ORDER=1: the edges' ops complete in posting order, as on NCCL.
@@ -148,7 +150,7 @@ def run_rank(
         stage_box.append(stage)
     result = None
     if rank == 0:
-        pipe = DistPipe(stage, num_stages=world, wire_batch=spec.cfg.data.batch_size)
+        pipe = DistPipe(stage, num_stages=world, wire_batch=piece_rows(spec.cfg))
         where = (f"pipelined over {world} stages {list(spec.cfg.pipeline.partition)} "
                  f"({backend}, {device.type})")
         result = build_trainer(spec, pipe, where=where).fit()

@@ -1,6 +1,6 @@
 """Local learning rules, by registered name (``pipelocal rules`` lists them)."""
 
-from pipelocal.config import ConfigError, RuleConfig
+from pipelocal.config import Config, ConfigError, RuleConfig
 from pipelocal.rules import (  # noqa: F401  (registers the rules)
     auglocal,
     dgl,
@@ -18,6 +18,7 @@ __all__ = [
     "LocalRule",
     "RuleContext",
     "build_rule",
+    "check_micro_batches",
     "end_to_end_top",
 ]
 
@@ -60,3 +61,20 @@ def end_to_end_top(cfg: RuleConfig, num_blocks: int) -> range:
             "'local'"
         )
     return range(num_blocks - k, num_blocks)
+
+
+def check_micro_batches(cfg: Config) -> None:
+    """A ConfigError if ``pipeline.micro_batches > 1`` would change what the rule computes
+    beyond summation order: a loss that couples the samples of a batch (see
+    :attr:`LocalRule.couples_samples`), unless ``rule.micro_batch_similarity`` asks for it."""
+    m = cfg.pipeline.micro_batches
+    if m > 1 and RULES.get(cfg.rule.name).couples_samples and not cfg.rule.micro_batch_similarity:
+        coupled = ", ".join(n for n in RULES.names() if RULES.get(n).couples_samples)
+        raise ConfigError(
+            f"pipeline.micro_batches = {m} with rule.name = {cfg.rule.name!r}: its loss "
+            f"compares every sample of a batch with every other (a B x B similarity matrix, as "
+            f"in {coupled}), so on micro-batches it would be another loss, not the batch's; use "
+            "pipeline.micro_batches = 1, a rule whose loss is a mean over samples (pred, "
+            "pred-bpf, sym, ...), or set rule.micro_batch_similarity = true to take the "
+            "similarity within each micro-batch"
+        )

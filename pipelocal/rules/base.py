@@ -45,6 +45,13 @@ class LocalRule(nn.Module):
     needs_image: ClassVar[bool] = False
     """True for rules whose loss also needs the model's input image (InfoPro)."""
 
+    couples_samples: ClassVar[bool] = False
+    """True for rules whose loss couples the samples of a batch (sim's B x B similarity
+    matrix): computed per micro-batch it is another loss, not the batch's in another summation
+    order, so ``pipeline.micro_batches > 1`` needs ``rule.micro_batch_similarity = true``.
+    False: the loss is a mean of per-sample terms (BatchNorm in a head sees micro-batches, as
+    the blocks' own BatchNorm does)."""
+
     feedback_alignment: ClassVar[bool] = False
     """True for ``fa``: every weight layer of every block sends its error down through a fixed
     random matrix instead of its transposed weight."""

@@ -30,6 +30,7 @@ class GlobRule(LocalRule):
 @register_rule("glob+sim")
 class GlobSimRule(PredSimRule):
     is_global: ClassVar[bool] = True
+    couples_samples: ClassVar[bool] = True  # every hidden block's sim loss
 
     def __init__(self, shape: tuple[int, ...], num_classes: int, cfg: RuleConfig) -> None:
         self.pred_weight, self.sim_weight, self.bpf = 0.0, 1.0, False

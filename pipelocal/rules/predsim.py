@@ -120,6 +120,7 @@ def _variant(name: str, *, pred: float | None, sim: float | None, bpf: bool) -> 
 
     class Rule(PredSimRule):
         combined = pred is None and sim is None
+        couples_samples = sim is None or sim > 0  # the B x B similarity matrix
 
         def __init__(self, shape: tuple[int, ...], num_classes: int, cfg: RuleConfig) -> None:
             self.pred_weight = 1.0 - cfg.beta if pred is None else pred
