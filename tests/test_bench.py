@@ -242,3 +242,32 @@ def test_micro_analysis_compares_each_count_with_one_and_with_1f1b():
     m2 = out["peers"]["c pred M=2"]
     assert m2["activation(MiB)"] == [4, 2] and m2["state(MiB)"] == [1, 1]
     assert m2["in_flight(MiB)"] == [2 * 1, 2 * 1]  # depth 2 x the edge's 1 MiB, both ends
+
+
+@pytest.mark.timeout(120)
+def test_ddp_peer_gives_the_single_device_loss_on_uneven_slices():
+    """Two DDP ranks on slices of 17 and 16 rows of a 33-row batch: the row-weighted loss of
+    the global batch, and after one step the next one, equal single-device backprop on the
+    whole batch to float tolerance (the two slices' gradients are summed, not computed as one
+    sum, so the rounding differs: not bitwise). No BatchNorm, no dropout."""
+    from benchmarks.headline.ddp import replica_rows, run_ddp
+    from benchmarks.headline.peers import build_all
+    from benchmarks.headline.torchpipe import BlockChain
+
+    assert [replica_rows(33, 2, r) for r in (0, 1)] == [slice(0, 17), slice(17, 33)]
+    assert [replica_rows(10, 4, r) for r in range(4)] == [
+        slice(0, 3), slice(3, 6), slice(6, 8), slice(8, 10)]
+    cfg = _tiny_config().replace(data={"batch_size": 33})
+    ranks = run_ddp(cfg, 2, warmup=0, steps=2, threads=1)
+    assert [r["rows"] for r in ranks] == [17, 16]
+    blocks, batches = build_all(cfg.replace(rule={"name": "glob"}))
+    model, expected = BlockChain(blocks), []
+    for x, y in batches[:2]:
+        loss = F.cross_entropy(model(x), y)
+        expected.append(loss.item())
+        loss.backward()
+        for b in blocks:
+            b.optimizer.step()
+            b.optimizer.zero_grad(set_to_none=True)
+    assert ranks[0]["losses"] == pytest.approx(expected, rel=1e-5)
+    assert ranks[1]["losses"] == ranks[0]["losses"]

@@ -40,7 +40,7 @@ from benchmarks.headline.peers import build_all
 from pipelocal.config import Config
 from pipelocal.engine import LocalBlock
 
-__all__ = ["BlockChain", "free_port", "run_torchpipe", "transport"]
+__all__ = ["BlockChain", "free_port", "run_torchpipe", "spawn_ranks", "transport"]
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -158,9 +158,9 @@ def _setting(cfg: Config, stage: Any, blocks: list[LocalBlock], batches: list[tu
     }
 
 
-def _worker(rank: int, world: int, port: int, cfg: Config, partition: list[int],
-            settings: list[tuple[str, int]], warmup: int, steps: int, threads: int,
-            transport_rounds: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, cfg: Config,
+            partition: list[int], settings: list[tuple[str, int]], warmup: int, steps: int,
+            threads: int, transport_rounds: int) -> None:
     from torch.distributed.pipelining import PipelineStage
 
     torch.set_num_threads(threads)
@@ -209,16 +209,20 @@ def run_torchpipe(
                 f"setting ({s!r}, {m}) is invalid; accepted: schedule in {SCHEDULES} and a "
                 f"micro-batch count that divides the batch size {cfg.data.batch_size}"
             )
-    world = len(partition)
+    return spawn_ranks(_worker, len(partition), cfg, partition, settings, warmup, steps,
+                       threads, transport_rounds)
+
+
+def spawn_ranks(worker: Any, world: int, *args: Any) -> list[dict[str, Any]]:
+    """Run ``worker(rank, world, port, out_dir, *args)`` in ``world`` spawned processes (a free
+    port for their gloo group); each saves its result as ``out_dir/rank<r>.pt``."""
     saved_path = os.environ.get("PYTHONPATH")
     # Spawned children must find this module and its siblings (memory, peers) by name.
     here = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, saved_path) if p)
     try:
-        with tempfile.TemporaryDirectory(prefix="torchpipe-") as out:
-            mp.spawn(_worker, args=(world, free_port(), cfg, partition, settings, warmup,
-                                    steps, threads, transport_rounds, out),
-                     nprocs=world, join=True)
+        with tempfile.TemporaryDirectory(prefix="peer-") as out:
+            mp.spawn(worker, args=(world, free_port(), out, *args), nprocs=world, join=True)
             return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False)
                     for r in range(world)]
     finally:

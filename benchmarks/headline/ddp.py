@@ -1,0 +1,105 @@
+"""Peer (e): backprop over R data-parallel ranks with ``DistributedDataParallel``.
+
+R processes (``torch.multiprocessing``, gloo, CPU, a free port chosen at runtime), each holding
+the whole model as :class:`~benchmarks.headline.torchpipe.BlockChain` of every block built with
+``rule.name = glob`` (no local head), wrapped in DDP. Each rank trains on its contiguous slice
+of every global batch (``data.batch_size`` rows; the slices as even as rows allow), DDP
+averages the gradients across ranks (its buckets all-reduced while the backward pass runs), and
+each block's own optimiser (the same Adam as every other peer) steps. W warm-up steps, then N
+timed steps; samples/s = N * global batch / wall time of the N steps (barriers on both sides).
+
+Per rank: busy fraction = process CPU seconds / (wall * threads) (gloo's threads count as busy
+too), the saved-for-backward peak (a :class:`memory.SavedTensorMeter` around the timed steps),
+parameter/gradient/optimiser bytes, the process's peak RSS, and the global batch's losses (the
+mean of the ranks' slice losses weighted by rows) for the correctness test.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from benchmarks.headline.memory import SavedTensorMeter, peak_rss_mib, state_bytes
+from benchmarks.headline.peers import build_all
+from benchmarks.headline.torchpipe import BlockChain, spawn_ranks
+from pipelocal.config import Config
+
+__all__ = ["replica_rows", "run_ddp"]
+
+
+def replica_rows(rows: int, replicas: int, replica: int) -> slice:
+    """Replica ``replica``'s contiguous rows of a batch of ``rows``: as even as rows allow,
+    the first ``rows % replicas`` slices one row longer."""
+    base, extra = divmod(rows, replicas)
+    start = replica * base + min(replica, extra)
+    return slice(start, start + base + (replica < extra))
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, cfg: Config, warmup: int,
+            steps: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=cfg.pipeline.timeout_s))
+    try:
+        blocks, batches = build_all(cfg.replace(rule={"name": "glob"}))
+        model = DistributedDataParallel(BlockChain(blocks))
+        rows = replica_rows(cfg.data.batch_size, world, rank)
+        share = (rows.stop - rows.start) / cfg.data.batch_size
+        losses: list[float] = []
+
+        def step(i: int) -> None:
+            x, y = batches[i % len(batches)]
+            for b in blocks:
+                b.optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x[rows]), y[rows])
+            # DDP averages over ranks; weighting each rank's mean by its share of rows (times
+            # the rank count) makes that average the global batch's mean for uneven slices too.
+            (loss * share * world).backward()
+            weighted = (loss.detach() * share).reshape(1)
+            dist.all_reduce(weighted)
+            losses.append(float(weighted))
+            for b in blocks:
+                b.optimizer.step()
+
+        for i in range(warmup):
+            step(i)
+        dist.barrier()
+        meter = SavedTensorMeter(blocks)
+        t0, c0 = time.perf_counter(), time.process_time()
+        with meter:
+            for i in range(warmup, warmup + steps):
+                step(i)
+        cpu = time.process_time() - c0
+        dist.barrier()
+        wall = time.perf_counter() - t0
+        result = {
+            "rank": rank,
+            "rows": rows.stop - rows.start,
+            "throughput(samples/s)": steps * cfg.data.batch_size / wall,
+            "wall(s)": wall,
+            "busy_fraction": cpu / (wall * torch.get_num_threads()),
+            "activation_peak(B)": meter.peak,
+            **state_bytes(blocks, [b.optimizer for b in blocks]),
+            "peak_rss(MiB)": peak_rss_mib(),
+            "losses": losses,
+            "threads": torch.get_num_threads(),
+        }
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ddp(cfg: Config, replicas: int, *, warmup: int, steps: int,
+            threads: int) -> list[dict[str, Any]]:
+    """Run (e) over ``replicas`` ranks; one result dict per rank."""
+    if not 1 <= replicas <= cfg.data.batch_size:
+        raise ValueError(f"replicas = {replicas} is invalid; accepted: 1 .. the batch size "
+                         f"{cfg.data.batch_size}")
+    return spawn_ranks(_worker, replicas, cfg, warmup, steps, threads)
