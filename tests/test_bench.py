@@ -113,6 +113,24 @@ def _tiny_config():
     ])
 
 
+def _backprop_losses(cfg, batches):
+    """Single-device backprop of the whole model (fresh blocks, each block's Adam): the loss of
+    each batch before the step on it."""
+    from benchmarks.headline.peers import build_all
+    from benchmarks.headline.torchpipe import BlockChain
+
+    blocks, _ = build_all(cfg)
+    model, losses = BlockChain(blocks), []
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        losses.append(loss.item())
+        loss.backward()
+        for b in blocks:
+            b.optimizer.step()
+            b.optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
 @pytest.mark.timeout(120)
 def test_torch_pipelining_peer_gives_the_single_device_loss():
     """Steps of (d) equal single-device backprop on the same batch, loss for loss.
@@ -123,23 +141,15 @@ def test_torch_pipelining_peer_gives_the_single_device_loss():
     full batch's cross-entropy, and the scaled micro-batch gradients are the full batch's.
     """
     from benchmarks.headline.peers import build_all
-    from benchmarks.headline.torchpipe import BlockChain, run_torchpipe
+    from benchmarks.headline.torchpipe import run_torchpipe
 
     cfg = _tiny_config()
     ranks = run_torchpipe(cfg, [2, 2], [("gpipe", 4), ("1f1b", 4)], warmup=0, steps=1,
                           threads=1, transport_rounds=0)
     assert [r["blocks"] for r in ranks] == [["fc1", "fc2"], ["fc3", "out"]]
-    blocks, batches = build_all(cfg)
-    model = BlockChain(blocks)
-    x, y = batches[0]
-    expected = []
-    for _ in range(2):  # the loss, then one single-device backprop step with each block's Adam
-        loss = F.cross_entropy(model(x), y)
-        expected.append(loss.item())
-        loss.backward()
-        for b in blocks:
-            b.optimizer.step()
-            b.optimizer.zero_grad(set_to_none=True)
+    _, batches = build_all(cfg)
+    # The loss, then one single-device backprop step with each block's Adam.
+    expected = _backprop_losses(cfg, [batches[0]] * 2)
     got = [sum(s["last_losses"]) / 4 for s in ranks[-1]["settings"]]
     assert [len(s["last_losses"]) for s in ranks[-1]["settings"]] == [4, 4]
     assert got == pytest.approx(expected, rel=1e-4)
@@ -252,7 +262,6 @@ def test_ddp_peer_gives_the_single_device_loss_on_uneven_slices():
     sum, so the rounding differs: not bitwise). No BatchNorm, no dropout."""
     from benchmarks.headline.ddp import replica_rows, run_ddp
     from benchmarks.headline.peers import build_all
-    from benchmarks.headline.torchpipe import BlockChain
 
     assert [replica_rows(33, 2, r) for r in (0, 1)] == [slice(0, 17), slice(17, 33)]
     assert [replica_rows(10, 4, r) for r in range(4)] == [
@@ -260,14 +269,6 @@ def test_ddp_peer_gives_the_single_device_loss_on_uneven_slices():
     cfg = _tiny_config().replace(data={"batch_size": 33})
     ranks = run_ddp(cfg, 2, warmup=0, steps=2, threads=1)
     assert [r["rows"] for r in ranks] == [17, 16]
-    blocks, batches = build_all(cfg.replace(rule={"name": "glob"}))
-    model, expected = BlockChain(blocks), []
-    for x, y in batches[:2]:
-        loss = F.cross_entropy(model(x), y)
-        expected.append(loss.item())
-        loss.backward()
-        for b in blocks:
-            b.optimizer.step()
-            b.optimizer.zero_grad(set_to_none=True)
+    expected = _backprop_losses(cfg, build_all(cfg)[1][:2])
     assert ranks[0]["losses"] == pytest.approx(expected, rel=1e-5)
     assert ranks[1]["losses"] == ranks[0]["losses"]

@@ -16,7 +16,6 @@ mean of the ranks' slice losses weighted by rows) for the correctness test.
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from benchmarks.headline.memory import SavedTensorMeter, peak_rss_mib, state_bytes
 from benchmarks.headline.peers import build_all
-from benchmarks.headline.torchpipe import BlockChain, spawn_ranks
+from benchmarks.headline.torchpipe import BlockChain, spawn_ranks, timed_steps
 from pipelocal.config import Config
 
 __all__ = ["replica_rows", "run_ddp"]
@@ -68,26 +66,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cfg: Config, warmup:
             for b in blocks:
                 b.optimizer.step()
 
-        for i in range(warmup):
-            step(i)
-        dist.barrier()
-        meter = SavedTensorMeter(blocks)
-        t0, c0 = time.perf_counter(), time.process_time()
-        with meter:
-            for i in range(warmup, warmup + steps):
-                step(i)
-        cpu = time.process_time() - c0
-        dist.barrier()
-        wall = time.perf_counter() - t0
         result = {
             "rank": rank,
             "rows": rows.stop - rows.start,
-            "throughput(samples/s)": steps * cfg.data.batch_size / wall,
-            "wall(s)": wall,
-            "busy_fraction": cpu / (wall * torch.get_num_threads()),
-            "activation_peak(B)": meter.peak,
-            **state_bytes(blocks, [b.optimizer for b in blocks]),
-            "peak_rss(MiB)": peak_rss_mib(),
+            **timed_steps(step, blocks, warmup=warmup, steps=steps, batch=cfg.data.batch_size),
             "losses": losses,
             "threads": torch.get_num_threads(),
         }

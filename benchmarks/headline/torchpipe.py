@@ -40,7 +40,7 @@ from benchmarks.headline.peers import build_all
 from pipelocal.config import Config
 from pipelocal.engine import LocalBlock
 
-__all__ = ["BlockChain", "free_port", "run_torchpipe", "spawn_ranks", "transport"]
+__all__ = ["BlockChain", "free_port", "run_torchpipe", "spawn_ranks", "timed_steps", "transport"]
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -134,6 +134,19 @@ def _setting(cfg: Config, stage: Any, blocks: list[LocalBlock], batches: list[tu
         for b in blocks:
             b.optimizer.step()
 
+    return {
+        "schedule": schedule,
+        "microbatches": m,
+        **timed_steps(step, blocks, warmup=warmup, steps=steps, batch=cfg.data.batch_size),
+        "last_losses": [float(v.detach()) for v in losses],
+    }
+
+
+def timed_steps(step: Any, blocks: list[LocalBlock], *, warmup: int, steps: int,
+                batch: int) -> dict[str, Any]:
+    """``step(i)`` for W warm-up then N timed steps on every rank (barriers on both sides):
+    samples/s of the global ``batch``, busy fraction, saved-for-backward peak, state bytes,
+    peak RSS."""
     for i in range(warmup):
         step(i)
     dist.barrier()
@@ -146,15 +159,12 @@ def _setting(cfg: Config, stage: Any, blocks: list[LocalBlock], batches: list[tu
     dist.barrier()
     wall = time.perf_counter() - t0
     return {
-        "schedule": schedule,
-        "microbatches": m,
-        "throughput(samples/s)": steps * cfg.data.batch_size / wall,
+        "throughput(samples/s)": steps * batch / wall,
         "wall(s)": wall,
         "busy_fraction": cpu / (wall * torch.get_num_threads()),
         "activation_peak(B)": meter.peak,
         **state_bytes(blocks, [b.optimizer for b in blocks]),
         "peak_rss(MiB)": peak_rss_mib(),
-        "last_losses": [float(v.detach()) for v in losses],
     }
 
 
