@@ -74,7 +74,10 @@ def _run_three(layout: str) -> dict[int, str]:
     probe = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
     port = probe.port
     del probe
-    ctx = mp.get_context("spawn")
+    from pipelocal.launch.spawn import START_METHOD, preload_modules
+
+    ctx = mp.get_context(START_METHOD)  # the launcher's: one forkserver for the whole session
+    ctx.set_forkserver_preload(preload_modules())
     out = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(r, port, layout, out)) for r in range(3)]
     for p in procs:

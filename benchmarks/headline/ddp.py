@@ -1,12 +1,13 @@
 """Peer (e): backprop over R data-parallel ranks with ``DistributedDataParallel``.
 
-R processes (``torch.multiprocessing``, gloo, CPU, a free port chosen at runtime), each holding
-the whole model as :class:`~benchmarks.headline.torchpipe.BlockChain` of every block built with
-``rule.name = glob`` (no local head), wrapped in DDP. Each rank trains on its contiguous slice
-of every global batch (``data.batch_size`` rows; the slices as even as rows allow), DDP
-averages the gradients across ranks (its buckets all-reduced while the backward pass runs), and
-each block's own optimiser (the same Adam as every other peer) steps. W warm-up steps, then N
-timed steps; samples/s = N * global batch / wall time of the N steps (barriers on both sides).
+R processes (forked as pipelocal forks its workers; gloo, CPU, a free port chosen at runtime),
+each holding the whole model as :class:`~benchmarks.headline.torchpipe.BlockChain` of every
+block built with ``rule.name = glob`` (no local head), wrapped in DDP. Each rank trains on its
+contiguous slice of every global batch (``data.batch_size`` rows; the slices as even as rows
+allow), DDP averages the gradients across ranks (its buckets all-reduced while the backward pass
+runs), and each block's own optimiser (the same Adam as every other peer) steps. W warm-up
+steps, then N timed steps; samples/s = N * global batch / wall time of the N steps (barriers on
+both sides).
 
 Per rank: busy fraction = process CPU seconds / (wall * threads) (gloo's threads count as busy
 too), the saved-for-backward peak (a :class:`memory.SavedTensorMeter` around the timed steps),

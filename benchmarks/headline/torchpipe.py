@@ -1,8 +1,8 @@
 """Peer (d): backprop pipelined by ``torch.distributed.pipelining``, and the transport benchmark.
 
-S processes (``torch.multiprocessing`` spawn, gloo, CPU, a free port chosen at runtime), one per
-stage, each holding the same blocks as the pipelocal stage of the same split: stage k's module
-is ``nn.Sequential`` of its blocks' ``body`` + ``pass_on`` (the last one ends in the output
+S processes (forked as pipelocal forks its workers; gloo, CPU, a free port chosen at runtime),
+one per stage, each holding the same blocks as the pipelocal stage of the same split: stage k's
+module is ``nn.Sequential`` of its blocks' ``body`` + ``pass_on`` (the last one ends in the output
 layer, trained with cross-entropy), built with ``rule.name = glob`` so that no local head
 exists. Each block keeps its own optimiser (the same Adam as every other peer), stepped after
 ``schedule.step``. For every (schedule, micro-batches) setting in turn: W warm-up steps, then N
@@ -39,6 +39,7 @@ from benchmarks.headline.memory import SavedTensorMeter, peak_rss_mib, state_byt
 from benchmarks.headline.peers import build_all
 from pipelocal.config import Config
 from pipelocal.engine import LocalBlock
+from pipelocal.launch.spawn import START_METHOD, preload_modules
 
 __all__ = ["BlockChain", "free_port", "run_torchpipe", "spawn_ranks", "timed_steps", "transport"]
 
@@ -224,15 +225,18 @@ def run_torchpipe(
 
 
 def spawn_ranks(worker: Any, world: int, *args: Any) -> list[dict[str, Any]]:
-    """Run ``worker(rank, world, port, out_dir, *args)`` in ``world`` spawned processes (a free
-    port for their gloo group); each saves its result as ``out_dir/rank<r>.pt``."""
+    """Run ``worker(rank, world, port, out_dir, *args)`` in ``world`` processes started as
+    pipelocal starts its workers (a free port for their gloo group); each saves its result as
+    ``out_dir/rank<r>.pt``."""
     saved_path = os.environ.get("PYTHONPATH")
     # Spawned children must find this module and its siblings (memory, peers) by name.
     here = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, saved_path) if p)
     try:
         with tempfile.TemporaryDirectory(prefix="peer-") as out:
-            mp.spawn(worker, args=(world, free_port(), out, *args), nprocs=world, join=True)
+            mp.get_context(START_METHOD).set_forkserver_preload(preload_modules())
+            mp.start_processes(worker, args=(world, free_port(), out, *args), nprocs=world,
+                               join=True, start_method=START_METHOD)
             return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False)
                     for r in range(world)]
     finally:
