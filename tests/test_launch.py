@@ -25,8 +25,10 @@ from tests.conftest import interrupt_after_checkpoint, tiny_config
 
 
 def _workers() -> set[int]:
-    """PIDs of this process's children, except multiprocessing's shared resource tracker."""
-    me, out = os.getpid(), set()
+    """PIDs of the pipeline workers this process started: its children, and the children of its
+    forkserver (the workers fork from it), but not the forkserver itself nor multiprocessing's
+    resource tracker (both shared by every run of this process)."""
+    children: dict[int, list[tuple[int, bytes]]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -36,8 +38,13 @@ def _workers() -> set[int]:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == me and b"resource_tracker" not in cmd:
-            out.add(int(entry.name))
+        children.setdefault(ppid, []).append((int(entry.name), cmd))
+    out = set()
+    for pid, cmd in children.get(os.getpid(), []):
+        if b"multiprocessing.forkserver" in cmd:
+            out.update(child for child, _ in children.get(pid, []))
+        elif b"resource_tracker" not in cmd:
+            out.add(pid)
     return out
 
 
