@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -123,6 +124,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipelocal.launch.preflight import resolve
     from pipelocal.pipeline.balance import balance_partition
 
+    if args.devices:
+        return _plan_devices(args)
     cfg = _config(args, [f"pipeline.stages={args.stages}"] if args.stages else [])
     spec = resolve(cfg)
     cfg = spec.cfg
@@ -135,6 +138,75 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"{torch.get_num_threads()} thread(s) per stage; {spec.note}")
     print(balance.table())
     print(f"\nuse it: --set 'pipeline.partition={balance.partition}'")
+    return 0
+
+
+def _plan_devices(args: argparse.Namespace) -> int:
+    """``plan --devices N``: every layout R x S <= N predicted from block costs profiled at
+    each replica's rows, beside data-parallel backprop over N ranks."""
+    import torch
+
+    from pipelocal.device import cpu_threads, visible_gpus
+    from pipelocal.launch.preflight import resolve
+    from pipelocal.pipeline.balance import profile_blocks
+    from pipelocal.pipeline.layout import Costs, Link, plan_layouts, predict_ddp, replica_rows
+    from pipelocal.pipeline.partition import max_stages
+    from pipelocal.rules import RULES, end_to_end_top
+
+    n = args.devices
+    cfg = _config(args, ["pipeline.stages=1"])
+    spec = resolve(cfg)
+    gpus = visible_gpus(cfg)
+    if gpus and not args.link:
+        raise ConfigError("plan --devices on GPUs needs the link between them: --link "
+                          "p2p=<GB/s>,latency=<us>,allreduce=<GB/s> (e.g. from nccl-tests)")
+    if gpus and n > gpus:
+        raise ConfigError(f"plan --devices {n} but only {gpus} GPU(s) are visible here to "
+                          f"profile on; use --devices <= {gpus} or a machine with more")
+    device = torch.device("cuda", 0) if gpus else torch.device("cpu")
+    threads = cpu_threads(cfg.pipeline.threads_per_stage, n)  # each of N ranks' share
+    torch.set_num_threads(threads)
+    batch = cfg.data.batch_size
+    if args.link:
+        link = Link.parse(args.link)
+    else:
+        from pipelocal.launch.link_probe import measure_link
+
+        link = measure_link(threads)
+    costs = {}
+    for rows in sorted({replica_rows(batch, r) for r in range(1, min(n, batch) + 1)}):
+        at = cfg.replace(data={"batch_size": rows})
+        blocks = profile_blocks(at, spec.specs, spec.num_classes, device)
+        whole = profile_blocks(at.replace(rule={"name": "glob"}), spec.specs, spec.num_classes,
+                               device)
+        costs[rows] = Costs(rows, blocks, [b.param_bytes for b in blocks],
+                            sum(b.time_s for b in whole))
+    rule = RULES.get(cfg.rule.name)
+    top = range(0) if rule.is_global else end_to_end_top(cfg.rule, len(spec.specs))
+    stages = 1 if rule.is_global else max_stages(len(spec.specs), top)
+    concurrent = 0 if gpus else max(1, len(os.sched_getaffinity(0)) // threads)
+    layouts = plan_layouts(costs, batch=batch, devices=n, link=link, max_stages=stages,
+                           together=top, concurrent=concurrent,
+                           channel_depth=cfg.pipeline.channel_depth)
+    ddp = predict_ddp(costs[replica_rows(batch, n)], batch=batch, replicas=n, link=link,
+                      concurrent=concurrent)
+    print(f"{cfg.model.name} with {cfg.rule.name} on {cfg.data.name}, global batch {batch}, "
+          f"{n} device(s) ({device.type}, {threads} thread(s) per rank); link: {link}"
+          + ("" if args.link else " (measured here)"))
+    print(f"{'layout':<10} {'partition':<22} {'samples/s':>10} {'MiB/device':>11} "
+          f"{'vs DDP':>7}")
+    for lay in [*layouts[:args.top], ddp]:
+        label = lay.name() if lay is not ddp else f"DDP R={n}"
+        print(f"{label:<10} {lay.partition!s:<22} {lay.samples_s:>10,.0f} "
+              f"{lay.memory_bytes / 2**20:>11.1f} {lay.samples_s / ddp.samples_s:>6.2f}x")
+    best = layouts[0]
+    winner = (f"{best.name()} ({best.samples_s / ddp.samples_s:.2f}x DDP backprop)"
+              if best.samples_s >= ddp.samples_s else
+              f"data-parallel backprop (DDP R={n}); the best pipelocal layout, {best.name()}, "
+              f"is {best.samples_s / ddp.samples_s:.2f}x it")
+    print(f"\npredicted best: {winner}")
+    print(f"use it: pipelocal train --replicas {best.replicas} --stages {best.stages} --set "
+          f"'pipeline.partition={best.partition}'")
     return 0
 
 
@@ -249,6 +321,13 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="profile blocks and propose a balanced partition")
     with_config(pl)
     pl.add_argument("--stages", type=int, help="number of stages to plan for")
+    pl.add_argument("--devices", type=int, default=0,
+                    help="plan replicas x stages for N devices: every layout R x S <= N "
+                         "predicted, beside data-parallel backprop")
+    pl.add_argument("--link", default="",
+                    help="with --devices: the interconnect, p2p=<n>GB/s,latency=<n>us,"
+                         "allreduce=<n>GB/s (default: measured here over gloo)")
+    pl.add_argument("--top", type=int, default=5, help="with --devices: layouts shown")
     pl.set_defaults(func=cmd_plan)
 
     # '+' prefix: every argument, --options included, goes on to `python -m benchmarks bench`.

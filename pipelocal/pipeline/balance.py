@@ -40,6 +40,8 @@ class BlockProfile:
     """Parameters + gradients + optimiser state."""
     work_bytes: int
     """Activations held for the backward pass (body output, float32), an estimate."""
+    param_bytes: int = 0
+    """Parameters alone (what a data-parallel all-reduce of its gradients carries)."""
 
     @property
     def memory_bytes(self) -> int:
@@ -96,6 +98,7 @@ def profile_blocks(
             activation_bytes=4 * b * math.prod(spec.wire_shape),
             state_bytes=4 * sum(p.numel() for p in block.parameters()) * (2 + opt_slots),
             work_bytes=4 * b * math.prod(spec.out_shape) * 3,
+            param_bytes=4 * sum(p.numel() for p in block.parameters()),
         )
         for block, spec, t in zip(blocks, specs, times)
     ]
