@@ -80,10 +80,13 @@ def _train_flags(args: argparse.Namespace) -> list[str]:
     any flag).
 
     ``--stages 1`` without ``--launcher`` runs in this process, whatever launcher the config
-    or the resumed checkpoint names (a Ray run resumed on one stage starts no Ray).
+    or the resumed checkpoint names (a Ray run resumed on one stage starts no Ray), and without
+    ``--replicas`` it runs one replica, whatever replicas they name.
     """
     flags = [f"pipeline.stages={args.stages}"] if args.stages else []
     flags += [f"pipeline.replicas={args.replicas}"] if args.replicas else []
+    if args.stages == 1 and not args.replicas and not args.launcher:
+        flags.append("pipeline.replicas=1")
     if args.stages == 1 and not args.launcher:
         flags.append("pipeline.launcher=spawn")
     flags += ["run.resume=overwrite"] if args.overwrite else []

@@ -200,3 +200,15 @@ def test_backend_is_a_deprecated_alias_of_launcher() -> None:
     old = _parser().parse_args(["train", "--backend", "ray", "--stages", "2"])
     assert _train_flags(old) == _train_flags(new) == ["pipeline.stages=2",
                                                       "pipeline.launcher=ray"]
+
+
+def test_replicas_flag_and_one_stage_without_it() -> None:
+    """--replicas R sets pipeline.replicas; --stages 1 alone runs one process, so it also
+    means one replica, whatever the config or a resumed checkpoint says."""
+    from pipelocal.cli import _parser, _train_flags
+
+    two = _parser().parse_args(["train", "--stages", "2", "--replicas", "2"])
+    assert _train_flags(two) == ["pipeline.stages=2", "pipeline.replicas=2"]
+    one = _parser().parse_args(["train", "--stages", "1"])
+    assert _train_flags(one) == ["pipeline.stages=1", "pipeline.replicas=1",
+                                 "pipeline.launcher=spawn"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -247,3 +248,28 @@ def test_a_killed_rank_of_replica_1_stops_the_run_naming_it(
     assert "replica 1, stage 1 (rank 3, pid" in str(info.value)
     assert "died, killed by signal SIGKILL" in str(info.value)
     assert elapsed < 120, elapsed  # start-up of 4 processes included
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_run_with_replicas_checkpoints_and_leaves_no_worker(tmp_path: Path) -> None:
+    """SIGTERM to `pipelocal train --stages 1 --replicas 2` (a real process): the checkpoint at
+    the current step, exit 130, both workers gone within seconds."""
+    from pipelocal.checkpoint import read_manifest
+    from pipelocal.cli import EXIT_INTERRUPTED
+    from tests.test_supervision import (
+        _PIPELOCAL,
+        _assert_all_gone,
+        _descendants,
+        _start,
+        _wait_for_checkpoint,
+    )
+
+    proc = _start([*_PIPELOCAL, "--stages", "1", "--replicas", "2"], tmp_path, "term")
+    _wait_for_checkpoint(proc, tmp_path / "term")
+    workers = _descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, out
+    assert "x 2 replicas" in out and "terminated (SIGTERM): writing a checkpoint" in out, out
+    assert f"stopped (interrupted) at step {read_manifest(tmp_path / 'term')['step']};" in out
+    _assert_all_gone(workers)

@@ -90,7 +90,14 @@ class DistPipe:
         if not self.feeds:
             self.stage.handle(Message(Kind.TRAIN, step, epoch, x, y))
             return
-        parts = replica_slices(int(y.shape[0]), self.replicas)
+        rows = int(y.shape[0])
+        if rows < self.replicas:  # a class-limited batch can be this small (preflight checks
+            # data.batch_size and the last batch)
+            raise RuntimeError(
+                f"batch {step} has {rows} rows, fewer than pipeline.replicas = "
+                f"{self.replicas}: each replica needs at least one; use fewer replicas or "
+                "larger batches (data.classes_per_batch makes some batches smaller)")
+        parts = replica_slices(rows, self.replicas)
         for feed, part in zip(self.feeds, parts[1:]):  # sent first: the replicas start at once
             feed.send(Message(Kind.TRAIN, step, epoch, *self._to_device(x[part], y[part])))
         self.stage.handle(Message(Kind.TRAIN, step, epoch, x[parts[0]], y[parts[0]]))
