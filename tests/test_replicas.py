@@ -24,7 +24,7 @@ import torch
 
 from pipelocal.checkpoint import checkpoint_dir
 from pipelocal.config import ConfigError
-from pipelocal.launch import PipelineError, train
+from pipelocal.launch import PipelineError, evaluate_checkpoint, train
 from pipelocal.launch.preflight import Placement, preflight
 from pipelocal.launch.torchrun import torchrun_stages
 from pipelocal.pipeline.faults import FAULT_ENV, check_fault_spec
@@ -136,7 +136,11 @@ def test_two_replicas_equal_on_one_and_two_stages_and_resume_exactly(
     r2s2: dict[str, Any], tmp_path: Path
 ) -> None:
     """R = 2: S = 1 equals S = 2 bitwise (dropout, BatchNorm, the uneven last batch); resumed
-    from the S = 2 run's step-5 checkpoint, S = 1 ends bitwise as the straight run."""
+    from the S = 2 run's step-5 checkpoint, S = 1 ends bitwise as the straight run. The
+    evaluation sharded over the replicas counts what one process counts for its checkpoint."""
+    alone = evaluate_checkpoint(r2s2["run_dir"], [])
+    assert alone["test/acc"] == r2s2["result"]["test/acc"]
+    assert alone["test/acc_local"] == r2s2["result"]["test/acc_local"]
     straight = train(tiny_config(tmp_path / "s1", *_UNEVEN, "pipeline.stages=1",
                                  "pipeline.replicas=2"))
     _same_as(straight, r2s2)
