@@ -1,6 +1,6 @@
 """Data-parallel replicas (pipeline.replicas = R, R x S ranks): for a fixed R a run is bitwise
 the same for every S and launcher, a resume is exact, the gradient average is the whole
-batch's, diverged replicas and a killed replica are named.
+batch's, diverged, killed and frozen replicas are named, SIGTERM checkpoints and stops all.
 
 The multi-process runs are few and shared: one R = 2, S = 2 run (300 + 1 digits, so the last
 batch of 45 rows splits unevenly, 23 + 22) is the oracle that the other layouts, launchers and
@@ -277,3 +277,21 @@ def test_sigterm_to_a_run_with_replicas_checkpoints_and_leaves_no_worker(tmp_pat
     assert "x 2 replicas" in out and "terminated (SIGTERM): writing a checkpoint" in out, out
     assert f"stopped (interrupted) at step {read_manifest(tmp_path / 'term')['step']};" in out
     _assert_all_gone(workers)
+
+
+@pytest.mark.slow
+def test_a_frozen_replica_is_named_when_its_stage_group_times_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica 1 stops (SIGSTOP) at step 7; replica 0 waits for it in the gradient all-reduce,
+    at most pipeline.timeout_s, and the frozen one is named at the batch where it froze.
+    (20 s: shorter waits can expire while a loaded machine is still starting the workers.)"""
+    monkeypatch.setenv(FAULT_ENV, "1:7:hang")
+    with pytest.raises(PipelineError) as info:
+        train(tiny_config(tmp_path, "pipeline.stages=1", "pipeline.replicas=2",
+                          "pipeline.timeout_s=20"))
+    message = str(info.value)
+    assert "replica 1, stage 0 (rank 1, pid " in message, message
+    assert "stopped answering, during training at epoch 2/2, batch 3 (step 7)" in message, \
+        message
+    assert "replica 0, stage 0 training at epoch 2/2, batch 3 (step 7)" in message, message
