@@ -1,24 +1,31 @@
 #!/usr/bin/env bash
-# `pipelocal train` under torchrun: one process (rank) per pipeline stage. Every argument goes
-# to `pipelocal train` unchanged; the stage count comes from the variables below, so do not
-# pass --stages.
+# `pipelocal train` under torchrun: one process (rank) per pipeline stage of each replica. Every
+# argument goes to `pipelocal train` unchanged; the stage and replica counts come from the
+# variables below, so do not pass --stages or --replicas.
 #
 #   one node, S stages (one per GPU, or S CPU processes):
 #     STAGES=4 launch/torchrun.sh --config configs/vgg8b_cifar10.toml
+#   one node, 2 replicas of a 2-stage pipeline (4 processes):
+#     STAGES=2 REPLICAS=2 launch/torchrun.sh --config configs/vgg8b_cifar10.toml
 #   several nodes (the same line on every node, NODE_RANK = 0 .. NNODES-1):
 #     NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 STAGES_PER_NODE=4 launch/torchrun.sh --config ...
 #   check without training (config, partition, stage shapes of the whole job; no rendezvous):
 #     NNODES=2 STAGES_PER_NODE=4 launch/torchrun.sh --dry-run --config ...
 #
 # Variables:
-#   STAGES           one node: stages = processes on this node (default 2)
+#   STAGES           one node: stages of each replica (default 2); processes = STAGES * REPLICAS
+#   REPLICAS         data-parallel copies of the pipeline (pipeline.replicas, default 1); the
+#                    job's processes are divided among them, stages = processes / REPLICAS, and
+#                    rank = replica * stages + stage: with STAGES_PER_NODE a multiple of the
+#                    stage count, each pipeline stays inside one node
 #   NNODES           number of nodes; unset or 1 = one node (torchrun --standalone)
 #   NODE_RANK        several nodes: this node's index, 0 .. NNODES-1 (required). With the
 #                    c10d rendezvous torchrun numbers the nodes itself and only warns that
 #                    it ignores NODE_RANK: any node may run rank 0 (stage 0 and the
 #                    coordinator that prints the progress)
-#   STAGES_PER_NODE  several nodes: processes (= stages) per node (required); the job has
-#                    NNODES * STAGES_PER_NODE stages, consecutive ones on the same node
+#   STAGES_PER_NODE  several nodes: processes per node (required); the job has
+#                    NNODES * STAGES_PER_NODE processes, REPLICAS pipelines of
+#                    NNODES * STAGES_PER_NODE / REPLICAS stages, consecutive ranks on one node
 #   MASTER_ADDR      several nodes: host name or IP of the c10d rendezvous store, reachable
 #                    from every node; usually node 0 (required)
 #   MASTER_PORT      several nodes: TCP port of the rendezvous store (default 29400)
@@ -47,17 +54,23 @@
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 NNODES=${NNODES:-1}
+REPLICAS=${REPLICAS:-1}
 
-if [[ $NNODES == 1 ]]; then
-  world=${STAGES:-2}
-else
-  world=$((NNODES * ${STAGES_PER_NODE:?set STAGES_PER_NODE (processes per node)}))
+if [[ $NNODES == 1 && ( -n ${STAGES:-} || -z ${STAGES_PER_NODE:-} ) ]]; then
+  STAGES_PER_NODE=$((${STAGES:-2} * REPLICAS))  # one node: STAGES wins (slurm.sbatch sets the other)
 fi
+world=$((NNODES * ${STAGES_PER_NODE:?set STAGES_PER_NODE (processes per node)}))
+if ((REPLICAS < 1 || world % REPLICAS)); then
+  echo "torchrun.sh: $world processes cannot form REPLICAS=$REPLICAS pipelines of equal" \
+    "length; make NNODES * STAGES_PER_NODE a multiple of REPLICAS" >&2
+  exit 2
+fi
+replicas=(--replicas "$REPLICAS")
 
 for arg in "$@"; do
   if [[ $arg == --dry-run ]]; then
     # One process checks what every rank would: no rendezvous, no training.
-    exec "$PYTHON" -m pipelocal train --stages "$world" "$@"
+    exec "$PYTHON" -m pipelocal train --stages "$((world / REPLICAS))" "${replicas[@]}" "$@"
   fi
 done
 
@@ -92,7 +105,7 @@ run_torchrun() {
 
 if [[ $NNODES == 1 ]]; then
   run_torchrun --standalone --nproc-per-node "$world" \
-    --max-restarts "${MAX_RESTARTS:-0}" -m pipelocal train "$@"
+    --max-restarts "${MAX_RESTARTS:-0}" -m pipelocal train "${replicas[@]}" "$@"
 fi
 local_addr=()
 if [[ -n ${LOCAL_ADDR:-} ]]; then
@@ -103,4 +116,4 @@ run_torchrun --nnodes "$NNODES" \
   --nproc-per-node "$STAGES_PER_NODE" "${local_addr[@]}" --max-restarts "${MAX_RESTARTS:-0}" \
   --rdzv-backend c10d --rdzv-id "${RDZV_ID:-pipelocal}" \
   --rdzv-endpoint "${MASTER_ADDR:?set MASTER_ADDR (the rendezvous host)}:${MASTER_PORT:-29400}" \
-  -m pipelocal train "$@"
+  -m pipelocal train "${replicas[@]}" "$@"

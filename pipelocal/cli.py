@@ -69,7 +69,8 @@ def _dry_run(cfg: Config, resume: str | None) -> int:
     spec = preflight(cfg, resume, open_dir=False)
     specs, partition = spec.specs, list(spec.cfg.pipeline.partition)
     print(f"dry run OK: {spec.cfg.model.name} on {spec.cfg.data.name}, "
-          f"{len(partition)} stage(s), partition {partition}")
+          f"{len(partition)} stage(s), partition {partition}"
+          + (f", {spec.cfg.pipeline.replicas} replicas" if spec.cfg.pipeline.replicas > 1 else ""))
     for s, r in enumerate(stage_ranges(partition)):
         print(f"  stage {s}: {', '.join(specs[i].name for i in r)}  "
               f"in {list(specs[r.start].in_shape)} -> out {list(specs[r.stop - 1].wire_shape)}")
@@ -77,13 +78,17 @@ def _dry_run(cfg: Config, resume: str | None) -> int:
 
 
 def _train_flags(args: argparse.Namespace) -> list[str]:
-    """--stages, --micro-batches, --launcher and --overwrite as overrides (they win over --set,
-    like any flag).
+    """--stages, --replicas, --micro-batches, --launcher and --overwrite as overrides (they win
+    over --set, like any flag).
 
     ``--stages 1`` without ``--launcher`` runs in this process, whatever launcher the config
-    or the resumed checkpoint names (a Ray run resumed on one stage starts no Ray).
+    or the resumed checkpoint names (a Ray run resumed on one stage starts no Ray), and without
+    ``--replicas`` it runs one replica, whatever replicas they name.
     """
     flags = [f"pipeline.stages={args.stages}"] if args.stages else []
+    flags += [f"pipeline.replicas={args.replicas}"] if args.replicas else []
+    if args.stages == 1 and not args.replicas and not args.launcher:
+        flags.append("pipeline.replicas=1")
     if args.stages == 1 and not args.launcher:
         flags.append("pipeline.launcher=spawn")
     if args.micro_batches is not None:
@@ -298,6 +303,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--micro-batches", type=int, metavar="M",
                    help="train each batch in M micro-batches, each streamed to the next stage "
                         "as soon as it is done (= pipeline.micro_batches)")
+    t.add_argument("--replicas", type=int,
+                   help="data-parallel copies of the pipeline (= pipeline.replicas): "
+                        "replicas x stages workers")
     t.add_argument("--resume", help="run directory or checkpoint to continue from")
     t.add_argument("--overwrite", action="store_true",
                    help="run.name names a directory holding an earlier run: delete it and "

@@ -331,6 +331,10 @@ class PipelineConfig:
     stages: int = 0
     """Worker processes, one per contiguous group of blocks; 1 = the single-process engine;
     0 = automatic: one per GPU, or 2 on CPU (at most one per block; len(partition) if given)."""
+    replicas: int = 1
+    """Data-parallel copies of the pipeline: replicas x stages worker ranks, rank = replica *
+    stages + stage; data.batch_size stays the global batch, each replica trains on its slice
+    and the replicas of a stage average their gradients (docs/architecture.md#replicas)."""
     partition: tuple[int, ...] = ()
     """Blocks per stage, e.g. [3, 2, 3]; empty = balanced by profiling (``pipelocal plan``)."""
     channel_depth: int = 2
@@ -356,6 +360,7 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         _check(self.stages >= 0, "pipeline.stages", self.stages, "an integer >= 0 (0 = auto)")
+        _check(self.replicas >= 1, "pipeline.replicas", self.replicas, "an integer >= 1")
         _check(
             all(n >= 1 for n in self.partition),
             "pipeline.partition",

@@ -19,7 +19,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from pipelocal.rules.fa import feedback_align
 
 __all__ = [
     "Engine",
+    "GradSync",
     "LocalBlock",
     "block_seed",
     "build_blocks",
@@ -52,6 +53,17 @@ __all__ = [
 
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 """run.precision -> the autocast dtype of the blocks and heads (master weights stay float32)."""
+
+
+class GradSync(Protocol):
+    """What a block calls in place of its optimiser step when gradients are shared with other
+    processes (data-parallel replicas, :mod:`pipelocal.pipeline.replicas`): ``step`` after the
+    backward (it may defer the optimiser step), ``flush`` once the engine's batch is done, so
+    that every deferred step has happened."""
+
+    def step(self, block: LocalBlock, rows: int) -> None: ...
+
+    def flush(self) -> None: ...
 
 
 def block_seed(run_seed: int, index: int) -> int:
@@ -119,6 +131,8 @@ class LocalBlock(nn.Module):
         self.generator.manual_seed(seed_i + 1)  # dropout masks
         self.optimizer = build_optimizer([p for p in self.parameters() if p.requires_grad], optim)
         self.epoch = -1
+        self.grad_sync: GradSync | None = None
+        """None: the optimiser steps right after the backward; else this hook steps it."""
         self._reset_stats()
 
     # ------------------------------------------------------------------ training
@@ -218,9 +232,16 @@ class LocalBlock(nn.Module):
             self.optimizer.zero_grad(set_to_none=True)
         _backward(loss, part, y)  # frees this micro-batch's graph
         if part.last:
-            self.optimizer.step()
+            self.optimizer_step(part.batch_rows or y.numel())
         self.record(loss, scores, y, last=part.last)
         return h.detach() if self.classifier_reads_passed_on else self.pass_on(h.detach())
+
+    def optimizer_step(self, rows: int) -> None:
+        """The optimiser step after a backward on ``rows`` rows, through :attr:`grad_sync`."""
+        if self.grad_sync is None:
+            self.optimizer.step()
+        else:
+            self.grad_sync.step(self, rows)
 
     @torch.no_grad()
     def eval_step(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -267,6 +288,8 @@ class LocalBlock(nn.Module):
             "loss": float(self._loss_sum) / max(self._count, 1),
             "acc": float(self._correct) / self._scored if self._scored else None,
             "nonfinite_at": first if first >= 0 else None,
+            "rows": self._count,
+            "scored": self._scored,
         }
         self._reset_stats()
         return out
@@ -378,7 +401,7 @@ def train_end_to_end(
     _backward(torch.stack(losses).sum(), part, y)
     if part.last:
         for block in blocks:
-            block.optimizer.step()
+            block.optimizer_step(part.batch_rows or y.numel())
     return x.detach()
 
 
@@ -398,6 +421,14 @@ class Engine:
         """The blocks trained together, end to end, by the output loss (all: a global rule)."""
         self._eval_correct: dict[int, Tensor] = {}
         self._eval_count = 0
+        self.grad_sync: GradSync | None = None
+        """Set by :meth:`share_gradients`; flushed at the end of every training batch."""
+
+    def share_gradients(self, sync: GradSync) -> None:
+        """Every block steps its optimiser through ``sync`` (data-parallel replicas)."""
+        self.grad_sync = sync
+        for block in self.blocks:
+            block.grad_sync = sync
 
     @property
     def indices(self) -> list[int]:
@@ -432,7 +463,10 @@ class Engine:
             image = self.input_image(x, image)
         for block in self.blocks[: len(self.blocks) - len(self._top)]:
             x = block.train_step(x, y, image, part=part)
-        return train_end_to_end(self._top, x, y, part=part) if self._top else x
+        out = train_end_to_end(self._top, x, y, part=part) if self._top else x
+        if part.last and self.grad_sync is not None:  # the last deferred optimiser step
+            self.grad_sync.flush()
+        return out
 
     def _check_top(self) -> None:
         """The end-to-end blocks must all be here: a gradient cannot cross two engines."""

@@ -48,6 +48,11 @@ class RunSpec:
     """The partition was chosen by profiling (recorded in the manifest: a resume re-chooses
     it for its own stage count) rather than given in pipeline.partition."""
 
+    @property
+    def world(self) -> int:
+        """Worker ranks: pipeline.replicas x pipeline.stages."""
+        return self.cfg.pipeline.replicas * self.cfg.pipeline.stages
+
     @cached_property
     def specs(self) -> tuple[BlockSpec, ...]:
         """The model's blocks, built once per process: they hold their layers' constructors

@@ -212,3 +212,15 @@ def test_micro_batches_flag_sets_the_key_and_a_bad_value_exits_2(
     assert _train_flags(_parser().parse_args(["train"])) == []
     assert main(["train", "--micro-batches", "0", "--stages", "1"]) == 2
     assert "pipeline.micro_batches = 0 is invalid" in capsys.readouterr().err
+
+
+def test_replicas_flag_and_one_stage_without_it() -> None:
+    """--replicas R sets pipeline.replicas; --stages 1 alone runs one process, so it also
+    means one replica, whatever the config or a resumed checkpoint says."""
+    from pipelocal.cli import _parser, _train_flags
+
+    two = _parser().parse_args(["train", "--stages", "2", "--replicas", "2"])
+    assert _train_flags(two) == ["pipeline.stages=2", "pipeline.replicas=2"]
+    one = _parser().parse_args(["train", "--stages", "1"])
+    assert _train_flags(one) == ["pipeline.stages=1", "pipeline.replicas=1",
+                                 "pipeline.launcher=spawn"]

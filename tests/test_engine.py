@@ -435,7 +435,8 @@ def test_pop_stats_means_and_resets() -> None:
     expected = (1 - 0.99) * (16 * losses[0] + 4 * losses[1]) / 20
     assert stats["loss"] == pytest.approx(expected, rel=1e-5)
     assert 0.0 <= stats["acc"] <= 1.0
-    assert block.pop_stats() == {"loss": 0.0, "acc": None, "nonfinite_at": None}
+    assert block.pop_stats() == {"loss": 0.0, "acc": None, "nonfinite_at": None, "rows": 0,
+                                 "scored": 0}
 
 
 def test_stats_without_a_classifier_have_no_accuracy() -> None:
@@ -451,7 +452,7 @@ def test_pop_stats_loss_is_the_sample_weighted_mean() -> None:
     block.record(torch.tensor(2.0), None, y)
     block.record(torch.tensor(5.0), None, y[:1])
     assert block.pop_stats() == {"loss": pytest.approx((3 * 2.0 + 5.0) / 4), "acc": None,
-                                 "nonfinite_at": None}
+                                 "nonfinite_at": None, "rows": 4, "scored": 0}
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -38,7 +38,8 @@ def _env(**variables: str) -> dict[str, str]:
     """The scripts' variables, this interpreter and this checkout; no stray launch settings."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("NNODES", "NODE_RANK", "STAGES", "STAGES_PER_NODE", "MASTER_ADDR",
-                        "MASTER_PORT", "LOCAL_ADDR", "RDZV_ID") and not k.startswith("SLURM_")}
+                        "MASTER_PORT", "LOCAL_ADDR", "RDZV_ID", "REPLICAS")
+           and not k.startswith("SLURM_")}
     return {**env, "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
             **variables}
 
@@ -74,6 +75,28 @@ def test_dry_run_checks_the_whole_job_without_training(
     assert "dry run OK: cnn on digits, 4 stage(s), partition [1, 1, 1, 1]" in proc.stdout
     assert "stage 3: out  in [32] -> out [10]" in proc.stdout
     assert not (tmp_path / "runs").exists()  # no run directory: nothing was trained
+
+
+@pytest.mark.parametrize(
+    ("script", "variables"),
+    [(TORCHRUN_SH, {"STAGES": "4", "REPLICAS": "2"}),
+     (SLURM_SBATCH, {"NNODES": "2", "STAGES_PER_NODE": "4", "REPLICAS": "2"})],
+)
+def test_dry_run_knows_the_replicas(tmp_path: Path, script: Path,
+                                    variables: dict[str, str]) -> None:
+    """REPLICAS pipelines share the job's processes: 8 of them make 2 x 4 stages."""
+    config = _tiny_toml(tmp_path, "pipeline.partition=[1,1,1,1]")
+    proc = _script(script, "--dry-run", "--config", str(config), **variables)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4 stage(s), partition [1, 1, 1, 1], 2 replicas" in proc.stdout
+
+
+@pytest.mark.parametrize("script", [TORCHRUN_SH, SLURM_SBATCH])
+def test_processes_not_a_multiple_of_the_replicas_are_refused(tmp_path: Path,
+                                                              script: Path) -> None:
+    proc = _script(script, "--dry-run", NNODES="3", STAGES_PER_NODE="1", REPLICAS="2")
+    assert proc.returncode == 2
+    assert "3 processes cannot form REPLICAS=2 pipelines" in proc.stderr
 
 
 @pytest.mark.parametrize("script", [TORCHRUN_SH, SLURM_SBATCH])

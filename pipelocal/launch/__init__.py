@@ -51,7 +51,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any] | Non
         if cfg.pipeline.launcher == "ray":
             return _ray_train(cfg, resume)
         spec = checks.preflight(cfg, resume, placement=checks.Placement(profile_in_subprocess=True))
-        return _single(spec) if spec.cfg.pipeline.stages == 1 else spawn(spec)
+        return _single(spec) if spec.world == 1 else spawn(spec)
     finally:
         release_run_dir()
         clear_stop()  # a stop request ends this run, never the next one in this process

@@ -50,6 +50,7 @@ __all__ = [
     "Placement",
     "auto_resume_point",
     "check_fits",
+    "check_replica_batches",
     "check_resume",
     "choose_stages",
     "dry_run",
@@ -176,15 +177,31 @@ def resolve(cfg: Config, resume: str | Path | None = None, *,
         check_fits(spec)
     else:
         check_fresh(cfg)
+    check_replica_batches(cfg, len(dataset.train))
     stages, why = choose_stages(spec, gpus=placement.gpus)
     spec = spec.evolve(cfg=spec.cfg.replace(pipeline={"stages": stages}),
                        note=placement.note.format(auto=why))
     if placement.check is not None:
-        placement.check(stages)
+        placement.check(spec.world)
     partition = validate(spec, gpus_per_node=placement.gpus_per_node,
-                         nodes=placement.nodes or stages)
+                         nodes=placement.nodes or spec.world)
     return spec.evolve(cfg=spec.cfg.replace(pipeline={"partition": partition}),
                        partition_auto=not cfg.pipeline.partition)
+
+
+def check_replica_batches(cfg: Config, samples: int) -> None:
+    """Every replica gets at least one row of every batch (a replica without rows would average
+    a gradient it has not got): data.batch_size >= replicas, and so is a short last batch."""
+    replicas, batch = cfg.pipeline.replicas, cfg.data.batch_size
+    last = samples % batch
+    if replicas == 1 or (batch >= replicas and not 0 < last < replicas):
+        return
+    what = (f"data.batch_size = {batch}" if batch < replicas else
+            f"the last batch of each epoch has {last} rows ({samples} samples, data.batch_size "
+            f"= {batch})")
+    raise ConfigError(
+        f"pipeline.replicas = {replicas} but {what}: each replica needs at least one row of "
+        "every batch; use fewer replicas, or change data.batch_size or data.train_limit")
 
 
 def check_fits(spec: RunSpec) -> None:
@@ -205,7 +222,8 @@ def choose_stages(spec: RunSpec, *, gpus: int | None = None) -> tuple[int, str]:
     return auto_stages(
         requested=cfg.pipeline.stages,
         partition=len(cfg.pipeline.partition),
-        gpus=visible_gpus(cfg) if gpus is None else gpus,
+        # Each replica has its own stages: one per GPU of its share.
+        gpus=(visible_gpus(cfg) if gpus is None else gpus) // cfg.pipeline.replicas,
         num_blocks=_stage_units(cfg, len(spec.specs)),
         is_global=RULES.get(cfg.rule.name).is_global,
     )
@@ -252,15 +270,23 @@ def validate(spec: RunSpec, *, gpus_per_node: int | None = None, nodes: int = 1)
     if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("run.tensorboard = true needs the tensorboard package (not "
                           "installed): pip install tensorboard, or set run.tensorboard = false")
-    check_fault_spec(os.environ.get(FAULT_ENV, ""), stages)
+    check_fault_spec(os.environ.get(FAULT_ENV, ""), stages, cfg.pipeline.replicas)
     check_micro_batches(cfg)
     partition = list(cfg.pipeline.partition) or ([len(specs)] if stages == 1 else [])
     if partition:
         together = range(0) if rule.is_global else top
         check_partition(partition, names, together=together, why=_top_reason(cfg, top))
     gpus = visible_gpus(cfg) if gpus_per_node is None else gpus_per_node
-    for local_rank in range(min(stages, max(gpus, 1))):  # raises if the stages do not fit
-        device = place_stage(stages=stages, gpus_per_node=gpus, nodes=nodes,
+    world = spec.world
+    if cfg.pipeline.replicas > 1 and cfg.run.device != "cpu" and gpus \
+            and world > gpus * nodes:
+        raise ConfigError(
+            f"pipeline.replicas x pipeline.stages = {cfg.pipeline.replicas} x {stages} = "
+            f"{world} ranks but only {gpus * nodes} GPU(s) are visible ({nodes} node(s) x "
+            f"{gpus}); each rank needs a GPU of its own (NCCL cannot put two ranks on one "
+            "device): use fewer replicas or stages, or run.device = 'cpu'")
+    for local_rank in range(min(world, max(gpus, 1))):  # raises if the ranks do not fit
+        device = place_stage(stages=world, gpus_per_node=gpus, nodes=nodes,
                              local_rank=local_rank, device=cfg.run.device)
         if gpus_per_node is None:  # this machine's GPUs: ask whether they have bfloat16
             check_bf16(device, cfg.run.precision)
@@ -295,7 +321,7 @@ def profiled_partition(spec: RunSpec, device: torch.device) -> list[int]:
     """The balanced partition from profiling every block on ``device`` as a stage runs it."""
     cfg = spec.cfg
     threads = torch.get_num_threads()
-    torch.set_num_threads(cpu_threads(cfg.pipeline.threads_per_stage, cfg.pipeline.stages))
+    torch.set_num_threads(cpu_threads(cfg.pipeline.threads_per_stage, spec.world))
     try:
         return balance_partition(cfg, spec.specs, spec.num_classes, device).partition
     finally:

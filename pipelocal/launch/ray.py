@@ -52,6 +52,7 @@ from pipelocal.launch.report import (
     failure_report,
     forward_stop_signals,
     raise_outcome,
+    replica_stages,
 )
 from pipelocal.launch.spawn import PipelineError
 from pipelocal.pipeline.stage import Stage
@@ -137,7 +138,7 @@ def _connect(cfg: Config) -> Reaper | None:
         return None
     # A local instance gets at least one logical CPU per stage (S processes on fewer cores,
     # as under --stages S) and the GPUs this process sees.
-    stages = cfg.pipeline.stages or len(cfg.pipeline.partition) or 2
+    stages = (cfg.pipeline.stages or len(cfg.pipeline.partition) or 2) * cfg.pipeline.replicas
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     start_local(num_cpus=max(cores or 1, math.ceil(stages * cfg.ray.cpus_per_stage)),
                 num_gpus=torch.cuda.device_count() if cfg.run.device != "cpu" else 0)
@@ -166,7 +167,7 @@ def _on_cluster(cfg: Config) -> tuple[Config, Placement, int]:
     gpus = int(have.get("GPU", 0)) if cfg.run.device != "cpu" else 0
     gpus_each = cfg.ray.gpus_per_stage if cfg.ray.gpus_per_stage >= 0 else int(gpus > 0)
 
-    def fits(stages: int) -> None:
+    def fits(stages: int) -> None:  # stages: every actor, replicas x pipeline.stages
         need = {"CPU": stages * cfg.ray.cpus_per_stage, "GPU": stages * gpus_each}
         for kind, amount in need.items():
             if amount > have.get(kind, 0):
@@ -186,7 +187,7 @@ def _on_cluster(cfg: Config) -> tuple[Config, Placement, int]:
 
 
 def _launch(spec: RunSpec, gpus_each: int) -> dict[str, Any]:
-    cfg, world = spec.cfg, spec.cfg.pipeline.stages
+    cfg, world = spec.cfg, spec.world
     bundle = {"CPU": cfg.ray.cpus_per_stage, **({"GPU": gpus_each} if gpus_each else {})}
     group = placement_group([dict(bundle) for _ in range(world)],
                             strategy=cfg.ray.placement.upper())
@@ -242,8 +243,8 @@ def _run(spec: RunSpec, actors: list[Any]) -> dict[str, Any]:
     raise_outcome(reports, spec.run_dir)  # a non-finite loss, a full disk: not a crash
     nodes = {i["rank"]: i["node"] for i in infos}
     raise PipelineError(describe_failure(
-        reports, dead, f"the Ray stage actors ended without a result (nodes by stage: {nodes})",
-        run_dir=spec.run_dir))
+        reports, dead, f"the Ray stage actors ended without a result (nodes by rank: {nodes})",
+        run_dir=spec.run_dir, stages=replica_stages(spec)))
 
 
 def _supervise(

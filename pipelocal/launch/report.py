@@ -23,11 +23,12 @@ from typing import Any
 from pipelocal.checkpoint import DiskFull, last_complete_note, remove_incomplete
 from pipelocal.pipeline.channel import PeerError
 from pipelocal.pipeline.stage import Stage
+from pipelocal.runspec import RunSpec
 from pipelocal.stop import request_stop
 from pipelocal.trainer import NonFiniteLoss
 
 __all__ = ["Death", "describe_failure", "failure_report", "forward_stop_signals",
-           "raise_outcome"]
+           "raise_outcome", "rank_name", "replica_stages"]
 
 _SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
               "timed out", "timeout")
@@ -42,6 +43,20 @@ class Death:
     pid: int | str
     cause: str
     """e.g. "killed by signal SIGKILL"."""
+
+
+def replica_stages(spec: RunSpec) -> int | None:
+    """The stage count when the run has replicas (ranks are then named by replica and stage),
+    else None."""
+    return spec.cfg.pipeline.stages if spec.cfg.pipeline.replicas > 1 else None
+
+
+def rank_name(rank: int, stages: int | None) -> str:
+    """``stage 1``, or with replicas (``stages`` given) ``replica 1, stage 0``."""
+    if stages is None:
+        return f"stage {rank}"
+    replica, stage = divmod(rank, stages)
+    return f"replica {replica}, stage {stage}"
 
 
 def failure_report(rank: int, stage_box: list[Stage], exc: BaseException) -> dict[str, Any]:
@@ -100,14 +115,19 @@ def describe_failure(
     silent: dict[int, int | str] | None = None,
     progress: dict[int, tuple[str, str | None]] | None = None,
     run_dir: Path | None = None,
+    stages: int | None = None,
 ) -> str:
     """One message for the user: the primary failure, its stage, position and original
     traceback; every position as the progress line counts (:meth:`Position.where`).
 
     ``silent``: {rank: pid} of workers that were alive but sent no report while the others
     gave up waiting (frozen); ``progress``: {rank: (phase, position)} each worker last told its
-    launcher; ``run_dir``: to name the checkpoint to go on from.
+    launcher; ``run_dir``: to name the checkpoint to go on from; ``stages``: the stage count
+    of a run with replicas (see :func:`rank_name`).
     """
+    def who(rank: int) -> str:
+        return rank_name(rank, stages)
+
     progress = progress or {}
     left = last_complete_note(run_dir) if run_dir is not None else ""
     left = f" {left[0].upper()}{left[1:]}." if left else ""
@@ -115,22 +135,22 @@ def describe_failure(
     if primary:
         r = min(primary, key=lambda r: r["rank"])
         return (
-            f"stage {r['rank']} (rank {r['rank']}, pid {r['pid']}) failed "
+            f"{who(r['rank'])} (rank {r['rank']}, pid {r['pid']}) failed "
             f"{_at(r['phase'], r.get('where'))}: {r['error']}\n"
-            f"--- original traceback of stage {r['rank']} ---\n{r['traceback']}"
+            f"--- original traceback of {who(r['rank'])} ---\n{r['traceback']}"
         )
     if dead is not None:
         return (
-            f"stage {dead.rank} (rank {dead.rank}, pid {dead.pid}) died, {dead.cause}, "
+            f"{who(dead.rank)} (rank {dead.rank}, pid {dead.pid}) died, {dead.cause}, "
             f"{_last_seen(dead.rank, reports, progress)}; the other stages were stopped.{left}"
         )
     if silent and reports:  # alive but mute while the others timed out waiting: frozen
         rank = max(silent)  # the others waited on the last mute one
         phase = progress.get(rank, ("start-up", None))[0]
-        waiting = "; ".join(f"stage {r['rank']} {_doing(r['phase'], r.get('where'))}"
+        waiting = "; ".join(f"{who(r['rank'])} {_doing(r['phase'], r.get('where'))}"
                             for r in reports)
         return (
-            f"stage {rank} (rank {rank}, pid {silent[rank]}) stopped answering, "
+            f"{who(rank)} (rank {rank}, pid {silent[rank]}) stopped answering, "
             f"{_last_seen(rank, reports, progress)}: it was alive but silent when the other "
             f"stages gave up waiting for it ({waiting}; pipeline.timeout_s). It was killed with "
             "the others. "
@@ -142,7 +162,7 @@ def describe_failure(
         )
     if reports:
         r = reports[0]
-        return (f"stage {r['rank']} (rank {r['rank']}) failed {_at(r['phase'], r.get('where'))}"
+        return (f"{who(r['rank'])} (rank {r['rank']}) failed {_at(r['phase'], r.get('where'))}"
                 f": {r['error']}\n{r['traceback']}")
     return fallback
 

@@ -33,6 +33,8 @@ from pipelocal.launch.report import (
     failure_report,
     forward_stop_signals,
     raise_outcome,
+    rank_name,
+    replica_stages,
 )
 from pipelocal.pipeline.worker import run_rank
 from pipelocal.runspec import Position, RunSpec
@@ -72,7 +74,7 @@ def _worker_main(rank: int, spec: RunSpec, port: int, parent: int, talk: str,
     os.environ.clear()
     os.environ.update(env)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the supervisor's
-    talk_dir, world, stage_box = Path(talk), spec.cfg.pipeline.stages, []
+    talk_dir, world, stage_box = Path(talk), spec.world, []
     try:
         if rank == 0:
             watch_stop_file(talk_dir / "stop")
@@ -103,8 +105,9 @@ def preload_modules() -> list[str]:
 
 
 def spawn(spec: RunSpec) -> dict[str, Any]:
-    """Run the pipeline in ``pipeline.stages`` spawned worker processes and supervise them."""
-    cfg, world = spec.cfg, spec.cfg.pipeline.stages
+    """Run the pipeline in ``pipeline.replicas x pipeline.stages`` spawned worker processes and
+    supervise them."""
+    cfg, world = spec.cfg, spec.world
     store = dist.TCPStore("127.0.0.1", 0, world_size=world, is_master=True,
                           wait_for_workers=False, timeout=timedelta(seconds=cfg.pipeline.timeout_s))
     mp = tmp.get_context(START_METHOD)
@@ -173,7 +176,8 @@ def _outcome(ctx: Any, talk: Path, failure: BaseException | None, spec: RunSpec,
         dead = Death(rank, p.pid, f"killed by signal {signal.Signals(-p.exitcode).name}")
     if isinstance(failure, ProcessRaisedException) and not reports:
         # Failed before run_rank could report (e.g. unpickling the set-up): torch's own report.
-        raise PipelineError(f"stage {failure.error_index} failed at start-up: {failure}")
+        who = rank_name(failure.error_index, replica_stages(spec))
+        raise PipelineError(f"{who} failed at start-up: {failure}")
     reported = {r["rank"] for r in reports}
     silent = {rank: p.pid for rank, p in enumerate(ctx.processes)
               if (dead is None or rank != dead.rank) and p.exitcode is not None
@@ -181,4 +185,4 @@ def _outcome(ctx: Any, talk: Path, failure: BaseException | None, spec: RunSpec,
     codes = {rank: p.exitcode for rank, p in enumerate(ctx.processes)}
     raise PipelineError(describe_failure(
         reports, dead, f"pipeline workers ended without a result (exit codes by stage: {codes})",
-        silent=silent, progress=progress, run_dir=spec.run_dir))
+        silent=silent, progress=progress, run_dir=spec.run_dir, stages=replica_stages(spec)))

@@ -25,7 +25,7 @@ from pipelocal.pipeline.worker import run_rank
 from pipelocal.runspec import RunSpec
 from pipelocal.stop import die_with_parent, install_stop_handlers
 
-__all__ = ["torchrun_worker", "under_torchrun"]
+__all__ = ["torchrun_stages", "torchrun_worker", "under_torchrun"]
 
 _FORWARDED_S = 2.0
 """A second Ctrl-C / SIGTERM this soon after the first is the same one: torchrun's agent
@@ -36,6 +36,28 @@ def under_torchrun() -> bool:
     env = os.environ
     return "TORCHELASTIC_RUN_ID" in env or all(k in env for k in ("RANK", "WORLD_SIZE",
                                                                    "MASTER_ADDR"))
+
+
+def torchrun_stages(stages: int, replicas: int, world: int) -> int:
+    """The stage count of a torchrun job of ``world`` processes: world / replicas, one process
+    per stage of each replica; ``stages`` (pipeline.stages, 0 = automatic) must agree."""
+    if world % replicas:
+        raise ConfigError(
+            f"pipeline.replicas = {replicas} but torchrun started {world} processes, not a "
+            f"multiple of {replicas}; each replica runs one process per stage: start replicas x "
+            f"stages processes (e.g. {replicas * max(world // replicas, 1)}) or change "
+            "pipeline.replicas")
+    if stages not in (0, world // replicas):
+        if replicas == 1:
+            raise ConfigError(
+                f"pipeline.stages = {stages} but torchrun started {world} processes; "
+                f"one process runs one stage: set pipeline.stages = {world} or start "
+                f"{stages} processes")
+        raise ConfigError(
+            f"pipeline.stages = {stages} x pipeline.replicas = {replicas} but torchrun started "
+            f"{world} processes; one process runs one stage of one replica: set "
+            f"pipeline.stages = {world // replicas} or start {stages * replicas} processes")
+    return world // replicas
 
 
 def _attempt_store(cfg: Config, rank: int, world: int) -> dist.Store:
@@ -59,13 +81,8 @@ def torchrun_worker(cfg: Config, resume: str | Path | None) -> dict[str, Any] | 
     local_rank = int(env.get("LOCAL_RANK", rank))
     local_world = int(env.get("LOCAL_WORLD_SIZE", world))
     die_with_parent(os.getppid())  # the torchrun agent: if it is killed, so is this rank
-    if cfg.pipeline.stages not in (0, world):
-        raise ConfigError(
-            f"pipeline.stages = {cfg.pipeline.stages} but torchrun started {world} processes; "
-            f"one process runs one stage: set pipeline.stages = {world} or start "
-            f"{cfg.pipeline.stages} processes"
-        )
-    cfg = cfg.replace(pipeline={"stages": world})
+    stages = torchrun_stages(cfg.pipeline.stages, cfg.pipeline.replicas, world)
+    cfg = cfg.replace(pipeline={"stages": stages})
     # Before rank 0 profiles on its GPU below: cuBLAS reads its workspace setting when it
     # creates a handle, so the flags must precede the first CUDA op (run_rank sets them again).
     configure_determinism(torch.device("cuda" if visible_gpus(cfg) else "cpu"),
@@ -75,7 +92,9 @@ def torchrun_worker(cfg: Config, resume: str | Path | None) -> dict[str, Any] | 
     spec: RunSpec | None = None
     if rank == 0:
         spec = preflight(cfg, resume, placement=Placement(
-            nodes=world // local_world, note=f"{world} torchrun processes, one per stage"))
+            nodes=world // local_world,
+            note=f"{world} torchrun processes, one per stage"
+            + (f" of {cfg.pipeline.replicas} replicas" if cfg.pipeline.replicas > 1 else "")))
     try:
         return run_rank(cfg, spec, rank=rank, world=world, local_rank=local_rank,
                         local_world=local_world, nodes=world // local_world,

@@ -121,7 +121,8 @@ class _Slot:
 
 
 class P2PChannel:
-    """Sends to stage ``stage + 1`` and/or receives from stage ``stage - 1``.
+    """Sends to stage ``stage + 1`` and/or receives from stage ``stage - 1`` (ranks ``dst`` and
+    ``src``: the neighbours' global ranks, by default ``stage`` +- 1).
 
     ``data_group`` carries the tensors (this edge's group; None: the default group) and
     ``data_backend`` names its backend; ``header_group`` the headers (gloo; None: the default
@@ -144,8 +145,13 @@ class P2PChannel:
         data_backend: str = "gloo",
         image_shape: tuple[int, ...] | None = None,
         transport: Transport | None = None,
+        src: int | None = None,
+        dst: int | None = None,
     ) -> None:
         self.stage, self.batch_size, self.depth = stage, batch_size, depth
+        # The peers' global ranks: stage - 1 and stage + 1 unless given (replicas, the feed).
+        self.src = stage - 1 if src is None else src
+        self.dst = stage + 1 if dst is None else dst
         self.header_group = header_group  # gloo; None = the default group (CPU tests)
         self.data_group = data_group
         self.transport: Transport = transport or _Dist()
@@ -182,7 +188,7 @@ class P2PChannel:
     # ------------------------------------------------------------------ receiving
 
     def _post(self, slot: _Slot) -> None:
-        src, t = self.stage - 1, self.transport
+        src, t = self.src, self.transport
         tensors = [(slot.x, _TAG_X), (slot.y, _TAG_Y)]
         if slot.image is not None:
             tensors.append((slot.image, _TAG_IMAGE))
@@ -269,7 +275,7 @@ class P2PChannel:
             y[:rows] = msg.y
         while len(self._sends) >= self.depth:
             self._drain_one()
-        dst, t = self.stage + 1, self.transport
+        dst, t = self.dst, self.transport
         tensors = (header, x, y, *self._image_to_send(msg))
         works = [(t.isend(header, dst, self.header_group, _TAG_HEADER), self.timeout)]
         works += [(t.isend(buf, dst, self.data_group, tag), self._tensor_timeout)

@@ -11,27 +11,34 @@ from pipelocal.config import ConfigError
 __all__ = ["FAULT_ENV", "check_fault_spec", "parse_fault"]
 
 FAULT_ENV = "PIPELOCAL_INJECT_FAULT"
-"""Fault injection for tests: ``"<stage>:<step>:<kind>"``, kind raise, kill, hang or nan (the
-stage's input batch becomes NaN, as from a diverged block before it); in a torchrun job only on
-its first attempt (``TORCHELASTIC_RESTART_COUNT`` unset or 0)."""
-_FAULT_KINDS = ("raise", "kill", "hang", "nan")
+"""Fault injection for tests: ``"<stage>:<step>:<kind>"``, kind raise, kill, hang, nan (the
+stage's input batch becomes NaN, as from a diverged block before it) or perturb (its first
+parameter changes, so that its replica differs from the others); in a torchrun job only on
+its first attempt (``TORCHELASTIC_RESTART_COUNT`` unset or 0). With replicas, ``<stage>`` is
+the rank, replica * stages + stage."""
+_FAULT_KINDS = ("raise", "kill", "hang", "nan", "perturb")
 
 
-def check_fault_spec(spec: str, stages: int) -> None:
+def check_fault_spec(spec: str, stages: int, replicas: int = 1) -> None:
     """Before any worker starts: a malformed spec, or one for a stage the run does not have, is
-    a config error (a single-process run has no stages to inject into)."""
+    a config error (a single-process run has no stages to inject into); with replicas it names
+    a rank of the ``replicas * stages``."""
     if not spec:
         return
     try:
         parse_fault(spec, 0)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    target = int(spec.split(":")[0])
-    if stages < 2 or target >= stages:
+    target, ranks = int(spec.split(":")[0]), stages * replicas
+    if ranks < 2 or target >= ranks:
+        what = (f"{stages} stage(s)" if replicas == 1 else
+                f"{ranks} ranks ({replicas} replicas x {stages} stage(s))")
         raise ConfigError(
-            f"{FAULT_ENV} = {spec!r} targets stage {target} but this run has {stages} "
-            f"stage(s){' (the single-process engine injects nothing)' if stages < 2 else ''}; "
-            f"use a stage from 0 to {max(stages - 1, 0)} of a pipelined run, or unset it")
+            f"{FAULT_ENV} = {spec!r} targets {'stage' if replicas == 1 else 'rank'} {target} "
+            f"but this run has {what}"
+            f"{' (the single-process engine injects nothing)' if ranks < 2 else ''}; "
+            f"use a {'stage' if replicas == 1 else 'rank'} from 0 to {max(ranks - 1, 0)} of a "
+            "pipelined run, or unset it")
 
 
 def parse_fault(spec: str, stage: int) -> tuple[int, str] | None:

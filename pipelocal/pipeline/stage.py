@@ -19,7 +19,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,9 @@ from pipelocal.meters import StepTimer, epoch_stats, reset_memory_stats
 from pipelocal.pipeline.channel import Kind, Message, P2PChannel
 from pipelocal.pipeline.faults import FAULT_ENV, parse_fault
 from pipelocal.runspec import Position
+
+if TYPE_CHECKING:
+    from pipelocal.pipeline.replicas import ReplicaSync
 
 __all__ = ["Stage"]
 
@@ -46,8 +49,15 @@ class Stage:
         run_dir: Path,
         start: Position | None = None,
         epochs: int = 0,
+        rank: int | None = None,
+        sync: ReplicaSync | None = None,
     ) -> None:
         self.stage, self.engine = stage, engine
+        self.rank = stage if rank is None else rank
+        """This process's global rank (replica * stages + stage)."""
+        self.sync = sync
+        """The replicas' gradient hook of this stage (None: one replica)."""
+        self.replica = sync.replica if sync is not None else 0
         self.inbox, self.outbox, self.control = inbox, outbox, control
         self.run_dir = Path(run_dir)
         self.current: tuple[int, int] = (-1, -1)
@@ -62,7 +72,8 @@ class Stage:
         """Called with (phase, position) for every message (cheap: a launcher keeps the last
         one), so that it can say what a stage that stopped answering or died was doing."""
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        self._fault = parse_fault(os.environ.get(FAULT_ENV, ""), stage) if first_attempt else None
+        self._fault = (parse_fault(os.environ.get(FAULT_ENV, ""), self.rank) if first_attempt
+                       else None)
         self._timer = StepTimer(engine.device)
         self._reset_epoch()
 
@@ -103,6 +114,8 @@ class Stage:
         self._forward(msg)
         if msg.kind == Kind.END_EPOCH:
             self._enter("end-of-epoch gather")
+            if self.sync is not None:  # evaluation and checkpoints see replica 0's buffers
+                self.sync.broadcast_buffers(self.engine.blocks)
             return self._gather(self._epoch_stats())
         if msg.kind == Kind.END_EVAL:
             self._enter("evaluation gather")
@@ -111,8 +124,11 @@ class Stage:
             return gathered
         if msg.kind == Kind.CHECKPOINT:
             self._enter("checkpoint")
+            if self.sync is not None:  # the replicas must agree before replica 0 writes
+                self.sync.check_same(self.engine.blocks, msg.step)
             try:
-                sha = self.engine.save(checkpoint_dir(self.run_dir, msg.step))
+                sha = (self.engine.save(checkpoint_dir(self.run_dir, msg.step))
+                       if self.replica == 0 else {})
             except DiskFull as exc:
                 raise locate_full(exc, self.where(), self.run_dir, msg.step) from exc
             gathered = self._gather(sha)  # rank 0 writes every file's sha256 in the manifest
@@ -144,6 +160,8 @@ class Stage:
         image = x if self.engine.indices[0] == 0 else msg.image
         self._timer.start()
         if msg.kind == Kind.TRAIN:
+            if self.sync is not None and msg.part.first:  # once per batch
+                self.sync.begin_step(self.engine.blocks, msg.step)
             out = self.engine.train_micro(x, y, msg.epoch, image, part=msg.part)
             self.samples += msg.rows
         else:
@@ -156,7 +174,7 @@ class Stage:
             self.outbox.send(msg)
 
     def _gather(self, obj: Any) -> list[Any] | None:
-        out: list[Any] | None = [None] * dist.get_world_size() if self.stage == 0 else None
+        out: list[Any] | None = [None] * dist.get_world_size() if self.rank == 0 else None
         dist.gather_object(obj, out, dst=0, group=self.control)
         return out
 
@@ -181,4 +199,8 @@ class Stage:
             os.kill(os.getpid(), signal.SIGKILL)
         if kind == "hang":
             os.kill(os.getpid(), signal.SIGSTOP)  # frozen, as a stuck device or a debugger
+        if kind == "perturb":  # this replica's first parameter drifts from the others'
+            with torch.no_grad():
+                next(self.engine.blocks[0].parameters()).view(-1)[0] += 1e-3
+            return x
         raise RuntimeError(f"injected fault in stage {self.stage} at step {step}")
