@@ -154,12 +154,12 @@ def _plan_devices(args: argparse.Namespace) -> int:
     from pipelocal.device import cpu_threads, visible_gpus
     from pipelocal.launch.preflight import resolve
     from pipelocal.pipeline.balance import profile_blocks
-    from pipelocal.pipeline.layout import Costs, Link, plan_layouts, predict_ddp, replica_rows
+    from pipelocal.pipeline.layout import Costs, Link, largest_slice, plan_layouts, predict_ddp
     from pipelocal.pipeline.partition import max_stages
     from pipelocal.rules import RULES, end_to_end_top
 
     n = args.devices
-    cfg = _config(args, ["pipeline.stages=1"])
+    cfg = _config(args, ["pipeline.stages=1", "pipeline.replicas=1"])
     spec = resolve(cfg)
     gpus = visible_gpus(cfg)
     if gpus and not args.link:
@@ -179,7 +179,7 @@ def _plan_devices(args: argparse.Namespace) -> int:
 
         link = measure_link(threads)
     costs = {}
-    for rows in sorted({replica_rows(batch, r) for r in range(1, min(n, batch) + 1)}):
+    for rows in sorted({largest_slice(batch, r) for r in range(1, min(n, batch) + 1)}):
         at = cfg.replace(data={"batch_size": rows})
         blocks = profile_blocks(at, spec.specs, spec.num_classes, device)
         whole = profile_blocks(at.replace(rule={"name": "glob"}), spec.specs, spec.num_classes,
@@ -193,7 +193,7 @@ def _plan_devices(args: argparse.Namespace) -> int:
     layouts = plan_layouts(costs, batch=batch, devices=n, link=link, max_stages=stages,
                            together=top, concurrent=concurrent,
                            channel_depth=cfg.pipeline.channel_depth)
-    ddp = predict_ddp(costs[replica_rows(batch, n)], batch=batch, replicas=n, link=link,
+    ddp = predict_ddp(costs[largest_slice(batch, n)], batch=batch, replicas=n, link=link,
                       concurrent=concurrent)
     print(f"{cfg.model.name} with {cfg.rule.name} on {cfg.data.name}, global batch {batch}, "
           f"{n} device(s) ({device.type}, {threads} thread(s) per rank); link: {link}"

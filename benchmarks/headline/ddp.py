@@ -29,16 +29,9 @@ from torch.nn.parallel import DistributedDataParallel
 from benchmarks.headline.peers import build_all
 from benchmarks.headline.torchpipe import BlockChain, spawn_ranks, timed_steps
 from pipelocal.config import Config
+from pipelocal.pipeline.replicas import replica_slices
 
-__all__ = ["replica_rows", "run_ddp"]
-
-
-def replica_rows(rows: int, replicas: int, replica: int) -> slice:
-    """Replica ``replica``'s contiguous rows of a batch of ``rows``: as even as rows allow,
-    the first ``rows % replicas`` slices one row longer."""
-    base, extra = divmod(rows, replicas)
-    start = replica * base + min(replica, extra)
-    return slice(start, start + base + (replica < extra))
+__all__ = ["run_ddp"]
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, cfg: Config, warmup: int,
@@ -49,7 +42,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cfg: Config, warmup:
     try:
         blocks, batches = build_all(cfg.replace(rule={"name": "glob"}))
         model = DistributedDataParallel(BlockChain(blocks))
-        rows = replica_rows(cfg.data.batch_size, world, rank)
+        rows = replica_slices(cfg.data.batch_size, world)[rank]  # as pipelocal's replicas
         share = (rows.stop - rows.start) / cfg.data.batch_size
         losses: list[float] = []
 

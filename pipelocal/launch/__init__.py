@@ -24,8 +24,9 @@ from pipelocal.determinism import configure_determinism
 from pipelocal.device import place_stage, visible_gpus
 from pipelocal.engine import Engine, build_blocks, piece_rows
 from pipelocal.launch import preflight as checks  # the module: its preflight() is checks.preflight
+from pipelocal.launch import spawn as spawning  # the module (its spawn() is spawning.spawn)
 from pipelocal.launch.run_dir import release_run_dir
-from pipelocal.launch.spawn import PipelineError, spawn
+from pipelocal.launch.spawn import PipelineError
 from pipelocal.launch.torchrun import torchrun_worker, under_torchrun
 from pipelocal.metrics import Metrics
 from pipelocal.pipeline.pipe import LocalPipe
@@ -51,7 +52,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any] | Non
         if cfg.pipeline.launcher == "ray":
             return _ray_train(cfg, resume)
         spec = checks.preflight(cfg, resume, placement=checks.Placement(profile_in_subprocess=True))
-        return _single(spec) if spec.world == 1 else spawn(spec)
+        return _single(spec) if spec.world == 1 else spawning.spawn(spec)
     finally:
         release_run_dir()
         clear_stop()  # a stop request ends this run, never the next one in this process

@@ -24,16 +24,16 @@ of the step) as DDP's buckets are; memory: the whole model's state and activatio
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipelocal.pipeline.balance import BlockProfile
 from pipelocal.pipeline.partition import balanced_partition, stage_ranges
+from pipelocal.pipeline.replicas import replica_rows
 
-__all__ = ["Costs", "Layout", "Link", "allreduce_s", "plan_layouts", "predict_ddp",
-           "predict_layout"]
+__all__ = ["Costs", "Layout", "Link", "allreduce_s", "largest_slice", "plan_layouts",
+           "predict_ddp", "predict_layout"]
 
 _UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _TIMES = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
@@ -117,6 +117,11 @@ class Layout:
         return f"R={self.replicas} S={self.stages}"
 
 
+def largest_slice(batch: int, replicas: int) -> int:
+    """The rows of the largest replica's slice of a batch (the first one's)."""
+    return replica_rows(batch, replicas)[0]
+
+
 def allreduce_s(nbytes: int, replicas: int, link: Link) -> float:
     """A ring all-reduce of ``nbytes`` over ``replicas`` ranks (0 for one)."""
     if replicas <= 1 or nbytes <= 0:
@@ -170,7 +175,7 @@ def plan_layouts(costs_by_rows: dict[int, Costs], *, batch: int, devices: int, l
     """Every layout R x S <= ``devices`` (the balanced partition for each), best first."""
     out = []
     for replicas in range(1, min(devices, batch) + 1):
-        costs = costs_by_rows[replica_rows(batch, replicas)]
+        costs = costs_by_rows[largest_slice(batch, replicas)]
         times = [p.time_s for p in costs.blocks]
         for stages in range(1, min(devices // replicas, max_stages) + 1):
             partition = balanced_partition(times, stages, together=together)
@@ -178,8 +183,3 @@ def plan_layouts(costs_by_rows: dict[int, Costs], *, batch: int, devices: int, l
                                       partition=partition, link=link, concurrent=concurrent,
                                       channel_depth=channel_depth))
     return sorted(out, key=lambda lay: (-lay.samples_s, lay.devices))
-
-
-def replica_rows(batch: int, replicas: int) -> int:
-    """The rows of the largest replica slice of a batch: ``ceil(batch / replicas)``."""
-    return math.ceil(batch / replicas)
