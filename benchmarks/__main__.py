@@ -18,6 +18,7 @@ __all__ = ["BENCHMARKS", "describe", "main"]
 
 BENCHMARKS: dict[str, str] = {
     "bench": "benchmarks.headline.bench",
+    "replicas": "benchmarks.headline.replicas",
     "mnist_realdata": "benchmarks.mnist_realdata",
     "mostafa_mnist": "benchmarks.mostafa_mnist",
     "auglocal_resnet": "benchmarks.auglocal_resnet",

@@ -269,3 +269,22 @@ def test_ddp_peer_gives_the_single_device_loss_on_uneven_slices():
     expected = _backprop_losses(cfg, build_all(cfg)[1][:2])
     assert ranks[0]["losses"] == pytest.approx(expected, rel=1e-5)
     assert ranks[1]["losses"] == ranks[0]["losses"]
+
+
+def test_replicas_report_gives_each_layout_beside_ddp():
+    from benchmarks.headline.replicas import markdown
+
+    def rep(tput):
+        return {"throughput(samples/s)": tput, "peak_rss(MiB)": [100.0, 120.0]}
+
+    res = {"repeats": [{"ddp": rep(1000.0), "replicas": rep(800.0), "stages": rep(1500.0)}],
+           "median(samples/s)": {"ddp": 1000.0, "replicas": 800.0, "stages": 1500.0},
+           "vs_ddp": {"replicas": 0.8, "stages": 1.5},
+           "predicted": {k: {"samples/s": v} for k, v in
+                         {"ddp": 1100.0, "replicas": 800.0, "stages": 1200.0}.items()},
+           "prediction_error": {"ddp": 0.1, "replicas": 0.0, "stages": -0.2}}
+    text = markdown({"settings": {"replicas": 2}, "command": "python -m benchmarks replicas",
+                     "git": {"commit": "0123456789abc"}, "machine_note": "quiet",
+                     "models": {"mlp": {"label": "MLP", "rules": {"pred": res}}}})
+    assert "| MLP | pred | (e) DDP backprop, 2 ranks | 1,000 | 1.00 | 1,100 | +10% | 120 |" in text
+    assert "| MLP | pred | pipelocal 1 x 2 | 1,500 | 1.50 | 1,200 | -20% | 120 |" in text

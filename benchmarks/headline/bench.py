@@ -190,9 +190,10 @@ class Runner:
             return json.loads(out.read_text())
 
     def pipelocal(self, rule: str, name: str, epochs: int, batches: int,
-                  partition: list[int], extra: tuple[str, ...] = ()) -> dict[str, Any]:
-        """(c) through the CLI (``extra``: more overrides); returns the run's records and
-        resolved config."""
+                  partition: list[int], extra: tuple[str, ...] = (),
+                  replicas: int = 1) -> dict[str, Any]:
+        """(c) through the CLI (``extra``: more overrides; ``replicas``: data-parallel copies
+        of the pipeline); returns the run's records and resolved config."""
         sets = [
             *self.base,
             f"rule.name={rule!r}",
@@ -206,7 +207,8 @@ class Runner:
             f"data.train_limit={batches * self.args.batch_size}",  # 0 = all
             *extra,
         ]
-        cmd = [sys.executable, "-m", "pipelocal", "train", "--stages", str(len(partition))]
+        cmd = [sys.executable, "-m", "pipelocal", "train", "--stages", str(len(partition)),
+               "--replicas", str(replicas)]
         for s in sets:
             cmd += ["--set", s]
         self._run(cmd)
