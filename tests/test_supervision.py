@@ -188,10 +188,10 @@ def test_frozen_last_stage_is_named_with_its_phase(
     """The last stage stops (SIGSTOP) at step 22, in the last of 5 epochs (after 4 evaluations
     and 4 checkpoints): it writes no report and is still alive when the others time out, so it
     is the one named, at the batch where it froze, not the stage that timed out first.
-    (20 s: shorter waits can expire while a loaded machine is still starting the workers.)"""
+    (8 s: the workers fork in milliseconds, and the tiny model's waits are far shorter.)"""
     monkeypatch.setenv(FAULT_ENV, "1:22:hang")
     cfg = tiny_config(tmp_path, "pipeline.stages=2", "pipeline.partition=[2,2]",
-                      "pipeline.timeout_s=20", "run.epochs=5")
+                      "pipeline.timeout_s=8", "run.epochs=5")
     with pytest.raises(PipelineError) as info:
         train(cfg)
     message = str(info.value)
