@@ -17,7 +17,6 @@ mean of the ranks' slice losses weighted by rows) for the correctness test.
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from benchmarks.headline.peers import build_all
-from benchmarks.headline.torchpipe import BlockChain, spawn_ranks, timed_steps
+from benchmarks.headline.torchpipe import BlockChain, join_peers, spawn_ranks, timed_steps
 from pipelocal.config import Config
 from pipelocal.pipeline.replicas import replica_slices
 
@@ -36,11 +34,8 @@ __all__ = ["run_ddp"]
 
 def _worker(rank: int, world: int, port: int, out_dir: str, cfg: Config, warmup: int,
             steps: int, threads: int) -> None:
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=cfg.pipeline.timeout_s))
+    blocks, batches = join_peers(rank, world, port, cfg, threads)
     try:
-        blocks, batches = build_all(cfg.replace(rule={"name": "glob"}))
         model = DistributedDataParallel(BlockChain(blocks))
         rows = replica_slices(cfg.data.batch_size, world)[rank]  # as pipelocal's replicas
         share = (rows.stop - rows.start) / cfg.data.batch_size

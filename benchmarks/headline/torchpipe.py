@@ -41,7 +41,8 @@ from pipelocal.config import Config
 from pipelocal.engine import LocalBlock
 from pipelocal.launch.spawn import START_METHOD, preload_modules
 
-__all__ = ["BlockChain", "free_port", "run_torchpipe", "spawn_ranks", "timed_steps", "transport"]
+__all__ = ["BlockChain", "free_port", "join_peers", "run_torchpipe", "spawn_ranks", "timed_steps",
+           "transport"]
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -174,11 +175,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cfg: Config,
             threads: int, transport_rounds: int) -> None:
     from torch.distributed.pipelining import PipelineStage
 
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=cfg.pipeline.timeout_s))
+    blocks, batches = join_peers(rank, world, port, cfg, threads)
     try:
-        blocks, batches = build_all(cfg.replace(rule={"name": "glob"}))
         start = sum(partition[:rank])
         mine = blocks[start:start + partition[rank]]
         wire = blocks[start + partition[rank] - 1].spec.wire_shape if rank < world - 1 else ()
@@ -222,6 +220,16 @@ def run_torchpipe(
             )
     return spawn_ranks(_worker, len(partition), cfg, partition, settings, warmup, steps,
                        threads, transport_rounds)
+
+
+def join_peers(rank: int, world: int, port: int, cfg: Config,
+               threads: int) -> tuple[list[LocalBlock], list[tuple[Tensor, Tensor]]]:
+    """A peer's rank: its threads, the gloo group, and every block built for backprop
+    (``rule.name = glob``) with the training batches."""
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=cfg.pipeline.timeout_s))
+    return build_all(cfg.replace(rule={"name": "glob"}))
 
 
 def spawn_ranks(worker: Any, world: int, *args: Any) -> list[dict[str, Any]]:
