@@ -153,8 +153,13 @@ def _plan_devices(args: argparse.Namespace) -> int:
 
     from pipelocal.device import cpu_threads, visible_gpus
     from pipelocal.launch.preflight import resolve
-    from pipelocal.pipeline.balance import profile_blocks
-    from pipelocal.pipeline.layout import Costs, Link, largest_slice, plan_layouts, predict_ddp
+    from pipelocal.pipeline.layout import (
+        Link,
+        largest_slice,
+        plan_layouts,
+        predict_ddp,
+        profile_costs,
+    )
     from pipelocal.pipeline.partition import max_stages
     from pipelocal.rules import RULES, end_to_end_top
 
@@ -178,14 +183,8 @@ def _plan_devices(args: argparse.Namespace) -> int:
         from pipelocal.launch.link_probe import measure_link
 
         link = measure_link(threads)
-    costs = {}
-    for rows in sorted({largest_slice(batch, r) for r in range(1, min(n, batch) + 1)}):
-        at = cfg.replace(data={"batch_size": rows})
-        blocks = profile_blocks(at, spec.specs, spec.num_classes, device)
-        whole = profile_blocks(at.replace(rule={"name": "glob"}), spec.specs, spec.num_classes,
-                               device)
-        costs[rows] = Costs(rows, blocks, [b.param_bytes for b in blocks],
-                            sum(b.time_s for b in whole))
+    costs = {rows: profile_costs(cfg, spec.specs, spec.num_classes, device, rows)
+             for rows in {largest_slice(batch, r) for r in range(1, min(n, batch) + 1)}}
     rule = RULES.get(cfg.rule.name)
     top = range(0) if rule.is_global else end_to_end_top(cfg.rule, len(spec.specs))
     stages = 1 if rule.is_global else max_stages(len(spec.specs), top)

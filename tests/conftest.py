@@ -49,15 +49,13 @@ def run_two_ranks(target: Any, *args: Any) -> dict[int, Any]:
     ``out``. Every wait has a timeout, and both processes must exit 0.
     """
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
-    from pipelocal.launch.spawn import START_METHOD, preload_modules
+    from pipelocal.launch.spawn import worker_context
 
     probe = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
     port = probe.port
     del probe  # frees the port for the workers' own store
-    ctx = mp.get_context(START_METHOD)  # the launcher's: one forkserver for the whole session
-    ctx.set_forkserver_preload(preload_modules())
+    ctx = worker_context()  # the launcher's: one forkserver for the whole session
     out = ctx.Queue()
     procs = [ctx.Process(target=target, args=(r, port, *args, out)) for r in (0, 1)]
     for p in procs:

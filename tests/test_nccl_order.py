@@ -69,15 +69,13 @@ def _rank(rank: int, port: int, layout: str, out: Any) -> None:
 
 def _run_three(layout: str) -> dict[int, str]:
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     probe = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
     port = probe.port
     del probe
-    from pipelocal.launch.spawn import START_METHOD, preload_modules
+    from pipelocal.launch.spawn import worker_context
 
-    ctx = mp.get_context(START_METHOD)  # the launcher's: one forkserver for the whole session
-    ctx.set_forkserver_preload(preload_modules())
+    ctx = worker_context()  # the launcher's: one forkserver for the whole session
     out = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(r, port, layout, out)) for r in range(3)]
     for p in procs:

@@ -39,7 +39,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cfg: Config, warmup:
         model = DistributedDataParallel(BlockChain(blocks))
         rows = replica_slices(cfg.data.batch_size, world)[rank]  # as pipelocal's replicas
         share = (rows.stop - rows.start) / cfg.data.batch_size
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []
 
         def step(i: int) -> None:
             x, y = batches[i % len(batches)]
@@ -49,9 +49,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cfg: Config, warmup:
             # DDP averages over ranks; weighting each rank's mean by its share of rows (times
             # the rank count) makes that average the global batch's mean for uneven slices too.
             (loss * share * world).backward()
-            weighted = (loss.detach() * share).reshape(1)
-            dist.all_reduce(weighted)
-            losses.append(float(weighted))
+            losses.append(loss.detach() * share)  # summed over the ranks after the timing
             for b in blocks:
                 b.optimizer.step()
 
@@ -59,12 +57,19 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cfg: Config, warmup:
             "rank": rank,
             "rows": rows.stop - rows.start,
             **timed_steps(step, blocks, warmup=warmup, steps=steps, batch=cfg.data.batch_size),
-            "losses": losses,
+            "losses": _global(losses),
             "threads": torch.get_num_threads(),
         }
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _global(losses: list[torch.Tensor]) -> list[float]:
+    """The global batch's losses: the ranks' row-weighted slice losses, summed."""
+    total = torch.stack(losses)
+    dist.all_reduce(total)
+    return total.tolist()
 
 
 def run_ddp(cfg: Config, replicas: int, *, warmup: int, steps: int,

@@ -64,22 +64,20 @@ def _predictions(run: Runner, rule: str, replicas: int) -> dict[str, Any]:
     from pipelocal.data import load_dataset
     from pipelocal.launch.link_probe import measure_link
     from pipelocal.models import build_model
-    from pipelocal.pipeline.balance import profile_blocks
-    from pipelocal.pipeline.layout import Costs, largest_slice, predict_ddp, predict_layout
+    from pipelocal.pipeline.layout import (
+        largest_slice,
+        predict_ddp,
+        predict_layout,
+        profile_costs,
+    )
     from pipelocal.pipeline.partition import balanced_partition
 
     torch.set_num_threads(run.threads)
     cfg = run.config(rule)
     data = load_dataset(cfg.data)
     specs = build_model(cfg.model, data.in_shape, data.num_classes)
-    costs = {}
-    for rows in {cfg.data.batch_size, largest_slice(cfg.data.batch_size, replicas)}:
-        at = cfg.replace(data={"batch_size": rows})
-        blocks = profile_blocks(at, specs, data.num_classes, torch.device("cpu"))
-        whole = profile_blocks(at.replace(rule={"name": "glob"}), specs, data.num_classes,
-                               torch.device("cpu"))
-        costs[rows] = Costs(rows, blocks, [b.param_bytes for b in blocks],
-                            sum(b.time_s for b in whole))
+    costs = {rows: profile_costs(cfg, specs, data.num_classes, torch.device("cpu"), rows)
+             for rows in {cfg.data.batch_size, largest_slice(cfg.data.batch_size, replicas)}}
     link = measure_link(run.threads)
     b, sliced = cfg.data.batch_size, costs[largest_slice(cfg.data.batch_size, replicas)]
     partition = balanced_partition([p.time_s for p in costs[b].blocks], replicas)

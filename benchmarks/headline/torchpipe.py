@@ -39,7 +39,7 @@ from benchmarks.headline.memory import SavedTensorMeter, peak_rss_mib, state_byt
 from benchmarks.headline.peers import build_all
 from pipelocal.config import Config
 from pipelocal.engine import LocalBlock
-from pipelocal.launch.spawn import START_METHOD, preload_modules
+from pipelocal.launch.spawn import START_METHOD, worker_context
 
 __all__ = ["BlockChain", "free_port", "join_peers", "run_torchpipe", "spawn_ranks", "timed_steps",
            "transport"]
@@ -242,7 +242,7 @@ def spawn_ranks(worker: Any, world: int, *args: Any) -> list[dict[str, Any]]:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, saved_path) if p)
     try:
         with tempfile.TemporaryDirectory(prefix="peer-") as out:
-            mp.get_context(START_METHOD).set_forkserver_preload(preload_modules())
+            worker_context()
             mp.start_processes(worker, args=(world, free_port(), out, *args), nprocs=world,
                                join=True, start_method=START_METHOD)
             return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False)

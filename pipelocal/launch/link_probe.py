@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 
-from pipelocal.launch.spawn import START_METHOD, preload_modules
+from pipelocal.launch.spawn import START_METHOD, worker_context
 from pipelocal.pipeline.layout import Link
 
 __all__ = ["measure_link"]
@@ -68,8 +68,7 @@ def measure_link(threads: int = 1) -> Link:
     probe = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
     port = probe.port
     del probe  # frees the port for the ranks' own store
-    mp = tmp.get_context(START_METHOD)
-    mp.set_forkserver_preload(preload_modules())
+    worker_context()
     with tempfile.TemporaryDirectory(prefix="pipelocal-link-") as out:
         tmp.start_processes(_rank, args=(port, out, threads), nprocs=2, join=True,
                             start_method=START_METHOD)

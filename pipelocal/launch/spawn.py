@@ -104,15 +104,21 @@ def preload_modules() -> list[str]:
     return [__name__, "torch._dynamo"]
 
 
+def worker_context() -> Any:
+    """The multiprocessing context workers start from: the forkserver, with its preload set
+    (read when the server starts, once per launcher)."""
+    ctx = tmp.get_context(START_METHOD)
+    ctx.set_forkserver_preload(preload_modules())
+    return ctx
+
+
 def spawn(spec: RunSpec) -> dict[str, Any]:
     """Run the pipeline in ``pipeline.replicas x pipeline.stages`` spawned worker processes and
     supervise them."""
     cfg, world = spec.cfg, spec.world
     store = dist.TCPStore("127.0.0.1", 0, world_size=world, is_master=True,
                           wait_for_workers=False, timeout=timedelta(seconds=cfg.pipeline.timeout_s))
-    mp = tmp.get_context(START_METHOD)
-    mp.set_forkserver_preload(preload_modules())  # read when the server starts (once)
-    progress = mp.RawArray("q", [0, -1, -1, -1] * world)
+    progress = worker_context().RawArray("q", [0, -1, -1, -1] * world)
     with tempfile.TemporaryDirectory(prefix="pipelocal-") as talk:
         ctx = tmp.start_processes(
             _worker_main, args=(spec, store.port, os.getpid(), talk, progress, dict(os.environ)),

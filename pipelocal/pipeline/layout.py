@@ -28,12 +28,16 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipelocal.pipeline.balance import BlockProfile
+import torch
+
+from pipelocal.config import Config
+from pipelocal.models import BlockSpec
+from pipelocal.pipeline.balance import BlockProfile, profile_blocks
 from pipelocal.pipeline.partition import balanced_partition, stage_ranges
 from pipelocal.pipeline.replicas import replica_rows
 
 __all__ = ["Costs", "Layout", "Link", "allreduce_s", "largest_slice", "plan_layouts",
-           "predict_ddp", "predict_layout"]
+           "predict_ddp", "predict_layout", "profile_costs"]
 
 _UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _TIMES = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
@@ -94,6 +98,16 @@ class Costs:
     """Each block's parameters (what its all-reduce carries), bytes."""
     backprop_s: float
     """One backprop step of the whole model at these rows (data-parallel backprop's step)."""
+
+
+def profile_costs(cfg: Config, specs: Sequence[BlockSpec], num_classes: int,
+                  device: torch.device, rows: int) -> Costs:
+    """Every block's costs under the config's rule, and one backprop step of the whole model
+    (``rule.name = glob``), at ``rows`` rows per batch."""
+    at = cfg.replace(data={"batch_size": rows})
+    blocks = profile_blocks(at, specs, num_classes, device)
+    whole = profile_blocks(at.replace(rule={"name": "glob"}), specs, num_classes, device)
+    return Costs(rows, blocks, [b.param_bytes for b in blocks], sum(b.time_s for b in whole))
 
 
 @dataclass(frozen=True)
