@@ -4,6 +4,6 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from pipelocal.cli import main
+from pipelocal.cli import run
 
-sys.exit(record(main)())
+sys.exit(record(run)())

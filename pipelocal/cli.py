@@ -25,7 +25,7 @@ from typing import Any
 from pipelocal.config import Config, ConfigError, config_to_dict
 from pipelocal.exits import EXIT_INTERRUPTED, EXIT_NONFINITE, exit_status, write_status
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_NONFINITE", "main"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NONFINITE", "main", "run"]
 
 
 def _config(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
@@ -373,9 +373,19 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def run() -> int:
+    """The entry point of the ``pipelocal`` command and ``python -m pipelocal``: :func:`main`
+    in a process of its own, which a Ctrl-C pressed after the outcome no longer changes."""
+    return main(exit_on_signal=True)
+
+
+def main(argv: list[str] | None = None, *, exit_on_signal: bool = False) -> int:
     """Run one command; the exit status is one of :mod:`pipelocal.exits` (also written to
-    ``PIPELOCAL_STATUS_FILE`` when set, for launch/torchrun.sh)."""
+    ``PIPELOCAL_STATUS_FILE`` when set, for launch/torchrun.sh). ``exit_on_signal``: once the
+    status is known, a SIGINT / SIGTERM exits the process with it at once (the process ends
+    with this command; a second Ctrl-C while it reports and shuts down is no crash)."""
+    from pipelocal.stop import exit_on_stop_signals
+
     args = _parser().parse_args(argv)
     try:
         code = args.func(args)
@@ -385,8 +395,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         code, line = known
         print(line, file=sys.stderr)
+    if exit_on_signal:
+        exit_on_stop_signals(code)
     if args.func is cmd_train and _speaks_for_the_job():
         write_status(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
     return code
 
 
@@ -398,4 +412,4 @@ def _speaks_for_the_job() -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -22,6 +22,7 @@ __all__ = [
     "check_not_stopped",
     "clear_stop",
     "die_with_parent",
+    "exit_on_stop_signals",
     "install_stop_handlers",
     "request_stop",
     "stop_requested",
@@ -76,6 +77,19 @@ def install_stop_handlers(*, announce: bool = True, same_within_s: float = 0.0) 
             print(f"\n{name}: writing a checkpoint, then stopping (Ctrl-C again to abort)",
                   flush=True)
         _STOP.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def exit_on_stop_signals(code: int) -> None:
+    """The command's outcome is decided: a later SIGINT / SIGTERM (a Ctrl-C pressed while the
+    process reports and shuts down) exits at once with ``code`` instead of raising
+    KeyboardInterrupt outside any handler, which would end the process by the signal."""
+
+    def handler(signum: int, frame: Any) -> None:
+        os._exit(code)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, handler)

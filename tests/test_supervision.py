@@ -180,6 +180,43 @@ def test_double_ctrl_c_is_an_abort_not_a_crash(tmp_path: Path) -> None:
     resolve_checkpoint(tmp_path / "twice")  # the last complete checkpoint is still usable
 
 
+_LINGER = """\
+import atexit, os, time
+if os.environ.pop("PIPELOCAL_TEST_LINGER", None):  # the launcher only, not its workers
+    atexit.register(lambda: (print("lingering at exit", flush=True), time.sleep(60)))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_ctrl_c_after_the_outcome_keeps_its_exit_status(tmp_path: Path) -> None:
+    """Two Ctrl-C pressed while a finished run shuts down (held there by an atexit hook) end it
+    at once with the run's own status: no "writing a checkpoint", no KeyboardInterrupt ending
+    the process by the signal."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(_LINGER)
+    sets = [*tiny_overrides(tmp_path), "run.epochs=1", "run.name=late"]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}:{REPO}", "PYTHONUNBUFFERED": "1",
+           "PIPELOCAL_TEST_LINGER": "1"}
+    proc = subprocess.Popen([*_PIPELOCAL, *[x for s in sets for x in ("--set", s)]],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=REPO)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("lingering at exit"):
+            break
+    assert lines and lines[-1].startswith("lingering at exit"), "".join(lines)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    out = "".join(lines) + proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "writing a checkpoint" not in out, out
+    assert "final test accuracy" in out, out
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # seconds on a quiet machine; start-up alone took 4 min at load 24
 def test_frozen_last_stage_is_named_with_its_phase(
