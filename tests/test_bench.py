@@ -288,3 +288,63 @@ def test_replicas_report_gives_each_layout_beside_ddp():
                      "models": {"mlp": {"label": "MLP", "rules": {"pred": res}}}})
     assert "| MLP | pred | (e) DDP backprop, 2 ranks | 1,000 | 1.00 | 1,100 | +10% | 120 |" in text
     assert "| MLP | pred | pipelocal 1 x 2 | 1,500 | 1.50 | 1,200 | -20% | 120 |" in text
+
+
+def test_breakdown_splits_each_stage_wall_into_parts_that_add_up():
+    from benchmarks.headline.analysis import breakdown
+
+    record = {"stage0/wall(s)": 10.0, "stage0/busy(s)": 7.0, "stage0/recv_wait(s)": 0.0,
+              "stage0/send_wait(s)": 1.0, "stage0/samples": 40 * 8,
+              "stage1/wall(s)": 10.0, "stage1/busy(s)": 9.0, "stage1/recv_wait(s)": 0.5,
+              "stage1/send_wait(s)": 0.0, "stage1/samples": 40 * 8, "time/epoch(s)": 10.5}
+    # 40 batches of 8; at the concurrent ideal stage 0 needs 0.15 s a batch, stage 1 0.2 s.
+    parts = breakdown(record, [0.15, 0.2], batch=8)
+    assert parts[0] == pytest.approx({"compute_ideal": 6.0, "compute_excess": 1.0,
+                                      "recv_wait": 0.0, "send_wait": 1.0, "other": 2.0,
+                                      "wall": 10.0, "outside": 0.5})
+    assert parts[1] == pytest.approx({"compute_ideal": 8.0, "compute_excess": 1.0,
+                                      "recv_wait": 0.5, "send_wait": 0.0, "other": 0.5,
+                                      "wall": 10.0, "outside": 0.5})
+    for p in parts:
+        inside = sum(v for k, v in p.items() if k not in ("wall", "outside"))
+        assert inside == pytest.approx(p["wall"])
+
+
+def test_contention_slows_the_modelled_compute_not_the_link():
+    blocks = [_block("b0", 1.0, wire=100), _block("b1", 1.0, wire=100)]
+    link = Link(latency_s=0.5, bytes_per_s=100.0)  # 1.5 s per message
+    kw = {"batch_size": 8, "batches": 10, "link": link, "channel_depth": 2}
+    alone = predict_pipelocal(blocks, 2, **kw)
+    shared = predict_pipelocal(blocks, 2, contention=1.5, **kw)
+    assert alone["stage_time(s)"] == pytest.approx([2.5, 2.5])
+    assert shared["stage_time(s)"] == pytest.approx([3.0, 3.0])
+    d = predict_torchpipe(blocks, 2, schedule="1f1b", microbatches=2, batch_size=8, link=link,
+                          partition=[1, 1], contention=2.0)
+    # per micro-batch: 2 x 1.0 / 2 compute + 2 x (0.5 + 50 / 100) both ways; (2 + 1) of them
+    assert d["throughput(samples/s)"] == pytest.approx(8 / (3 * (1.0 + 2.0)))
+
+
+def test_calibrated_backprop_shares_add_up_to_the_measured_step():
+    from benchmarks.headline.analysis import calibrated
+
+    blocks = [_block("b0", 1.0), _block("b1", 3.0)]
+    cal = calibrated(blocks, 6.0)
+    assert [b.glob_s for b in cal] == pytest.approx([1.5, 4.5])
+    assert [b.local_s for b in cal] == [1.0, 3.0]  # the local steps are measured as they run
+    assert predict_backprop(cal, 6)["throughput(samples/s)"] == pytest.approx(1.0)
+
+
+@pytest.mark.timeout(300)
+def test_concurrent_ideal_times_every_stage_at_once(tmp_path):
+    """Two real processes, one per stage of a tiny MLP, meet at the barrier and each times its
+    own blocks for the window."""
+    from benchmarks.headline.bench import Runner, parse_args, preset_for
+
+    cfg = _tiny_config()  # skips without mnist-10k
+    args = parse_args(["--quick", "--models", "mlp", "--data-dir", cfg.data.data_dir,
+                       "--batch-size", "32"])
+    preset = preset_for("mlp", quick=True)
+    stages = Runner(args, preset, tmp_path).concurrent("pred", [2, 2])
+    assert [st["stage"] for st in stages] == [0, 1]
+    for st in stages:
+        assert st["steps"] >= 3 and st["step_mean(s)"] > 0 and st["step_median(s)"] > 0

@@ -7,6 +7,7 @@ within a repeat (peers measured back to back) and then summarised. Definitions a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +37,16 @@ DEFINITIONS = {
     "busy_fraction": "(c): stage busy(s) / wall(s) from metrics.jsonl; (d): process CPU "
     "seconds / (wall x threads)",
     "efficiency_vs_ideal": "(c) / (batch / slowest stage's step time measured alone)",
+    "ideal_concurrent": "batch / slowest stage's mean step time when every stage computes its "
+    "own blocks on prepared inputs at the same time, one process per stage, threaded as the "
+    "pipeline's (not pinned, as the pipeline's are not), without communication or loader: "
+    "what the machine allows S processes at once",
+    "efficiency_vs_concurrent": "(c) / ideal_concurrent, same repeat",
+    "contention": "a stage's step time with every stage computing at once / alone",
+    "breakdown": "(c), per stage, the measured epoch's wall time split into compute at the "
+    "concurrent ideal's speed, compute above it, receive wait, send wait and other (stage 0: "
+    "its loader, the coordinator's work, copies into wire buffers; any stage: copies out of "
+    "receive buffers, bookkeeping), from metrics.jsonl and the concurrent ideal",
     "efficiency_vs_Sb": "(c) / (S x (b)), same repeat",
     "ratio": "within one repeat, then median over repeats",
     "scaling_error": "predicted / measured - 1",
@@ -127,7 +138,7 @@ def _pipelocal_peer(cs: list[dict[str, Any]], mem: list[dict[str, float]]) -> di
 
 
 def analyse_model(raw: dict[str, Any]) -> dict[str, Any]:
-    reps, rules, part = raw["repeats"], raw["rules"], raw["partition"]
+    reps, rules = raw["repeats"], raw["rules"]
     s, depth, batch = raw["stages"], raw["channel_depth"], raw["batch_size"]
     peers: dict[str, Any] = {"a glob": _single([r["a"] for r in reps])}
     for rule in rules:
@@ -138,16 +149,27 @@ def analyse_model(raw: dict[str, Any]) -> dict[str, Any]:
         peers[f"d {sched}"] = _torchpipe_peer(reps, sched)
     for rule in rules:
         cs = [r["c"][rule] for r in reps]
+        part = raw["partitions"][rule]
         mem = _pipelocal_memory(reps[0]["profile"]["rules"][rule], part, depth)
         peers[f"c {rule}"] = _pipelocal_peer(cs, mem)
-        ideal = [batch / max(r["profile"]["rules"][rule]["stage_alone(s)"]) for r in reps]
+        alone = [r["profile"]["rules"][rule]["stage_alone(s)"] for r in reps]
+        conc = [[st["step_mean(s)"] for st in r["concurrent"][rule]] for r in reps]
+        ideal = [batch / max(a) for a in alone]
+        ideal_c = [batch / max(c) for c in conc]
         efficiency[rule] = {
             "ideal_alone(samples/s)": stat(ideal),
             "vs_ideal_alone": stat([c["throughput(samples/s)"] / i for c, i in zip(cs, ideal)]),
+            "ideal_concurrent(samples/s)": stat(ideal_c),
+            "vs_ideal_concurrent": stat([c["throughput(samples/s)"] / i
+                                         for c, i in zip(cs, ideal_c)]),
             "vs_S_x_b": stat([c["throughput(samples/s)"] / (s * r["b"][rule][
                 "throughput(samples/s)"]) for c, r in zip(cs, reps)]),
-            "stage_alone(s)": [_median(col) for col in zip(
-                *(r["profile"]["rules"][rule]["stage_alone(s)"] for r in reps))],
+            "stage_alone(s)": [_median(col) for col in zip(*alone)],
+            "stage_concurrent(s)": [_median(col) for col in zip(*conc)],
+            "contention": [_median([c / a for c, a in zip(cc, aa)])
+                           for cc, aa in zip(zip(*conc), zip(*alone))],
+            "breakdown": [breakdown(c["record"], st, batch)
+                          for c, st in zip(cs, conc)],
         }
     for name in peers:
         if name != "a glob":
@@ -159,6 +181,25 @@ def analyse_model(raw: dict[str, Any]) -> dict[str, Any]:
            "transport": reps[0]["d"][0]["transport"]}
     out["targets"] = _targets(out, rules, s)
     out["scaling"] = _scaling(raw, out)
+    return out
+
+
+def breakdown(record: dict[str, Any], concurrent_s: Sequence[float],
+              batch: int) -> list[dict[str, float]]:
+    """Each stage's measured epoch (one metrics.jsonl record) in seconds: ``compute_ideal``
+    (its batches at the concurrent ideal's step time), ``compute_excess`` (its compute time
+    above that), ``recv_wait``, ``send_wait``, ``other`` (the rest of its wall time), which
+    add up to ``wall`` (from its first batch to the end of the epoch); ``outside`` = the
+    epoch's ``time/epoch(s)`` - ``wall`` (before its first batch arrived: the fill; after its
+    last: the drain and the end-of-epoch gather)."""
+    out = []
+    for k, step in enumerate(concurrent_s):
+        wall, busy = record[f"stage{k}/wall(s)"], record[f"stage{k}/busy(s)"]
+        recv, send = record[f"stage{k}/recv_wait(s)"], record[f"stage{k}/send_wait(s)"]
+        ideal = record[f"stage{k}/samples"] / batch * step
+        out.append({"compute_ideal": ideal, "compute_excess": busy - ideal, "recv_wait": recv,
+                    "send_wait": send, "other": wall - busy - recv - send, "wall": wall,
+                    "outside": record["time/epoch(s)"] - wall})
     return out
 
 
@@ -220,6 +261,9 @@ def _targets(out: dict[str, Any], rules: list[str], s: int) -> list[dict[str, An
         eff = out["efficiency"][rule]["vs_ideal_alone"]["median"]
         rows.append({"target": f"c {rule}: throughput >= 0.9 x ideal measured alone",
                      "measured": round(eff, 3), "bound": 0.9, "met": eff >= 0.9})
+        eff = out["efficiency"][rule]["vs_ideal_concurrent"]["median"]
+        rows.append({"target": f"c {rule}: throughput >= 0.95 x concurrent ideal",
+                     "measured": round(eff, 3), "bound": 0.95, "met": eff >= 0.95})
         ct, dt = (p["throughput(samples/s)"]["median"] for p in (c, d))
         rows.append({"target": f"c {rule} faster than d 1F1B (best micro-batches), same S",
                      "measured": round(ct, 1), "bound": round(dt, 1), "met": ct > dt})
@@ -268,56 +312,86 @@ def _err(pred: float, meas: float) -> float:
     return pred / meas - 1 if meas else math.nan
 
 
+def calibrated(table: list[BlockCost], step_s: float) -> list[BlockCost]:
+    """The blocks' backprop shares scaled so that they add up to ``step_s``, a measured
+    end-to-end step: timed one block at a time they miss what the whole step costs beyond
+    its blocks (the chained autograd graph, the loss)."""
+    scale = step_s / sum(b.glob_s for b in table)
+    return [dataclasses.replace(b, glob_s=b.glob_s * scale) for b in table]
+
+
 def _scaling(raw: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
-    s, batch, part, depth = raw["stages"], raw["batch_size"], raw["partition"], \
-        raw["channel_depth"]
+    """The model's prediction at each measured point, twice: from the blocks' costs alone
+    (``predicted``) and with what this run measured of the machine (``predicted_measured``:
+    each stage's measured contention when S processes compute at once, backprop's block
+    shares calibrated on (a)'s measured step); then the curves for S = 1..scale_max separate
+    devices (no contention) from the calibrated costs."""
+    s, batch, depth = raw["stages"], raw["batch_size"], raw["channel_depth"]
     link = link_of(out["transport"])
     peers = out["peers"]
     glob_table = cost_table(raw, raw["rules"][0])
+    a_step = batch / peers["a glob"]["throughput(samples/s)"]["median"]
+    glob_cal = calibrated(glob_table, a_step)
+    contention = {rule: _median(out["efficiency"][rule]["contention"]) for rule in raw["rules"]}
+    # torch's pipelining: the mean contention the local rules' stages measured (same
+    # processes per core, same threads)
+    d_contention = _median(list(contention.values()))
     a = predict_backprop(glob_table, batch)
     val = [{"peer": "a glob", "S": 1,
             "predicted(samples/s)": a["throughput(samples/s)"],
+            "predicted_measured(samples/s)": predict_backprop(glob_cal, batch)[
+                "throughput(samples/s)"],
             "measured(samples/s)": peers["a glob"]["throughput(samples/s)"]["median"],
             "predicted_activation(MiB)": a["activation(B)"] / MIB,
-            "measured_activation(MiB)": peers["a glob"]["activation(MiB)"][0]}]
+            "measured_activation(MiB)": peers["a glob"]["activation(MiB)"][0],
+            "note": "calibrated on itself: error 0 by construction"}]
     curves: dict[str, list[Any]] = {"S": [], "a glob": []}
     n = len(glob_table)
     top = min(raw["scale_max"], n)
     for rule in raw["rules"]:
         table = cost_table(raw, rule)
-        for peer, stages, kw in ((f"b {rule}", 1, {"partition": [n]}),
-                                 (f"c {rule}", s, {"partition": part})):
-            pred = predict_pipelocal(table, stages, batch_size=batch,
-                                     batches=raw["pipe_batches"] if stages > 1 else 10**6,
-                                     link=link, channel_depth=depth, **kw)
+        for peer, stages, part in ((f"b {rule}", 1, [n]),
+                                   (f"c {rule}", s, raw["partitions"][rule])):
+            kw = {"batch_size": batch, "batches": raw["pipe_batches"] if stages > 1 else 10**6,
+                  "link": link, "channel_depth": depth, "partition": part}
+            pred = predict_pipelocal(table, stages, **kw)
+            pred_m = predict_pipelocal(table, stages, contention=contention[rule]
+                                       if stages > 1 else 1.0, **kw)
             val.append({"peer": peer, "S": stages,
                         "predicted(samples/s)": pred["throughput(samples/s)"],
+                        "predicted_measured(samples/s)": pred_m["throughput(samples/s)"],
                         "measured(samples/s)": peers[peer]["throughput(samples/s)"]["median"]})
         curves[f"c {rule}"] = [
             predict_pipelocal(table, k, batch_size=batch, batches=raw["batches_per_epoch"],
                               link=link, channel_depth=depth) for k in range(1, top + 1)]
     for sched in ("gpipe", "1f1b"):
         meas = peers[f"d {sched}"]
-        pred = predict_torchpipe(glob_table, s, schedule=sched, microbatches=meas["microbatches"],
-                                 batch_size=batch, link=link, partition=part)
+        kw = {"schedule": sched, "microbatches": meas["microbatches"], "batch_size": batch,
+              "link": link, "partition": raw["partition_d"]}
+        pred = predict_torchpipe(glob_table, s, **kw)
+        pred_m = predict_torchpipe(glob_cal, s, contention=d_contention, **kw)
         val.append({"peer": f"d {sched}", "S": s, "microbatches": meas["microbatches"],
                     "predicted(samples/s)": pred["throughput(samples/s)"],
+                    "predicted_measured(samples/s)": pred_m["throughput(samples/s)"],
                     "measured(samples/s)": meas["throughput(samples/s)"]["median"],
                     "predicted_activation(MiB)": pred["activation_per_device(B)"] / MIB,
                     "measured_activation(MiB)": max(meas["activation(MiB)"])})
         curves[f"d {sched}"] = [
-            max((predict_torchpipe(glob_table, k, schedule=sched, microbatches=f * k,
+            max((predict_torchpipe(glob_cal, k, schedule=sched, microbatches=f * k,
                                    batch_size=batch, link=link) for f in raw["mb_factors"]),
                 key=lambda p: p["throughput(samples/s)"])
             for k in range(1, top + 1)]
     curves["S"] = list(range(1, top + 1))
-    curves["a glob"] = [a] * top
+    curves["a glob"] = [predict_backprop(glob_cal, batch)] * top
     for row in val:
         row["error"] = _err(row["predicted(samples/s)"], row["measured(samples/s)"])
+        row["error_measured"] = _err(row["predicted_measured(samples/s)"],
+                                     row["measured(samples/s)"])
         if "measured_activation(MiB)" in row:
             row["activation_error"] = _err(row["predicted_activation(MiB)"],
                                            row["measured_activation(MiB)"])
     return {"link": {"latency(s)": link.latency_s, "bytes/s": link.bytes_per_s},
+            "contention": contention, "contention_d": d_contention,
             "validation": val, "curves": curves,
             "limit": f"S <= {n}: the model has {n} blocks" if raw["scale_max"] > n else None}
 

@@ -12,11 +12,14 @@ noise hits them alike:
     (d) backprop pipelined by torch.distributed.pipelining over the same split: ScheduleGPipe
         and Schedule1F1B, micro-batches 2S, 4S, 8S swept in the first repeat, the best of each
         schedule in the others                                         torchpipe.py
-    ideal of (c): each stage's blocks timed ALONE in a fresh process    peers.py profile
+    ideals of (c): each stage's blocks timed ALONE in a fresh process    peers.py profile
+        and all stages computing AT ONCE on prepared inputs (concurrent)  peers.py concurrent
 
-then the memory figures (memory.py), the transport against a plain copy, the scaling model
-(scaling.py) for S = 1..16 checked against the measured S, and the time to a common test
-accuracy of glob on one device and pipelocal with S stages. Writes ``<name>.json``,
+(c) gets a split per rule, (d) one balanced on backprop's per-block costs. Then the memory
+figures (memory.py), where each stage's time goes, the transport against a plain copy and the
+scaling model (scaling.py) for S = 1..16 checked against the measured S, from the blocks'
+costs alone and with the measured contention. Time to accuracy is its own benchmark
+(``python -m benchmarks tta``). Writes ``<name>.json``,
 ``<name>.md`` to ``--out-dir`` (default benchmarks/results) and ``<name>.png`` beside them (for the
 default, to docs/img/, where the docs show it).
 
@@ -85,22 +88,20 @@ class Preset:
     pipe_batches: int
     """Batches in each pipelocal epoch (data.train_limit = this x batch size); 2 epochs, the
     first is warm-up. Pipeline fill and drain happen once per epoch and count against it."""
-    tta_epochs: int = 0
-    """Epochs of the time-to-accuracy runs (0 = not run for this model)."""
-    tta_batches: int = 0
-    """Batches per epoch in those runs (0 = the whole training split)."""
+    concurrent_s: float = 4.0
+    """Seconds each stage computes in the concurrent ideal (all stages at once)."""
 
 
 PRESETS: dict[str, Preset] = {
     "mlp": Preset(
         label="MLP 4x1024",
         overrides=("model.name=mlp", "model.hidden=1024", "model.depth=4"),
-        warmup=3, steps=20, pipe_batches=40, tta_epochs=6,
+        warmup=3, steps=20, pipe_batches=40, concurrent_s=4.0,
     ),
     "vgg8b": Preset(
         label="VGG8B width 0.25",
         overrides=("model.name=vgg8b", "model.width=0.25"),
-        warmup=2, steps=6, pipe_batches=16,
+        warmup=2, steps=6, pipe_batches=16, concurrent_s=10.0,
     ),
 }
 QUICK = {  # --quick: tiny sizes to test the whole command
@@ -123,7 +124,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--data-dir", default=str(MNIST_10K_DIR), help="mnist-10k folder")
-    p.add_argument("--tta-rule", default="predsim", help="pipelocal's rule in the TTA runs")
     p.add_argument("--scale-max", type=int, default=16, help="scaling model for S = 1..this")
     p.add_argument("--quick", action="store_true", help="tiny models and runs (a smoke test)")
     p.add_argument("--note", default="", help="free text stored in the JSON (machine state)")
@@ -147,8 +147,7 @@ def preset_for(name: str, quick: bool) -> Preset:
     if not quick:
         return p
     return Preset(label=p.label + " (quick)", overrides=p.overrides + QUICK[name], warmup=1,
-                  steps=2, pipe_batches=4, tta_epochs=2 if p.tta_epochs else 0,
-                  tta_batches=8)
+                  steps=2, pipe_batches=4, concurrent_s=1.0)
 
 
 # --------------------------------------------------------------------------- running peers
@@ -188,6 +187,37 @@ class Runner:
             self._run([sys.executable, "-m", "benchmarks.headline.peers", str(spec_path),
                        str(out)])
             return json.loads(out.read_text())
+
+    def concurrent(self, rule: str, partition: list[int]) -> list[dict[str, Any]]:
+        """The concurrent ideal of (c): one process per stage, all started at once, each
+        timing its stage's blocks on prepared inputs (peers.py ``concurrent``)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            procs, outs = [], []
+            for k in range(len(partition)):
+                spec_path, out = Path(tmp) / f"spec{k}.json", Path(tmp) / f"out{k}.json"
+                spec_path.write_text(json.dumps({
+                    "task": "concurrent", "threads": self.threads, "warmup": self.preset.warmup,
+                    "steps": self.preset.steps, "partition": partition, "stage": k,
+                    "barrier": str(Path(tmp) / "barrier"),
+                    "duration_s": self.preset.concurrent_s,
+                    "overrides": [*self.base, f"rule.name={rule!r}"],
+                }))
+                with (Path(tmp) / f"err{k}.txt").open("w") as err:
+                    procs.append(subprocess.Popen(
+                        [sys.executable, "-m", "benchmarks.headline.peers", str(spec_path),
+                         str(out)], env=self.env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                        stderr=err))
+                outs.append(out)
+            try:
+                codes = [p.wait(timeout=1800) for p in procs]
+            finally:
+                for p in procs:
+                    p.kill()
+            if any(codes):
+                errors = [(Path(tmp) / f"err{k}.txt").read_text()[-2000:]
+                          for k, c in enumerate(codes) if c]
+                raise RuntimeError("bench: the concurrent ideal failed:\n" + "\n".join(errors))
+            return [json.loads(out.read_text()) for out in outs]
 
     def pipelocal(self, rule: str, name: str, epochs: int, batches: int,
                   partition: list[int], extra: tuple[str, ...] = (),
@@ -284,13 +314,20 @@ _FACTORS = [2, 4, 8]
 def _split(run: Runner, name: str, rules: list[str], glob: bool) -> tuple[dict[str, Any],
                                                                          list[int]]:
     """The profile of every block alone and the split balanced on the last rule's times."""
-    from pipelocal.pipeline.partition import balanced_partition
-
     n = _num_blocks(run.config("glob"))
     _log(f"{name}: profiling each of the {n} blocks alone ({run.threads} thread(s))")
     plan = run.peer("profile", rules[-1], rules=rules, partition=[1] * n, glob=glob)
-    times = [b["local_s"] for b in plan["rules"][rules[-1]]["blocks"]]
-    return plan, balanced_partition(times, run.args.stages)
+    return plan, split_of(plan, rules[-1], run.args.stages)
+
+
+def split_of(plan: dict[str, Any], rule: str, stages: int) -> list[int]:
+    """The split balanced on one rule's per-block times in ``plan`` (``glob``: the blocks'
+    shares of a backprop step)."""
+    from pipelocal.pipeline.partition import balanced_partition
+
+    times = ([b["glob_s"] for b in plan["glob_blocks"]] if rule == "glob" else
+             [b["local_s"] for b in plan["rules"][rule]["blocks"]])
+    return balanced_partition(times, stages)
 
 
 def _sweep(args: argparse.Namespace, schedules: tuple[str, ...]) -> list[tuple[str, int]]:
@@ -309,7 +346,6 @@ def _best_settings(first: list[dict[str, Any]], schedules: tuple[str, ...]
 
 def measure_model(args: argparse.Namespace, name: str, root: Path) -> dict[str, Any]:
     """Every peer of one model, ``--repeats`` times interleaved, and the time-to-accuracy runs."""
-    from benchmarks.headline.analysis import time_to_accuracy
     from benchmarks.headline.torchpipe import run_torchpipe
 
     preset = preset_for(name, args.quick)
@@ -317,8 +353,10 @@ def measure_model(args: argparse.Namespace, name: str, root: Path) -> dict[str, 
     rules, s = args.rules.split(","), args.stages
     factors = _FACTORS
     cfg = run.config("glob")
-    # One split for (c) and (d): balanced on the last rule's local step times (predsim's).
-    plan, partition = _split(run, name, rules, glob=True)
+    # Each peer's split balanced on its own per-block times: (c) per rule, (d) on backprop's.
+    plan, _ = _split(run, name, rules, glob=True)
+    splits = {rule: split_of(plan, rule, s) for rule in rules}
+    glob_split = split_of(plan, "glob", s)
     sweep = _sweep(args, ("gpipe", "1f1b"))
     reps: list[dict[str, Any]] = []
     for i in range(args.repeats):
@@ -326,38 +364,32 @@ def measure_model(args: argparse.Namespace, name: str, root: Path) -> dict[str, 
         _log(f"{name} repeat {i + 1}/{args.repeats}: (a) glob, (b) {rules} on one device")
         rep["a"] = run.peer("single", "glob")
         rep["b"] = {rule: run.peer("single", rule) for rule in rules}
-        _log(f"{name} repeat {i + 1}: (c) pipelocal S={s} partition {partition}")
+        _log(f"{name} repeat {i + 1}: (c) pipelocal S={s} splits {splits}")
         rep["c"] = {rule: pipelocal_stats(run.pipelocal(rule, f"{name}-{rule}-r{i}", 2,
-                                                        preset.pipe_batches, partition), s)
+                                                        preset.pipe_batches, splits[rule]), s)
                     for rule in rules}
         settings = sweep if i == 0 else _best_settings(reps[0]["d"], ("gpipe", "1f1b"))
-        _log(f"{name} repeat {i + 1}: (d) torch.distributed.pipelining {settings}")
-        rep["d"] = run_torchpipe(cfg, partition, settings, warmup=preset.warmup,
+        _log(f"{name} repeat {i + 1}: (d) torch.distributed.pipelining {settings} split "
+             f"{glob_split}")
+        rep["d"] = run_torchpipe(cfg, glob_split, settings, warmup=preset.warmup,
                                  steps=preset.steps, threads=run.threads,
                                  transport_rounds=20 if i == 0 else 0)
-        _log(f"{name} repeat {i + 1}: each stage's blocks alone")
-        rep["profile"] = run.peer("profile", rules[-1], rules=rules, partition=partition,
-                                  glob=False)
+        _log(f"{name} repeat {i + 1}: each stage's blocks alone, then all stages at once")
+        rep["profile"] = {"rules": {rule: run.peer(
+            "profile", rule, rules=[rule], partition=splits[rule], glob=False)["rules"][rule]
+            for rule in rules}}
+        rep["concurrent"] = {rule: run.concurrent(rule, splits[rule]) for rule in rules}
         reps.append(rep)
     raw = {
         "label": preset.label, "preset": preset.__dict__ | {"quick": args.quick},
         "overrides": run.base, "stages": s, "threads_per_process": run.threads,
-        "rules": rules, "batch_size": args.batch_size, "partition": partition,
+        "rules": rules, "batch_size": args.batch_size, "partitions": splits,
+        "partition_d": glob_split,
         "channel_depth": cfg.pipeline.channel_depth, "pipe_batches": preset.pipe_batches,
         "batches_per_epoch": -(-8000 // args.batch_size), "mb_factors": factors,
         "scale_max": args.scale_max, "plan_profile": plan, "repeats": reps,
         "pipelocal_command": reps[0]["c"][rules[-1]].get("command"),
     }
-    if preset.tta_epochs:
-        _log(f"{name}: time to accuracy, {preset.tta_epochs} epochs each")
-        glob = run.single_cli("glob", f"{name}-tta-glob", preset.tta_epochs,
-                              preset.tta_batches)
-        pipe = run.pipelocal(args.tta_rule, f"{name}-tta-{args.tta_rule}", preset.tta_epochs,
-                             preset.tta_batches, partition)
-        raw["tta"] = time_to_accuracy(
-            {"a glob (1 device)": glob["records"],
-             f"c {args.tta_rule} (S={s})": pipe["records"]}, margin=0.01)
-        raw["tta"]["commands"] = [glob["command"], pipe["command"]]
     return raw
 
 

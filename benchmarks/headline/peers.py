@@ -14,6 +14,9 @@ starts (pipelocal's stage 0 builds its own inside its timing: a small cost next 
   stage's blocks only, inputs made beforehand by the blocks before it) with per-block times,
   saved-for-backward and state bytes; and each block's share of a backprop step, timed alone
   on a random output gradient. The ideal of (c) and the scaling model's cost table.
+* ``concurrent`` (``"partition", "stage", "barrier", "duration_s"``): one stage's blocks on
+  prepared inputs, timed for ``duration_s`` while the other stages' processes (started at the
+  same time by ``bench.py``) do the same; the concurrent ideal of (c).
 * ``micro_memory`` (``"micro_batches": [M, ...]``): for each M, each block's
   saved-for-backward peak while it trains one batch in M micro-batches (an engine over that
   block alone, ``micro_batches = M``, inputs made by the blocks before it, each micro-batch in
@@ -40,7 +43,7 @@ from pipelocal.engine import Engine, LocalBlock, build_blocks, piece_rows
 from pipelocal.microbatch import split_batch
 from pipelocal.models import build_model
 
-__all__ = ["build_all", "micro_memory", "profile", "single_device"]
+__all__ = ["build_all", "concurrent_stage", "micro_memory", "profile", "single_device"]
 
 Batch = tuple[Tensor, Tensor]
 
@@ -137,6 +140,40 @@ def _median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
 
+def concurrent_stage(cfg: Config, partition: list[int], stage: int, warmup: int,
+                     steps: int, barrier: Path, duration_s: float) -> dict[str, Any]:
+    """Stage ``stage``'s blocks on prepared inputs, timed while the other stages' processes do
+    the same: every process prepares, then waits for all (``barrier``: a ready file each), then
+    trains for ``duration_s`` seconds, so that all of them compute for the whole window.
+    No communication, no loader: the compute the machine allows S processes at once."""
+    blocks, batches = build_all(cfg)
+    data = _cycle(batches, warmup + steps)
+    start = sum(partition[:stage])
+    for block in blocks[:start]:  # the stage's inputs: the blocks before it, training as they go
+        data = [(block.train_step(x, y), y) for x, y in data]
+    stage_blocks = blocks[start:start + partition[stage]]
+    barrier.mkdir(parents=True, exist_ok=True)
+    (barrier / f"ready-{stage}").write_text(str(time.time()))
+    deadline = time.monotonic() + 600.0
+    while len(list(barrier.glob("ready-*"))) < len(partition):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"stage {stage}: the other stages' processes never got ready")
+        time.sleep(0.005)
+    t_end = time.monotonic() + duration_s
+    step_s: list[float] = []
+    i = 0
+    while time.monotonic() < t_end or len(step_s) < 3:
+        x, y = data[i % len(data)]
+        t0 = time.perf_counter()
+        for block in stage_blocks:
+            x = block.train_step(x, y)
+        if i >= warmup:
+            step_s.append(time.perf_counter() - t0)
+        i += 1
+    return {"stage": stage, "step_mean(s)": sum(step_s) / len(step_s),
+            "step_median(s)": _median(step_s), "steps": len(step_s)}
+
+
 def _profile_local(cfg: Config, partition: list[int], warmup: int,
                    steps: int) -> dict[str, Any]:
     blocks, batches = build_all(cfg)
@@ -231,6 +268,9 @@ def main(argv: list[str]) -> int:
         result = single_device(cfg, spec["warmup"], spec["steps"])
     elif spec["task"] == "micro_memory":
         result = micro_memory(cfg, spec["micro_batches"])
+    elif spec["task"] == "concurrent":
+        result = concurrent_stage(cfg, spec["partition"], spec["stage"], spec["warmup"],
+                                  spec["steps"], Path(spec["barrier"]), spec["duration_s"])
     else:
         result = profile(cfg, spec["rules"], spec["partition"], spec["warmup"], spec["steps"],
                          spec["glob"])

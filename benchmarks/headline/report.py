@@ -40,15 +40,38 @@ def _peer_rows(m: dict[str, Any], s: int) -> list[list[str]]:
             f"{model_memory(p):.1f}",
             _list(p["peak_rss(MiB)"], 0),
             _list([100 * b for b in p["busy_fraction"]], 0) if p["busy_fraction"] else "-",
-            f"{eff['vs_ideal_alone']['median']:.2f} / {eff['vs_S_x_b']['median']:.2f}"
-            if eff else "-",
+            f"{eff['vs_ideal_concurrent']['median']:.2f} / {eff['vs_ideal_alone']['median']:.2f}"
+            f" / {eff['vs_S_x_b']['median']:.2f}" if eff else "-",
         ])
     return rows
 
 
 HEADERS = ["peer", "samples/s median [min-max]", "x (a)", "activation MiB per device",
            "state MiB per device", "model memory MiB (max device)", "peak RSS MiB per device",
-           "busy % per stage", "efficiency: vs ideal alone / vs S x (b)"]
+           "busy % per stage",
+           "efficiency: vs concurrent ideal / vs ideal alone / vs S x (b)"]
+
+
+def _splits(raw: dict[str, Any]) -> str:
+    return ", ".join([f"{rule} {part}" for rule, part in raw["partitions"].items()]
+                     + [f"backprop {raw['partition_d']}"])
+
+
+BREAKDOWN = ["rule", "stage", "wall s", "compute at concurrent ideal", "compute above it",
+             "receive wait", "send wait", "other", "epoch outside wall s (fill, drain)"]
+
+
+def _breakdown_rows(m: dict[str, Any]) -> list[list[str]]:
+    """Each rule's stages: the median over repeats of each part, and its share of wall."""
+    rows = []
+    for rule, eff in m["efficiency"].items():
+        for k, parts in enumerate(zip(*eff["breakdown"])):
+            med = {key: sorted(p[key] for p in parts)[len(parts) // 2] for key in parts[0]}
+            rows.append([rule, str(k), f"{med['wall']:.2f}"] + [
+                f"{med[key]:.2f} ({100 * med[key] / med['wall']:.0f}%)"
+                for key in ("compute_ideal", "compute_excess", "recv_wait", "send_wait",
+                            "other")] + [f"{med['outside']:.2f}"])
+    return rows
 
 
 def _preamble(result: dict[str, Any], title: str) -> list[str]:
@@ -72,7 +95,7 @@ def markdown(result: dict[str, Any]) -> str:
         raw = m["raw"]
         s = raw["stages"]
         lines.append(f"## {raw['label']}, mnist-10k 28x28, batch {raw['batch_size']}, "
-                     f"S={s}, split {raw['partition']}, {raw['threads_per_process']} thread(s) "
+                     f"S={s}, split {_splits(raw)}, {raw['threads_per_process']} thread(s) "
                      f"per process, {len(raw['repeats'])} repeats\n")
         lines.append(markdown_table(HEADERS, _peer_rows(m, s)) + "\n")
         ratios = ", ".join(f"{k} = {v['median']:.2f}" for k, v in m["ratios"].items()
@@ -93,19 +116,23 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{1e3 * t['gloo_one_way(s)']:.2f} ms = {t['gloo(GB/s)']:.2f} GB/s "
                          f"(latency {1e6 * t['gloo_latency(s)']:.0f} us) vs a plain copy "
                          f"{t['copy(GB/s)']:.2f} GB/s: {t['gloo_vs_copy']:.3f} of it.\n")
-        lines.append("Scaling model at the measured S (predicted / measured - 1):\n")
+        lines.append("Scaling model at the measured S (predicted / measured - 1): from the "
+                     "blocks' costs alone, and with the contention this run measured (" + ", "
+                     .join(f"{r} {c:.2f}" for r, c in m["scaling"]["contention"].items())
+                     + f"; torch's pipelining {m['scaling']['contention_d']:.2f}) and backprop's "
+                     "block shares calibrated on (a)'s measured step:\n")
         lines.append(markdown_table(
-            ["peer", "S", "predicted samples/s", "measured", "error", "activation error"],
-            [[v["peer"], v["S"], f"{v['predicted(samples/s)']:.0f}",
-              f"{v['measured(samples/s)']:.0f}", f"{100 * v['error']:+.0f}%",
+            ["peer", "S", "measured samples/s", "predicted (alone)", "error",
+             "predicted (measured contention, calibrated)", "error", "activation error"],
+            [[v["peer"], v["S"], f"{v['measured(samples/s)']:.0f}",
+              f"{v['predicted(samples/s)']:.0f}", f"{100 * v['error']:+.0f}%",
+              f"{v['predicted_measured(samples/s)']:.0f}",
+              f"{100 * v['error_measured']:+.0f}%" + (" (fit)" if v.get("note") else ""),
               f"{100 * v['activation_error']:+.0f}%" if "activation_error" in v else "-"]
              for v in m["scaling"]["validation"]]) + "\n")
-        if raw.get("tta"):
-            tta = raw["tta"]
-            lines.append(f"Time to {100 * tta['target_acc']:.1f}% test accuracy (glob's best "
-                         f"- {100 * tta['margin']:.0f} pt), training seconds: " + ", ".join(
-                             f"{k}: {'not reached' if v is None else f'{v:.1f} s'}"
-                             for k, v in tta["time_to_target(s)"].items()) + ".\n")
+        lines.append("Where each stage's measured epoch went (median over repeats; "
+                     "seconds and share of the stage's wall time):\n")
+        lines.append(markdown_table(BREAKDOWN, _breakdown_rows(m)) + "\n")
     return "\n".join(lines)
 
 
@@ -152,22 +179,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = result["models"]
-    tta = [(n, m["raw"]["tta"]) for n, m in models.items() if m["raw"].get("tta")]
-    rows = len(models) + (1 if tta else 0)
-    fig, axes = plt.subplots(rows, 2, figsize=(12, 4 * rows), squeeze=False)
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4 * len(models)), squeeze=False)
     for row, m in zip(axes, models.values()):
         _plot_model(row, m)
-    if tta:
-        ax = axes[-1][0]
-        for name, t in tta:
-            for peer, pts in t["curves"].items():
-                ax.plot([p["train_time(s)"] for p in pts], [100 * p["test/acc"] for p in pts],
-                        marker="o", label=f"{name}: {peer}")
-            ax.axhline(100 * t["target_acc"], ls=":", c="grey")
-        ax.set(xlabel="training time (s)", ylabel="test accuracy (%)",
-               title="time to accuracy, mnist-10k (dotted: common target)")
-        ax.legend(fontsize=8)
-        axes[-1][1].axis("off")
     hw = result["hardware"]
     fig.suptitle(f"pipelocal headline benchmark: {hw['cpu_model']}, {hw['cpu_cores_usable']} "
                  f"cores, torch {result['versions']['torch']}, {result['started'][:10]}",

@@ -6,7 +6,9 @@ passes on, the bytes autograd saves for its backward and its parameter + gradien
 bytes; the link's latency and bandwidth. Assumptions, each visible in the error against the
 measured S:
 
-* a stage's work per batch is the sum of its blocks' times measured alone (no contention);
+* a stage's work per batch is the sum of its blocks' times measured alone, times
+  ``contention`` (1 by default: devices of their own; the benchmark passes the slowdown it
+  measured when S processes share this machine's cores);
 * a message costs ``latency + bytes / bandwidth`` on both ends and does not overlap compute;
 * pipelocal (c): S stages over a balanced contiguous split; an epoch of n batches takes
   ``sum_k t_k + (n - 1) * max_k t_k`` (fill and drain once per epoch); memory per device =
@@ -106,12 +108,14 @@ def predict_pipelocal(
     link: Link,
     channel_depth: int,
     partition: Sequence[int] | None = None,
+    contention: float = 1.0,
 ) -> dict[str, Any]:
-    """(c) pipelocal with ``stages`` stages over ``batches`` batches per epoch."""
+    """(c) pipelocal with ``stages`` stages over ``batches`` batches per epoch; ``contention``:
+    how much slower a stage computes while the others do (1: devices of their own)."""
     part = list(partition or balanced_partition([b.local_s for b in blocks], stages))
     ranges = stage_ranges(part)
     t = [
-        sum(blocks[i].local_s for i in r) + _stage_comm(blocks, ranges, k, link)
+        contention * sum(blocks[i].local_s for i in r) + _stage_comm(blocks, ranges, k, link)
         for k, r in enumerate(ranges)
     ]
     epoch = sum(t) + (batches - 1) * max(t)
@@ -143,15 +147,17 @@ def predict_torchpipe(
     batch_size: int,
     link: Link,
     partition: Sequence[int] | None = None,
+    contention: float = 1.0,
 ) -> dict[str, Any]:
-    """(d) Backprop pipelined over ``stages`` stages, GPipe or 1F1B, ``microbatches`` per batch."""
+    """(d) Backprop pipelined over ``stages`` stages, GPipe or 1F1B, ``microbatches`` per batch
+    (``contention`` as for :func:`predict_pipelocal`)."""
     if schedule not in ("gpipe", "1f1b"):
         raise ValueError(f"schedule {schedule!r} is unknown; accepted: gpipe, 1f1b")
     m = microbatches
     part = list(partition or balanced_partition([b.glob_s for b in blocks], stages))
     ranges = stage_ranges(part)
     per_mb = [
-        sum(blocks[i].glob_s for i in r) / m
+        contention * sum(blocks[i].glob_s for i in r) / m
         + _stage_comm(blocks, ranges, k, link, scale=1 / m, both_ways=True)
         for k, r in enumerate(ranges)
     ]

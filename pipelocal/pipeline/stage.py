@@ -150,6 +150,8 @@ class Stage:
         assert msg.x is not None and msg.y is not None
         if self.t_start is None:
             self.t_start = time.perf_counter()
+            if self.inbox is not None:  # the wait for the epoch's first batch (the pipeline's
+                self.inbox.recv_wait_s = 0.0  # fill) is before the clock: not in wall(s)
         # Stage 0 gets the batch in host memory (pinned on CUDA): one asynchronous copy to the
         # device here, so that neither the engine nor the outbox copies from the host behind the
         # step. Later stages' tensors are on the device already (no copy).
