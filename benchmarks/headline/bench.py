@@ -246,13 +246,15 @@ class Runner:
         return {"records": read_metrics(run_dir), "config": read_run_config(run_dir),
                 "command": cmd}
 
-    def single_cli(self, rule: str, name: str, epochs: int, batches: int) -> dict[str, Any]:
-        """Glob (or any rule) on one device through the CLI, for time to accuracy."""
+    def single_cli(self, rule: str, name: str, epochs: int, batches: int,
+                   extra: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Glob (or any rule) on one device through the CLI, for time to accuracy (``extra``:
+        more overrides)."""
         sets = [*self.base, f"rule.name={rule!r}", f"run.epochs={epochs}",
                 f"data.train_limit={batches * self.args.batch_size}",
                 f"run.checkpoint_every={epochs}", "run.progress=false",
                 f"run.out_dir={str(self.root)!r}", f"run.name={name!r}",
-                f"run.threads={self.threads}"]
+                f"run.threads={self.threads}", *extra]
         cmd = [sys.executable, "-m", "pipelocal", "train", "--stages", "1"]
         for s in sets:
             cmd += ["--set", s]
