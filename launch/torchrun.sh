@@ -66,6 +66,9 @@ if ((REPLICAS < 1 || world % REPLICAS)); then
   exit 2
 fi
 replicas=(--replicas "$REPLICAS")
+# glibc keeps freed host memory for the next step (pipelocal/hostmem.py); read at process start
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-33554432}
+export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-1073741824}
 
 for arg in "$@"; do
   if [[ $arg == --dry-run ]]; then

@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from pipelocal.config import Config, ConfigError, config_to_dict
 from pipelocal.exits import EXIT_INTERRUPTED, EXIT_NONFINITE, exit_status, write_status
@@ -373,10 +373,13 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def run() -> int:
+def run() -> NoReturn:
     """The entry point of the ``pipelocal`` command and ``python -m pipelocal``: :func:`main`
-    in a process of its own, which a Ctrl-C pressed after the outcome no longer changes."""
-    return main(exit_on_signal=True)
+    in a process of its own, which a Ctrl-C pressed after the outcome no longer changes
+    (:func:`pipelocal.stop.end_process`)."""
+    from pipelocal.stop import end_process
+
+    end_process(main(exit_on_signal=True))
 
 
 def main(argv: list[str] | None = None, *, exit_on_signal: bool = False) -> int:

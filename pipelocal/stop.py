@@ -8,20 +8,23 @@ end a worker whose launcher was killed.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import select
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = [
     "Interrupted",
     "check_not_stopped",
     "clear_stop",
     "die_with_parent",
+    "end_process",
     "exit_on_stop_signals",
     "install_stop_handlers",
     "request_stop",
@@ -89,11 +92,32 @@ def exit_on_stop_signals(code: int) -> None:
     KeyboardInterrupt outside any handler, which would end the process by the signal."""
 
     def handler(signum: int, frame: Any) -> None:
+        for stream in (sys.stdout, sys.stderr):  # what the command printed is kept
+            try:
+                stream.flush()
+            except (OSError, RuntimeError, ValueError):  # a write under way, a closed pipe
+                pass
         os._exit(code)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+
+
+def end_process(code: int) -> NoReturn:
+    """End this process with ``code`` once its command is done: the exit functions run (a
+    SIGINT / SIGTERM during them exits with ``code`` at once, see :func:`exit_on_stop_signals`),
+    the standard streams are flushed, and the process exits without the interpreter's own
+    teardown, during which Python no longer handles signals, so that a Ctrl-C then would end
+    the process by the signal instead of with its status. The kernel frees its memory."""
+    exit_on_stop_signals(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to keep
+            pass
+    os._exit(code)
 
 
 def die_with_parent(launcher: int) -> None:

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipelocal"
 
 # Bottom to top. A module may import from its own layer and the layers below, never above.
 _LAYERS = [
-    {"registry", "checkpoint", "metrics", "plot", "cuda_ops", "stop", "microbatch"},
+    {"registry", "checkpoint", "metrics", "plot", "cuda_ops", "stop", "microbatch", "hostmem"},
     {"config"},
     {"data", "models", "device", "determinism", "meters", "recipes", "optim"},
     {"rules", "runspec"},

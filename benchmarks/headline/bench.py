@@ -70,6 +70,7 @@ from benchmarks.common import (
     write_result,
 )
 from pipelocal.config import Config, load_config
+from pipelocal.hostmem import keep_host_memory
 
 __all__ = ["PRESETS", "Preset", "main"]
 
@@ -96,7 +97,7 @@ PRESETS: dict[str, Preset] = {
     "mlp": Preset(
         label="MLP 4x1024",
         overrides=("model.name=mlp", "model.hidden=1024", "model.depth=4"),
-        warmup=3, steps=20, pipe_batches=40, concurrent_s=4.0,
+        warmup=3, steps=20, pipe_batches=62, concurrent_s=4.0,
     ),
     "vgg8b": Preset(
         label="VGG8B width 0.25",
@@ -167,6 +168,9 @@ class Runner:
             *preset.overrides,
             *args.overrides,
         ]
+        # Every peer's process keeps its freed host memory, as pipelocal's do (set at start-up;
+        # torch pipelining's processes start from this one's environment).
+        keep_host_memory()
         # the checkout's pipelocal and benchmarks package in every child (cwd is REPO_ROOT)
         self.env = {**os.environ,
                     "PYTHONPATH": os.pathsep.join([str(REPO_ROOT),

@@ -23,6 +23,7 @@ from pipelocal.config import (
 from pipelocal.determinism import configure_determinism
 from pipelocal.device import place_stage, visible_gpus
 from pipelocal.engine import Engine, build_blocks, piece_rows
+from pipelocal.hostmem import keep_host_memory
 from pipelocal.launch import preflight as checks  # the module: its preflight() is checks.preflight
 from pipelocal.launch import spawn as spawning  # the module (its spawn() is spawning.spawn)
 from pipelocal.launch.run_dir import release_run_dir
@@ -43,6 +44,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any] | Non
     Returns the summary (None on torchrun ranks other than 0). The run directory is locked
     for the whole call (a second run on it is refused) and released however the call ends.
     """
+    keep_host_memory()  # before any worker, forkserver or profiling process starts
     try:
         done = _already_complete(cfg, resume)
         if done is not None:  # said at once: no worker, no Ray, no rendezvous

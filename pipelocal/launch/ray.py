@@ -44,6 +44,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pipelocal.checkpoint import last_complete_note
 from pipelocal.config import Config, ConfigError
 from pipelocal.device import ray_gpu_index
+from pipelocal.hostmem import HOST_MALLOC_ENV
 from pipelocal.launch.preflight import Placement, preflight
 from pipelocal.launch.ray_reaper import Reaper, start_reaper
 from pipelocal.launch.report import (
@@ -208,6 +209,7 @@ def _launch(spec: RunSpec, gpus_each: int) -> dict[str, Any]:
 
 def _start_actors(cfg: Config, group: Any, world: int, gpus_each: int) -> list[Any]:
     env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV)}
+    env |= {k: os.environ.get(k, v) for k, v in HOST_MALLOC_ENV.items()}  # read at start-up
     run_id = uuid.uuid4().hex[:8]
     remote = ray.remote(StageActor)
     return [

@@ -30,6 +30,7 @@ from pipelocal.config import Config
 from pipelocal.determinism import configure_determinism
 from pipelocal.device import cpu_threads, place_stage, visible_gpus
 from pipelocal.engine import Engine, build_blocks, piece_rows
+from pipelocal.hostmem import keep_host_memory
 from pipelocal.pipeline.channel import P2PChannel
 from pipelocal.pipeline.nccl_order import SerialTransport, nccl_order_requested
 from pipelocal.pipeline.partition import stage_ranges
@@ -63,6 +64,7 @@ def configure_rank(
     device = place_stage(stages=world, gpus_per_node=visible_gpus(cfg), nodes=nodes,
                          local_rank=local_rank, device=cfg.run.device)
     configure_determinism(device, cfg.run.deterministic)
+    keep_host_memory()  # a torchrun rank started without launch/torchrun.sh's settings
     torch.set_num_threads(cpu_threads(cfg.pipeline.threads_per_stage, local_world))
     if device.type == "cuda":
         torch.cuda.set_device(device)
