@@ -348,3 +348,29 @@ def test_concurrent_ideal_times_every_stage_at_once(tmp_path):
     assert [st["stage"] for st in stages] == [0, 1]
     for st in stages:
         assert st["steps"] >= 3 and st["step_mean(s)"] > 0 and st["step_median(s)"] > 0
+
+
+def test_concurrent_ideal_averages_the_runs_before_and_after():
+    from benchmarks.headline.analysis import concurrent_steps
+
+    runs = {"before": [{"step_mean(s)": 0.10}, {"step_mean(s)": 0.30}],
+            "after": [{"step_mean(s)": 0.20}, {"step_mean(s)": 0.50}]}
+    assert concurrent_steps(runs) == pytest.approx([0.15, 0.40])
+
+
+def test_micro_batches_cost_what_their_rows_were_measured_to_cost():
+    from benchmarks.headline.analysis import micro_table
+
+    blocks = [_block("b0", 4.0), _block("b1", 4.0)]
+    link = Link(latency_s=0.0, bytes_per_s=1.0)  # no wire bytes: no transfer time
+    kw = {"schedule": "1f1b", "microbatches": 4, "batch_size": 8, "link": link,
+          "partition": [1, 1]}
+    # 1/M of the batch: 1 s a micro-batch, (4 + 1) of them
+    assert predict_torchpipe(blocks, 2, **kw)["throughput(samples/s)"] == pytest.approx(8 / 5)
+    # measured at 2 rows: 1.5 s a micro-batch (small batches run less efficiently)
+    raw = {"batch_size": 8, "plan_profile": {"glob_blocks_at": {"2": [{"glob_s": 1.5}] * 2}}}
+    micro = micro_table(raw, blocks, 4)
+    assert micro is not None and [b.glob_s for b in micro] == [1.5, 1.5]
+    assert predict_torchpipe(blocks, 2, micro=micro, **kw)["throughput(samples/s)"] == \
+        pytest.approx(8 / 7.5)
+    assert micro_table(raw, blocks, 2) is None  # 4 rows were not measured

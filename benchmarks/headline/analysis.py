@@ -21,7 +21,16 @@ from benchmarks.headline.scaling import (
 )
 from pipelocal.pipeline.partition import stage_ranges
 
-__all__ = ["DEFINITIONS", "analyse_micro", "analyse_model", "stat", "time_to_accuracy"]
+__all__ = [
+    "DEFINITIONS",
+    "analyse_micro",
+    "analyse_model",
+    "breakdown",
+    "calibrated",
+    "concurrent_steps",
+    "stat",
+    "time_to_accuracy",
+]
 
 MIB = 2**20
 
@@ -41,7 +50,8 @@ DEFINITIONS = {
     "own blocks on prepared inputs at the same time, one process per stage, threaded as the "
     "pipeline's (not pinned, as the pipeline's are not), without communication or loader: "
     "what the machine allows S processes at once",
-    "efficiency_vs_concurrent": "(c) / ideal_concurrent, same repeat",
+    "efficiency_vs_concurrent": "(c) / ideal_concurrent, same repeat; the concurrent ideal is "
+    "measured just before and just after (c) and its step times averaged",
     "contention": "a stage's step time with every stage computing at once / alone",
     "breakdown": "(c), per stage, the measured epoch's wall time split into compute at the "
     "concurrent ideal's speed, compute above it, receive wait, send wait and other (stage 0: "
@@ -153,7 +163,7 @@ def analyse_model(raw: dict[str, Any]) -> dict[str, Any]:
         mem = _pipelocal_memory(reps[0]["profile"]["rules"][rule], part, depth)
         peers[f"c {rule}"] = _pipelocal_peer(cs, mem)
         alone = [r["profile"]["rules"][rule]["stage_alone(s)"] for r in reps]
-        conc = [[st["step_mean(s)"] for st in r["concurrent"][rule]] for r in reps]
+        conc = [concurrent_steps(r["concurrent"][rule]) for r in reps]
         ideal = [batch / max(a) for a in alone]
         ideal_c = [batch / max(c) for c in conc]
         efficiency[rule] = {
@@ -182,6 +192,15 @@ def analyse_model(raw: dict[str, Any]) -> dict[str, Any]:
     out["targets"] = _targets(out, rules, s)
     out["scaling"] = _scaling(raw, out)
     return out
+
+
+def concurrent_steps(runs: dict[str, list[dict[str, Any]]]) -> list[float]:
+    """Each stage's concurrent-ideal step time: the mean of the runs just before and just
+    after (c)'s (``{"before": [...], "after": [...]}``, one entry per stage), so that a drift
+    of the machine's speed over the minutes between them hits the ideal as it hits (c)."""
+    sides = list(runs.values())
+    return [sum(side[k]["step_mean(s)"] for side in sides) / len(sides)
+            for k in range(len(sides[0]))]
 
 
 def breakdown(record: dict[str, Any], concurrent_s: Sequence[float],
@@ -312,20 +331,40 @@ def _err(pred: float, meas: float) -> float:
     return pred / meas - 1 if meas else math.nan
 
 
-def calibrated(table: list[BlockCost], step_s: float) -> list[BlockCost]:
+def calibrated(table: list[BlockCost], step_s: float,
+               scaled: list[BlockCost] | None = None) -> list[BlockCost]:
     """The blocks' backprop shares scaled so that they add up to ``step_s``, a measured
     end-to-end step: timed one block at a time they miss what the whole step costs beyond
-    its blocks (the chained autograd graph, the loss)."""
+    its blocks (the chained autograd graph, the loss). ``scaled``: another table (the same
+    blocks at other rows) scaled by the same factor instead."""
     scale = step_s / sum(b.glob_s for b in table)
-    return [dataclasses.replace(b, glob_s=b.glob_s * scale) for b in table]
+    return [dataclasses.replace(b, glob_s=b.glob_s * scale) for b in scaled or table]
+
+
+def micro_table(raw: dict[str, Any], table: list[BlockCost],
+                microbatches: int) -> list[BlockCost] | None:
+    """``table`` with each block's backprop share measured at one micro-batch's rows (batch /
+    ``microbatches``), if the plan's profile measured those rows (None otherwise)."""
+    at = raw["plan_profile"].get("glob_blocks_at", {}).get(
+        str(raw["batch_size"] // microbatches))
+    if at is None:
+        return None
+    return [dataclasses.replace(b, glob_s=g["glob_s"]) for b, g in zip(table, at)]
+
+
+def _micro_cal(raw: dict[str, Any], table: list[BlockCost], step_s: float,
+               microbatches: int) -> list[BlockCost] | None:
+    micro = micro_table(raw, table, microbatches)
+    return None if micro is None else calibrated(table, step_s, micro)
 
 
 def _scaling(raw: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
     """The model's prediction at each measured point, twice: from the blocks' costs alone
     (``predicted``) and with what this run measured of the machine (``predicted_measured``:
     each stage's measured contention when S processes compute at once, backprop's block
-    shares calibrated on (a)'s measured step); then the curves for S = 1..scale_max separate
-    devices (no contention) from the calibrated costs."""
+    shares calibrated on (a)'s measured step, (d)'s micro-batches costed at their rows); then
+    the curves for S = 1..scale_max separate devices (no contention) from the calibrated
+    costs."""
     s, batch, depth = raw["stages"], raw["batch_size"], raw["channel_depth"]
     link = link_of(out["transport"])
     peers = out["peers"]
@@ -369,7 +408,9 @@ def _scaling(raw: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
         kw = {"schedule": sched, "microbatches": meas["microbatches"], "batch_size": batch,
               "link": link, "partition": raw["partition_d"]}
         pred = predict_torchpipe(glob_table, s, **kw)
-        pred_m = predict_torchpipe(glob_cal, s, contention=d_contention, **kw)
+        micro = micro_table(raw, glob_table, meas["microbatches"])
+        pred_m = predict_torchpipe(glob_cal, s, contention=d_contention, micro=None if micro is
+                                   None else calibrated(glob_table, a_step, micro), **kw)
         val.append({"peer": f"d {sched}", "S": s, "microbatches": meas["microbatches"],
                     "predicted(samples/s)": pred["throughput(samples/s)"],
                     "predicted_measured(samples/s)": pred_m["throughput(samples/s)"],
@@ -378,7 +419,9 @@ def _scaling(raw: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
                     "measured_activation(MiB)": max(meas["activation(MiB)"])})
         curves[f"d {sched}"] = [
             max((predict_torchpipe(glob_cal, k, schedule=sched, microbatches=f * k,
-                                   batch_size=batch, link=link) for f in raw["mb_factors"]),
+                                   batch_size=batch, link=link, micro=_micro_cal(
+                                       raw, glob_table, a_step, f * k))
+                 for f in raw["mb_factors"]),
                 key=lambda p: p["throughput(samples/s)"])
             for k in range(1, top + 1)]
     curves["S"] = list(range(1, top + 1))

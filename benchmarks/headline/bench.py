@@ -322,8 +322,14 @@ def _split(run: Runner, name: str, rules: list[str], glob: bool) -> tuple[dict[s
     """The profile of every block alone and the split balanced on the last rule's times."""
     n = _num_blocks(run.config("glob"))
     _log(f"{name}: profiling each of the {n} blocks alone ({run.threads} thread(s))")
-    plan = run.peer("profile", rules[-1], rules=rules, partition=[1] * n, glob=glob)
+    plan = run.peer("profile", rules[-1], rules=rules, partition=[1] * n, glob=glob,
+                    glob_rows=micro_rows(run.args) if glob else [])
     return plan, split_of(plan, rules[-1], run.args.stages)
+
+
+def micro_rows(args: argparse.Namespace) -> list[int]:
+    """The rows of (d)'s micro-batches in its sweep: batch / (f x S) for f in _FACTORS."""
+    return sorted({args.batch_size // m for _, m in _sweep(args, ("1f1b",))})
 
 
 def split_of(plan: dict[str, Any], rule: str, stages: int) -> list[int]:
@@ -370,21 +376,25 @@ def measure_model(args: argparse.Namespace, name: str, root: Path) -> dict[str, 
         _log(f"{name} repeat {i + 1}/{args.repeats}: (a) glob, (b) {rules} on one device")
         rep["a"] = run.peer("single", "glob")
         rep["b"] = {rule: run.peer("single", rule) for rule in rules}
-        _log(f"{name} repeat {i + 1}: (c) pipelocal S={s} splits {splits}")
-        rep["c"] = {rule: pipelocal_stats(run.pipelocal(rule, f"{name}-{rule}-r{i}", 2,
-                                                        preset.pipe_batches, splits[rule]), s)
-                    for rule in rules}
+        _log(f"{name} repeat {i + 1}: (c) pipelocal S={s} splits {splits}, each between two "
+             "runs of its concurrent ideal")
+        rep["c"], rep["concurrent"] = {}, {}
+        for rule in rules:
+            before = run.concurrent(rule, splits[rule])
+            rep["c"][rule] = pipelocal_stats(run.pipelocal(
+                rule, f"{name}-{rule}-r{i}", 2, preset.pipe_batches, splits[rule]), s)
+            rep["concurrent"][rule] = {"before": before,
+                                       "after": run.concurrent(rule, splits[rule])}
         settings = sweep if i == 0 else _best_settings(reps[0]["d"], ("gpipe", "1f1b"))
         _log(f"{name} repeat {i + 1}: (d) torch.distributed.pipelining {settings} split "
              f"{glob_split}")
         rep["d"] = run_torchpipe(cfg, glob_split, settings, warmup=preset.warmup,
                                  steps=preset.steps, threads=run.threads,
                                  transport_rounds=20 if i == 0 else 0)
-        _log(f"{name} repeat {i + 1}: each stage's blocks alone, then all stages at once")
+        _log(f"{name} repeat {i + 1}: each stage's blocks alone")
         rep["profile"] = {"rules": {rule: run.peer(
             "profile", rule, rules=[rule], partition=splits[rule], glob=False)["rules"][rule]
             for rule in rules}}
-        rep["concurrent"] = {rule: run.concurrent(rule, splits[rule]) for rule in rules}
         reps.append(rep)
     raw = {
         "label": preset.label, "preset": preset.__dict__ | {"quick": args.quick},

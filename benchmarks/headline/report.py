@@ -62,11 +62,12 @@ BREAKDOWN = ["rule", "stage", "wall s", "compute at concurrent ideal", "compute 
 
 
 def _breakdown_rows(m: dict[str, Any]) -> list[list[str]]:
-    """Each rule's stages: the median over repeats of each part, and its share of wall."""
+    """Each rule's stages: the mean over repeats of each part (means add up to the mean
+    wall), and its share of the wall time."""
     rows = []
     for rule, eff in m["efficiency"].items():
         for k, parts in enumerate(zip(*eff["breakdown"])):
-            med = {key: sorted(p[key] for p in parts)[len(parts) // 2] for key in parts[0]}
+            med = {key: sum(p[key] for p in parts) / len(parts) for key in parts[0]}
             rows.append([rule, str(k), f"{med['wall']:.2f}"] + [
                 f"{med[key]:.2f} ({100 * med[key] / med['wall']:.0f}%)"
                 for key in ("compute_ideal", "compute_excess", "recv_wait", "send_wait",
@@ -130,7 +131,7 @@ def markdown(result: dict[str, Any]) -> str:
               f"{100 * v['error_measured']:+.0f}%" + (" (fit)" if v.get("note") else ""),
               f"{100 * v['activation_error']:+.0f}%" if "activation_error" in v else "-"]
              for v in m["scaling"]["validation"]]) + "\n")
-        lines.append("Where each stage's measured epoch went (median over repeats; "
+        lines.append("Where each stage's measured epoch went (mean over repeats; "
                      "seconds and share of the stage's wall time):\n")
         lines.append(markdown_table(BREAKDOWN, _breakdown_rows(m)) + "\n")
     return "\n".join(lines)

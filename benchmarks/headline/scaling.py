@@ -14,9 +14,10 @@ measured S:
   ``sum_k t_k + (n - 1) * max_k t_k`` (fill and drain once per epoch); memory per device =
   state + the largest saved-for-backward of one of its blocks + ``channel_depth`` batches in
   flight on each side;
-* torch pipelining (d), M micro-batches: one step takes ``(M + S - 1) * max_k t_k / M``
-  (the GPipe and 1F1B bubble), a micro-batch costing 1/M of the batch (no per-micro-batch
-  overhead: small micro-batches run less efficiently, so the model is optimistic for large M);
+* torch pipelining (d), M micro-batches: one step takes ``(M + S - 1) * max_k t_mb,k``
+  (the GPipe and 1F1B bubble), a micro-batch costing what its blocks were measured to cost at
+  its rows when the benchmark measured them (else 1/M of the batch: small micro-batches run less
+  efficiently, so the model is then optimistic for large M);
   activations held: all M micro-batches for GPipe, ``min(M, S - k)`` of them for 1F1B stage k;
 * backprop on one device (a): the sum of the blocks' backprop times, all activations held.
 """
@@ -148,16 +149,20 @@ def predict_torchpipe(
     link: Link,
     partition: Sequence[int] | None = None,
     contention: float = 1.0,
+    micro: Sequence[BlockCost] | None = None,
 ) -> dict[str, Any]:
     """(d) Backprop pipelined over ``stages`` stages, GPipe or 1F1B, ``microbatches`` per batch
-    (``contention`` as for :func:`predict_pipelocal`)."""
+    (``contention`` as for :func:`predict_pipelocal`). ``micro``: the blocks' backprop costs
+    measured at one micro-batch's rows (small batches run less efficiently than 1/M of a
+    large one); without it a micro-batch costs 1/M of the batch."""
     if schedule not in ("gpipe", "1f1b"):
         raise ValueError(f"schedule {schedule!r} is unknown; accepted: gpipe, 1f1b")
     m = microbatches
     part = list(partition or balanced_partition([b.glob_s for b in blocks], stages))
     ranges = stage_ranges(part)
     per_mb = [
-        contention * sum(blocks[i].glob_s for i in r) / m
+        contention * (sum(micro[i].glob_s for i in r) if micro is not None
+                      else sum(blocks[i].glob_s for i in r) / m)
         + _stage_comm(blocks, ranges, k, link, scale=1 / m, both_ways=True)
         for k, r in enumerate(ranges)
     ]
