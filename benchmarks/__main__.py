@@ -19,6 +19,7 @@ __all__ = ["BENCHMARKS", "describe", "main"]
 BENCHMARKS: dict[str, str] = {
     "bench": "benchmarks.headline.bench",
     "replicas": "benchmarks.headline.replicas",
+    "host_memory": "benchmarks.headline.host_memory",
     "tta": "benchmarks.headline.tta",
     "mnist_realdata": "benchmarks.mnist_realdata",
     "mostafa_mnist": "benchmarks.mostafa_mnist",

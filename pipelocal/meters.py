@@ -81,8 +81,17 @@ def epoch_stats(
     }
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+_FAULTS_AT_RESET = [_minor_faults()]
+
+
 def reset_memory_stats(device: torch.device) -> None:
-    """Start a new peak: CUDA allocator peaks, or on Linux the process's peak RSS (VmHWM)."""
+    """Start a new peak: CUDA allocator peaks, or on Linux the process's peak RSS (VmHWM);
+    and a new count of the process's minor page faults."""
+    _FAULTS_AT_RESET[0] = _minor_faults()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
@@ -122,15 +131,18 @@ def _nvml_now_mib(device: torch.device) -> float | None:
 
 
 def memory_stats(device: torch.device) -> dict[str, float | None]:
-    """Peak memory since :func:`reset_memory_stats`, in MiB, under keys that carry their source."""
+    """Peak memory since :func:`reset_memory_stats`, in MiB, under keys that carry their source;
+    and the minor page faults since then (host memory faulted in: a step that reuses its
+    memory faults none, see :mod:`pipelocal.hostmem`)."""
+    faults = {"minor_faults": _minor_faults() - _FAULTS_AT_RESET[0]}
     if device.type == "cuda":
-        return {
+        return {**faults,
             "max_allocated(MiB)": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
             "max_reserved(MiB)": round(torch.cuda.max_memory_reserved(device) / 2**20, 1),
             # current at the epoch's end (NVML keeps no peak), CUDA context included
             "nvml_process(MiB)": _nvml_now_mib(device),
         }
-    return {"peak_rss(MiB)": round(_peak_rss_kib() / 1024, 1)}
+    return {**faults, "peak_rss(MiB)": round(_peak_rss_kib() / 1024, 1)}
 
 
 def _peak_rss_kib() -> float:

@@ -66,3 +66,17 @@ def test_torchrun_script_exports_the_same_settings():
     script = (REPO / "launch" / "torchrun.sh").read_text()
     for key, value in HOST_MALLOC_ENV.items():
         assert re.search(rf"export {key}=\${{{key}:-{value}}}", script), key
+
+
+def test_host_memory_benchmark_takes_ratios_within_each_repeat():
+    from benchmarks.headline.host_memory import SETTINGS, summary
+
+    def rep(default: float, kept: float) -> dict[str, dict[str, float]]:
+        return {SETTINGS[0]: {"throughput(samples/s)": default, "minor_faults/step": 2000.0},
+                SETTINGS[1]: {"throughput(samples/s)": kept, "minor_faults/step": 0.0}}
+
+    out = summary([rep(100.0, 150.0), rep(50.0, 100.0), rep(80.0, 96.0)])
+    assert out["speedup"]["values"] == pytest.approx([1.5, 2.0, 1.2])
+    assert out["speedup"]["median"] == pytest.approx(1.5)
+    assert out[SETTINGS[0]]["minor_faults/step"]["median"] == 2000.0
+    assert out[SETTINGS[1]]["throughput(samples/s)"]["median"] == 100.0

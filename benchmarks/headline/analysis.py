@@ -176,6 +176,8 @@ def analyse_model(raw: dict[str, Any]) -> dict[str, Any]:
                 "throughput(samples/s)"]) for c, r in zip(cs, reps)]),
             "stage_alone(s)": [_median(col) for col in zip(*alone)],
             "stage_concurrent(s)": [_median(col) for col in zip(*conc)],
+            "stage_pipeline(s)": [_median([c["busy(s)"][k] * batch / c["samples"] for c in cs])
+                                  for k in range(s)],
             "contention": [_median([c / a for c, a in zip(cc, aa)])
                            for cc, aa in zip(zip(*conc), zip(*alone))],
             "breakdown": [breakdown(c["record"], st, batch)
@@ -210,15 +212,19 @@ def breakdown(record: dict[str, Any], concurrent_s: Sequence[float],
     above that), ``recv_wait``, ``send_wait``, ``other`` (the rest of its wall time), which
     add up to ``wall`` (from its first batch to the end of the epoch); ``outside`` = the
     epoch's ``time/epoch(s)`` - ``wall`` (before its first batch arrived: the fill; after its
-    last: the drain and the end-of-epoch gather)."""
+    last: the drain and the end-of-epoch gather); ``minor_faults/batch``: host memory the
+    stage faulted in per batch (NaN if the record predates the count)."""
     out = []
     for k, step in enumerate(concurrent_s):
         wall, busy = record[f"stage{k}/wall(s)"], record[f"stage{k}/busy(s)"]
         recv, send = record[f"stage{k}/recv_wait(s)"], record[f"stage{k}/send_wait(s)"]
-        ideal = record[f"stage{k}/samples"] / batch * step
+        batches = record[f"stage{k}/samples"] / batch
+        ideal = batches * step
         out.append({"compute_ideal": ideal, "compute_excess": busy - ideal, "recv_wait": recv,
                     "send_wait": send, "other": wall - busy - recv - send, "wall": wall,
-                    "outside": record["time/epoch(s)"] - wall})
+                    "outside": record["time/epoch(s)"] - wall,
+                    "minor_faults/batch": record.get(f"stage{k}/minor_faults", math.nan)
+                    / batches})
     return out
 
 

@@ -102,7 +102,7 @@ PRESETS: dict[str, Preset] = {
     "vgg8b": Preset(
         label="VGG8B width 0.25",
         overrides=("model.name=vgg8b", "model.width=0.25"),
-        warmup=2, steps=6, pipe_batches=16, concurrent_s=10.0,
+        warmup=2, steps=6, pipe_batches=62, concurrent_s=8.0,
     ),
 }
 QUICK = {  # --quick: tiny sizes to test the whole command

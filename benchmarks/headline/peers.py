@@ -9,11 +9,13 @@ starts (pipelocal's stage 0 builds its own inside its timing: a small cost next 
 
 * ``single``: (a) backprop (``rule.name = glob``) or (b) sequential local learning, the whole
   model in one :class:`pipelocal.engine.Engine`; samples/s over N steps after W warm-up steps;
-  then one more step under a :class:`memory.SavedTensorMeter` for the activation peak.
+  then one more step under a :class:`memory.SavedTensorMeter` for the activation peak; and
+  the minor page faults per timed step.
 * ``profile``: for each local rule, each stage's blocks timed ALONE (an engine over that
   stage's blocks only, inputs made beforehand by the blocks before it) with per-block times,
   saved-for-backward and state bytes; and each block's share of a backprop step, timed alone
-  on a random output gradient. The ideal of (c) and the scaling model's cost table.
+  on a random output gradient, on the batch and (``"glob_rows"``) on micro-batches of those
+  rows. The ideal of (c) and the scaling model's cost table.
 * ``concurrent`` (``"partition", "stage", "barrier", "duration_s"``): one stage's blocks on
   prepared inputs, timed for ``duration_s`` while the other stages' processes (started at the
   same time by ``bench.py``) do the same; the concurrent ideal of (c).
@@ -27,6 +29,7 @@ starts (pipelocal's stage 0 builds its own inside its timing: a small cost next 
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -70,16 +73,19 @@ def single_device(cfg: Config, warmup: int, steps: int) -> dict[str, Any]:
         engine.train_batch(x, y, 0)
     timed = _cycle(batches[warmup:] or batches, steps)
     step_s = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for x, y in timed:
         t0 = time.perf_counter()
         engine.train_batch(x, y, 0)
         step_s.append(time.perf_counter() - t0)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     with SavedTensorMeter(blocks) as meter:
         engine.train_batch(*batches[0], 0)
     n = cfg.data.batch_size * steps
     return {
         "throughput(samples/s)": n / sum(step_s),
         "step(s)": step_s,
+        "minor_faults/step": faults / steps,
         "activation_peak(B)": meter.peak,
         **state_bytes(blocks, [b.optimizer for b in blocks]),
         "peak_rss(MiB)": peak_rss_mib(),
@@ -114,8 +120,13 @@ def _glob_saved_bytes(blocks: list[LocalBlock], x: Tensor) -> list[int]:
     return added
 
 
-def _profile_glob(cfg: Config, warmup: int, steps: int) -> list[dict[str, Any]]:
+def _profile_glob(cfg: Config, warmup: int, steps: int,
+                  rows: int | None = None) -> list[dict[str, Any]]:
+    """Each block's share of a backprop step on the batch (or its first ``rows`` rows: a
+    micro-batch of torch's pipelining)."""
     blocks, batches = build_all(cfg.replace(rule={"name": "glob"}))
+    if rows is not None:
+        batches = [(x[:rows], y[:rows]) for x, y in batches]
     data = _cycle(batches, warmup + steps)
     out = []
     for block in blocks:
@@ -249,14 +260,17 @@ def micro_memory(cfg: Config, micro_batches: list[int]) -> dict[str, Any]:
 
 
 def profile(cfg: Config, rules: list[str], partition: list[int], warmup: int,
-            steps: int, glob: bool) -> dict[str, Any]:
-    """Stage-alone times per rule, and (``glob``) each block's share of a backprop step."""
+            steps: int, glob: bool, glob_rows: list[int] | None = None) -> dict[str, Any]:
+    """Stage-alone times per rule, and (``glob``) each block's share of a backprop step, on
+    the batch and on each of ``glob_rows`` rows."""
     out: dict[str, Any] = {"rules": {}}
     for rule in rules:
         out["rules"][rule] = _profile_local(cfg.replace(rule={"name": rule}), partition,
                                             warmup, steps)
     if glob:
         out["glob_blocks"] = _profile_glob(cfg, warmup, steps)
+        out["glob_blocks_at"] = {str(r): _profile_glob(cfg, warmup, steps, rows=r)
+                                 for r in glob_rows or []}
     return out
 
 
@@ -273,7 +287,7 @@ def main(argv: list[str]) -> int:
                                   spec["steps"], Path(spec["barrier"]), spec["duration_s"])
     else:
         result = profile(cfg, spec["rules"], spec["partition"], spec["warmup"], spec["steps"],
-                         spec["glob"])
+                         spec["glob"], spec.get("glob_rows"))
     result["threads"] = torch.get_num_threads()
     Path(argv[1]).write_text(json.dumps(result))
     return 0

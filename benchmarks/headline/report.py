@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,8 @@ def _splits(raw: dict[str, Any]) -> str:
 
 
 BREAKDOWN = ["rule", "stage", "wall s", "compute at concurrent ideal", "compute above it",
-             "receive wait", "send wait", "other", "epoch outside wall s (fill, drain)"]
+             "receive wait", "send wait", "other", "epoch outside wall s (fill, drain)",
+             "page faults per batch"]
 
 
 def _breakdown_rows(m: dict[str, Any]) -> list[list[str]]:
@@ -71,7 +73,8 @@ def _breakdown_rows(m: dict[str, Any]) -> list[list[str]]:
             rows.append([rule, str(k), f"{med['wall']:.2f}"] + [
                 f"{med[key]:.2f} ({100 * med[key] / med['wall']:.0f}%)"
                 for key in ("compute_ideal", "compute_excess", "recv_wait", "send_wait",
-                            "other")] + [f"{med['outside']:.2f}"])
+                            "other")] + [f"{med['outside']:.2f}",
+                                         f"{med.get('minor_faults/batch', math.nan):.0f}"])
     return rows
 
 
@@ -134,6 +137,14 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("Where each stage's measured epoch went (mean over repeats; "
                      "seconds and share of the stage's wall time):\n")
         lines.append(markdown_table(BREAKDOWN, _breakdown_rows(m)) + "\n")
+        lines.append("Step time per stage (ms, median over repeats), alone / all stages at once "
+                     "(the concurrent ideal) / in the pipeline (busy per batch): " + "; ".join(
+                         f"{rule} " + ", ".join(
+                             f"stage {k} {1e3 * a:.1f} / {1e3 * c:.1f} / {1e3 * p:.1f}"
+                             for k, (a, c, p) in enumerate(zip(
+                                 eff["stage_alone(s)"], eff["stage_concurrent(s)"],
+                                 eff["stage_pipeline(s)"])))
+                         for rule, eff in m["efficiency"].items()) + ".\n")
     return "\n".join(lines)
 
 
