@@ -378,3 +378,30 @@ def test_micro_batches_cost_what_their_rows_were_measured_to_cost():
     assert predict_torchpipe(blocks, 2, micro=micro, **kw)["throughput(samples/s)"] == \
         pytest.approx(8 / 7.5)
     assert micro_table(raw, blocks, 2) is None  # 4 rows were not measured
+
+
+@pytest.mark.timeout(120)
+def test_reanalysis_recomputes_a_committed_result_from_its_raw_measurements(tmp_path):
+    import json
+    import shutil
+
+    from benchmarks.common import RESULTS_DIR
+    from benchmarks.headline.analysis import analyse_model
+    from benchmarks.headline.bench import reanalyse
+
+    path = tmp_path / "bench.json"
+    shutil.copy(RESULTS_DIR / "bench.json", path)
+    before = json.loads(path.read_text())
+    for m in before["models"].values():  # figures that a re-analysis must bring back
+        m["scaling"] = m["targets"] = None
+    path.write_text(json.dumps(before))
+    assert reanalyse(path) == 0
+    after = json.loads(path.read_text())
+    assert after["git"] == before["git"] and after["started"] == before["started"]
+    assert after["reanalysed"]["command"]
+    for name, m in after["models"].items():
+        assert m["raw"] == before["models"][name]["raw"]
+        fresh = json.loads(json.dumps(analyse_model(m["raw"])))
+        assert m["scaling"] == fresh["scaling"] and m["targets"] == fresh["targets"]
+    assert "Figures recomputed from these measurements" in (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "bench.png").stat().st_size > 0

@@ -342,9 +342,17 @@ def calibrated(table: list[BlockCost], step_s: float,
     """The blocks' backprop shares scaled so that they add up to ``step_s``, a measured
     end-to-end step: timed one block at a time they miss what the whole step costs beyond
     its blocks (the chained autograd graph, the loss). ``scaled``: another table (the same
-    blocks at other rows) scaled by the same factor instead."""
+    blocks at a micro-batch's rows) scaled by the same factor instead."""
     scale = step_s / sum(b.glob_s for b in table)
     return [dataclasses.replace(b, glob_s=b.glob_s * scale) for b in scaled or table]
+
+
+def _micro_cal(raw: dict[str, Any], table: list[BlockCost], step_s: float,
+               microbatches: int) -> list[BlockCost] | None:
+    """(d)'s micro-batch costs at their rows, scaled by the batch's calibration factor: a
+    stage's chained blocks cost more than the blocks timed one at a time at any rows."""
+    micro = micro_table(raw, table, microbatches)
+    return None if micro is None else calibrated(table, step_s, micro)
 
 
 def micro_table(raw: dict[str, Any], table: list[BlockCost],
@@ -358,17 +366,12 @@ def micro_table(raw: dict[str, Any], table: list[BlockCost],
     return [dataclasses.replace(b, glob_s=g["glob_s"]) for b, g in zip(table, at)]
 
 
-def _micro_cal(raw: dict[str, Any], table: list[BlockCost], step_s: float,
-               microbatches: int) -> list[BlockCost] | None:
-    micro = micro_table(raw, table, microbatches)
-    return None if micro is None else calibrated(table, step_s, micro)
-
-
 def _scaling(raw: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
     """The model's prediction at each measured point, twice: from the blocks' costs alone
     (``predicted``) and with what this run measured of the machine (``predicted_measured``:
     each stage's measured contention when S processes compute at once, backprop's block
-    shares calibrated on (a)'s measured step, (d)'s micro-batches costed at their rows); then
+    shares calibrated on (a)'s measured step, (d)'s micro-batches costed at their rows and
+    scaled by the same factor); then
     the curves for S = 1..scale_max separate devices (no contention) from the calibrated
     costs."""
     s, batch, depth = raw["stages"], raw["batch_size"], raw["channel_depth"]
@@ -414,9 +417,8 @@ def _scaling(raw: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
         kw = {"schedule": sched, "microbatches": meas["microbatches"], "batch_size": batch,
               "link": link, "partition": raw["partition_d"]}
         pred = predict_torchpipe(glob_table, s, **kw)
-        micro = micro_table(raw, glob_table, meas["microbatches"])
-        pred_m = predict_torchpipe(glob_cal, s, contention=d_contention, micro=None if micro is
-                                   None else calibrated(glob_table, a_step, micro), **kw)
+        pred_m = predict_torchpipe(glob_cal, s, contention=d_contention, micro=_micro_cal(
+            raw, glob_table, a_step, meas["microbatches"]), **kw)
         val.append({"peer": f"d {sched}", "S": s, "microbatches": meas["microbatches"],
                     "predicted(samples/s)": pred["throughput(samples/s)"],
                     "predicted_measured(samples/s)": pred_m["throughput(samples/s)"],
@@ -425,8 +427,8 @@ def _scaling(raw: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
                     "measured_activation(MiB)": max(meas["activation(MiB)"])})
         curves[f"d {sched}"] = [
             max((predict_torchpipe(glob_cal, k, schedule=sched, microbatches=f * k,
-                                   batch_size=batch, link=link, micro=_micro_cal(
-                                       raw, glob_table, a_step, f * k))
+                                   batch_size=batch, link=link,
+                                   micro=_micro_cal(raw, glob_table, a_step, f * k))
                  for f in raw["mb_factors"]),
                 key=lambda p: p["throughput(samples/s)"])
             for k in range(1, top + 1)]

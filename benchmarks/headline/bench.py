@@ -136,6 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="file stem of the outputs (default bench; bench_micro with "
                         "--micro-batches)")
     p.add_argument("--runs-dir", default=None, help="keep pipelocal run dirs here")
+    p.add_argument("--reanalyse", default=None, metavar="RESULT.json",
+                   help="measure nothing: recompute a result's figures, tables and plot from "
+                        "its raw measurements with this checkout's analysis, in place")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="extra config override (repeatable)")
     return p.parse_args(argv)
@@ -458,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.headline.analysis import analyse_micro, analyse_model
 
     args = parse_args(argv)
+    if args.reanalyse:
+        return reanalyse(Path(args.reanalyse))
     args.name = args.name or ("bench_micro" if args.micro_batches else "bench")
     require_mnist_10k(args.data_dir, "bench")
     prov = Provenance(args.name)
@@ -486,10 +491,45 @@ def plot_path(out_dir: Path, name: str) -> Path:
     return out_dir / f"{name}.png"
 
 
+def reanalyse(path: Path) -> int:
+    """Recompute the figures of the result at ``path`` from its raw measurements (the model
+    or the report changed, the measurements did not); the measurement's provenance stays and
+    ``reanalysed`` records this command and the checkout's revision. Rewrites the JSON, the
+    .md beside it and the plot."""
+    import shlex
+    import time
+
+    from benchmarks.common import git_revision
+    from benchmarks.headline.analysis import DEFINITIONS, analyse_micro, analyse_model
+
+    result = json.loads(path.read_text())
+    micro = bool(result["settings"].get("micro_batches"))
+    analyse = analyse_micro if micro else analyse_model
+    result["models"] = {name: {"raw": m["raw"], **analyse(m["raw"])}
+                        for name, m in result["models"].items()}
+    result["definitions"] = DEFINITIONS
+    result["reanalysed"] = {"command": shlex.join(sys.orig_argv), "git": git_revision(),
+                            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    _render(result, path.parent, path.stem, micro)
+    _log(f"re-analysed {path}, the .md beside it"
+         + ("" if micro else f" and {plot_path(path.parent, path.stem)}"))
+    return 0
+
+
+def _render(result: dict[str, Any], out_dir: Path, name: str, micro: bool) -> str:
+    from benchmarks.headline.report import markdown, micro_markdown, plot
+
+    text = micro_markdown(result) if micro else markdown(result)
+    (out_dir / f"{name}.md").write_text(text)
+    if not micro:
+        plot(result, plot_path(out_dir, name))
+    return text
+
+
 def write_outputs(args: argparse.Namespace, prov: Provenance, models: dict[str, Any], *,
                   complete: bool) -> Path:
     from benchmarks.headline.analysis import DEFINITIONS
-    from benchmarks.headline.report import markdown, micro_markdown, plot
 
     # 1-minute load average before the run and now; above ~0.5 other work shared the cores.
     loads = [prov.load_before[0] if prov.load_before else 0.0, os.getloadavg()[0]]
@@ -508,11 +548,7 @@ def write_outputs(args: argparse.Namespace, prov: Provenance, models: dict[str, 
         "models": models,
     }
     path = write_result(prov, payload, out_dir / f"{args.name}.json")
-    result = json.loads(path.read_text())
-    text = micro_markdown(result) if args.micro_batches else markdown(result)
-    (out_dir / f"{args.name}.md").write_text(text)
-    if not args.micro_batches:
-        plot(result, plot_path(out_dir, args.name))
+    text = _render(json.loads(path.read_text()), out_dir, args.name, bool(args.micro_batches))
     print(text, flush=True)
     return path
 

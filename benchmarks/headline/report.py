@@ -90,6 +90,10 @@ def _preamble(result: dict[str, Any], title: str) -> list[str]:
     lines.append(f"Command: `{result['command']}` ({result['duration(s)']:.0f} s"
                  + ("" if result["complete"] else "; INCOMPLETE: stopped before every model "
                     "was measured") + ")\n")
+    again = result.get("reanalysed")
+    if again:
+        lines.append(f"Figures recomputed from these measurements by `{again['command']}` at "
+                     f"git {again['git']['commit'][:10]} ({again['at']}).\n")
     return lines
 
 
@@ -124,7 +128,8 @@ def markdown(result: dict[str, Any]) -> str:
                      "blocks' costs alone, and with the contention this run measured (" + ", "
                      .join(f"{r} {c:.2f}" for r, c in m["scaling"]["contention"].items())
                      + f"; torch's pipelining {m['scaling']['contention_d']:.2f}) and backprop's "
-                     "block shares calibrated on (a)'s measured step:\n")
+                     "block shares calibrated on (a)'s measured step, (d)'s micro-batches "
+                     "costed at their rows and scaled alike:\n")
         lines.append(markdown_table(
             ["peer", "S", "measured samples/s", "predicted (alone)", "error",
              "predicted (measured contention, calibrated)", "error", "activation error"],
