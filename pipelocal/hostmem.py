@@ -4,11 +4,13 @@ glibc's malloc hands large blocks back to the kernel when they are freed: blocks
 mmap threshold are unmapped, and free memory at the top of the heap beyond its trim threshold
 is released. A CPU training step frees and re-allocates the same large tensors (activations,
 gradients, the optimiser's temporaries) every step, so with the defaults the next step faults
-those pages in again, one 4 KiB page at a time, zero-filled by the kernel: on CPU that is a
-large, and from run to run varying, part of a step (glibc moves its thresholds as it goes). The
-settings here keep every block up to glibc's largest mmap threshold (32 MiB) on the heap and
-keep up to 1 GiB of free heap in the process, as the CUDA caching allocator keeps device
-memory. The process's peak memory is unchanged; it is only not given back until exit.
+those pages in again, one 4 KiB page at a time, zero-filled by the kernel (thousands of faults
+per step for the benchmarks' models; how many varies from run to run, as glibc moves its
+thresholds as it goes). The settings here keep every block up to glibc's largest mmap
+threshold (32 MiB) on the heap and keep up to 1 GiB of free heap in the process, as the CUDA
+caching allocator keeps device memory; ``python -m benchmarks host_memory`` measures the
+faults and the throughput both ways. The process's peak memory is unchanged; it is only not
+given back until exit.
 
 glibc reads ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` once, when a process
 starts, so :func:`keep_host_memory` sets them for the processes started from here (the
