@@ -402,8 +402,6 @@ def main(argv: list[str] | None = None, *, exit_on_signal: bool = False) -> int:
         exit_on_stop_signals(code)
     if args.func is cmd_train and _speaks_for_the_job():
         write_status(code)
-    sys.stdout.flush()
-    sys.stderr.flush()
     return code
 
 

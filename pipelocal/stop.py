@@ -92,12 +92,7 @@ def exit_on_stop_signals(code: int) -> None:
     KeyboardInterrupt outside any handler, which would end the process by the signal."""
 
     def handler(signum: int, frame: Any) -> None:
-        for stream in (sys.stdout, sys.stderr):  # what the command printed is kept
-            try:
-                stream.flush()
-            except (OSError, RuntimeError, ValueError):  # a write under way, a closed pipe
-                pass
-        os._exit(code)
+        _exit_now(code)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, handler)
@@ -112,10 +107,15 @@ def end_process(code: int) -> NoReturn:
     the process by the signal instead of with its status. The kernel frees its memory."""
     exit_on_stop_signals(code)
     atexit._run_exitfuncs()
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Flush what the command printed, then exit with ``code`` at once."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing left to keep
+        except (OSError, RuntimeError, ValueError):  # a write under way, a closed pipe
             pass
     os._exit(code)
 

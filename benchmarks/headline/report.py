@@ -9,7 +9,7 @@ from typing import Any
 from benchmarks.common import markdown_table
 from benchmarks.headline.analysis import MIB, model_memory
 
-__all__ = ["markdown", "micro_markdown", "plot"]
+__all__ = ["markdown", "micro_markdown", "plot", "save_figure"]
 
 
 def _range(s: dict[str, Any], digits: int = 0) -> str:
@@ -199,10 +199,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4 * len(models)), squeeze=False)
     for row, m in zip(axes, models.values()):
         _plot_model(row, m)
+    save_figure(fig, result, "pipelocal headline benchmark", path)
+
+
+def save_figure(fig: Any, result: dict[str, Any], title: str, path: Path) -> None:
+    """Title ``fig`` with the result's machine, torch and date; write it to ``path``; close it."""
+    import matplotlib.pyplot as plt
+
     hw = result["hardware"]
-    fig.suptitle(f"pipelocal headline benchmark: {hw['cpu_model']}, {hw['cpu_cores_usable']} "
-                 f"cores, torch {result['versions']['torch']}, {result['started'][:10]}",
-                 fontsize=10)
+    fig.suptitle(f"{title}: {hw['cpu_model']}, {hw['cpu_cores_usable']} cores, torch "
+                 f"{result['versions']['torch']}, {result['started'][:10]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -59,6 +59,7 @@ from benchmarks.common import (
 )
 from benchmarks.headline.analysis import cost_table, link_of, stat, time_to_accuracy
 from benchmarks.headline.bench import Runner, _split, plot_path, preset_for
+from benchmarks.headline.report import save_figure
 from benchmarks.headline.scaling import BlockCost, Link, predict_backprop, predict_pipelocal
 
 __all__ = ["BUDGETS", "Budget", "analyse_model", "curve", "equal_time", "main", "predictions",
@@ -485,13 +486,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set(xlabel="training time (s; evaluation excluded)", ylabel="test accuracy (%)",
                title=f"{m['raw']['label']}: one line per seed (dotted: targets)")
         ax.legend(fontsize=8)
-    hw = result["hardware"]
-    fig.suptitle(f"time to accuracy, mnist-10k: {hw['cpu_model']}, {hw['cpu_cores_usable']} "
-                 f"cores, torch {result['versions']['torch']}, {result['started'][:10]}",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, result, "time to accuracy, mnist-10k", path)
 
 
 if __name__ == "__main__":
