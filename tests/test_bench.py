@@ -380,6 +380,57 @@ def test_micro_batches_cost_what_their_rows_were_measured_to_cost():
     assert micro_table(raw, blocks, 2) is None  # 4 rows were not measured
 
 
+def test_the_optimiser_steps_once_per_batch_under_torch_pipelining():
+    import dataclasses
+
+    from benchmarks.headline.analysis import calibrated
+
+    # 4 s a block, 1 s of it the optimiser step
+    blocks = [dataclasses.replace(_block(f"b{i}", 4.0), glob_opt_s=1.0) for i in range(2)]
+    link = Link(latency_s=0.0, bytes_per_s=1.0)
+    kw = {"schedule": "1f1b", "microbatches": 3, "batch_size": 6, "link": link,
+          "partition": [1, 1]}
+    # forward + backward: 3 s / 3 = 1 s a micro-batch, (3 + 1) of them; then one 1 s step
+    assert predict_torchpipe(blocks, 2, **kw)["throughput(samples/s)"] == pytest.approx(6 / 5)
+    # at a micro-batch's rows: 2.5 s measured with its own 1 s step, which runs once
+    micro = [dataclasses.replace(b, glob_s=2.5) for b in blocks]
+    assert predict_torchpipe(blocks, 2, micro=micro, **kw)["throughput(samples/s)"] == \
+        pytest.approx(6 / (4 * 1.5 + 1))
+    # one stage, one micro-batch: the backprop step, optimiser included
+    assert predict_torchpipe(blocks, 1, schedule="gpipe", microbatches=1, batch_size=6,
+                             link=link)["throughput(samples/s)"] == \
+        pytest.approx(predict_backprop(blocks, 6)["throughput(samples/s)"])
+    cal = calibrated(blocks, 16.0)  # scaled as a whole: the step's parts keep their shares
+    assert [(b.glob_s, b.glob_opt_s) for b in cal] == [(8.0, 2.0), (8.0, 2.0)]
+    with pytest.raises(ValueError, match="longer than its whole backprop step"):
+        dataclasses.replace(blocks[0], glob_opt_s=5.0)
+
+
+def test_a_blocks_backprop_share_computes_its_inputs_gradient():
+    """Backprop passes a gradient to every block but the first: the profile's share of a block
+    must compute it (the matrix product of a linear layer's input gradient, a third of its
+    forward and backward)."""
+    from benchmarks.headline.peers import _glob_block_step
+
+    cfg = _tiny_config()
+    from pipelocal.engine import build_blocks
+    from pipelocal.models import build_model
+
+    specs = build_model(cfg.model, (1, 28, 28), 10)
+    blocks = build_blocks(cfg.replace(rule={"name": "glob"}), specs, 10, range(len(specs)),
+                          "cpu")
+    seen: list[bool] = []
+    for block in blocks[:2]:
+        x = torch.randn(4, 1, 28, 28) if block.index == 0 else torch.randn(
+            4, *blocks[0].spec.wire_shape)
+        hook = block.body.register_forward_pre_hook(
+            lambda _m, args: seen.append(args[0].requires_grad))
+        opt_s = _glob_block_step(block, x, torch.zeros(4, dtype=torch.long))
+        hook.remove()
+        assert opt_s > 0
+    assert seen == [False, True]
+
+
 @pytest.mark.timeout(120)
 def test_reanalysis_recomputes_a_committed_result_from_its_raw_measurements(tmp_path):
     import json

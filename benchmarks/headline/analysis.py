@@ -313,6 +313,7 @@ def cost_table(raw: dict[str, Any], rule: str) -> list[BlockCost]:
             name=local[0]["name"],
             local_s=_median([b["local_s"] for b in local]),
             glob_s=g["glob_s"],
+            glob_opt_s=g.get("glob_opt_s", 0.0),  # not measured before it was split out
             wire_bytes=local[0]["wire_bytes"],
             saved_local_bytes=local[0]["saved_local_bytes"],
             saved_glob_bytes=g["saved_glob_bytes"],
@@ -344,7 +345,8 @@ def calibrated(table: list[BlockCost], step_s: float,
     its blocks (the chained autograd graph, the loss). ``scaled``: another table (the same
     blocks at a micro-batch's rows) scaled by the same factor instead."""
     scale = step_s / sum(b.glob_s for b in table)
-    return [dataclasses.replace(b, glob_s=b.glob_s * scale) for b in scaled or table]
+    return [dataclasses.replace(b, glob_s=b.glob_s * scale, glob_opt_s=b.glob_opt_s * scale)
+            for b in scaled or table]
 
 
 def _micro_cal(raw: dict[str, Any], table: list[BlockCost], step_s: float,
@@ -363,7 +365,8 @@ def micro_table(raw: dict[str, Any], table: list[BlockCost],
         str(raw["batch_size"] // microbatches))
     if at is None:
         return None
-    return [dataclasses.replace(b, glob_s=g["glob_s"]) for b, g in zip(table, at)]
+    return [dataclasses.replace(b, glob_s=g["glob_s"], glob_opt_s=g.get("glob_opt_s", 0.0))
+            for b, g in zip(table, at)]
 
 
 def _scaling(raw: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:

@@ -14,8 +14,10 @@ starts (pipelocal's stage 0 builds its own inside its timing: a small cost next 
 * ``profile``: for each local rule, each stage's blocks timed ALONE (an engine over that
   stage's blocks only, inputs made beforehand by the blocks before it) with per-block times,
   saved-for-backward and state bytes; and each block's share of a backprop step, timed alone
-  on a random output gradient, on the batch and (``"glob_rows"``) on micro-batches of those
-  rows. The ideal of (c) and the scaling model's cost table.
+  on a random output gradient (computing its input's gradient, as backprop does for every
+  block but the first), on the batch and (``"glob_rows"``) on micro-batches of those rows,
+  with its optimiser step's part of it (``glob_opt_s``: once per batch under pipelining).
+  The ideal of (c) and the scaling model's cost table.
 * ``concurrent`` (``"partition", "stage", "barrier", "duration_s"``): one stage's blocks on
   prepared inputs, timed for ``duration_s`` while the other stages' processes (started at the
   same time by ``bench.py``) do the same; the concurrent ideal of (c).
@@ -92,9 +94,13 @@ def single_device(cfg: Config, warmup: int, steps: int) -> dict[str, Any]:
     }
 
 
-def _glob_block_step(block: LocalBlock, x: Tensor, y: Tensor) -> None:
-    """One block's part of a backprop step on input x: forward, backward, optimiser step."""
+def _glob_block_step(block: LocalBlock, x: Tensor, y: Tensor) -> float:
+    """One block's part of a backprop step on input x: forward, backward (with the gradient
+    of its input, which backprop passes to the block before it, for every block but the
+    first), optimiser step. Returns the optimiser step's seconds."""
     block.train(True)
+    if block.index > 0:
+        x = x.detach().requires_grad_(True)
     out = block.pass_on(block.body(x))
     block.optimizer.zero_grad(set_to_none=True)
     if block.is_output:
@@ -102,7 +108,9 @@ def _glob_block_step(block: LocalBlock, x: Tensor, y: Tensor) -> None:
     else:
         # The gradient arriving from the blocks after it: same size as what it passes on.
         out.backward(torch.ones_like(out) / out.numel())
+    t0 = time.perf_counter()
     block.optimizer.step()
+    return time.perf_counter() - t0
 
 
 def _glob_saved_bytes(blocks: list[LocalBlock], x: Tensor) -> list[int]:
@@ -130,16 +138,18 @@ def _profile_glob(cfg: Config, warmup: int, steps: int,
     data = _cycle(batches, warmup + steps)
     out = []
     for block in blocks:
-        times = []
+        times, opt_times = [], []
         for j, (x, y) in enumerate(data):
             t0 = time.perf_counter()
-            _glob_block_step(block, x, y)
+            opt_s = _glob_block_step(block, x, y)
             if j >= warmup:
                 times.append(time.perf_counter() - t0)
+                opt_times.append(opt_s)
         with torch.no_grad():  # this block's output: the next block's inputs
             data = [(block.pass_on(block.body(x)), y) for x, y in data]
         out.append({
             "glob_s": _median(times),
+            "glob_opt_s": _median(opt_times),
             "state_glob_bytes": sum(state_bytes([block], [block.optimizer]).values()),
         })
     for row, saved in zip(out, _glob_saved_bytes(blocks, batches[0][0])):

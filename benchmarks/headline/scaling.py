@@ -14,9 +14,10 @@ measured S:
   ``sum_k t_k + (n - 1) * max_k t_k`` (fill and drain once per epoch); memory per device =
   state + the largest saved-for-backward of one of its blocks + ``channel_depth`` batches in
   flight on each side;
-* torch pipelining (d), M micro-batches: one step takes ``(M + S - 1) * max_k t_mb,k``
-  (the GPipe and 1F1B bubble), a micro-batch costing what its blocks were measured to cost at
-  its rows when the benchmark measured them (else 1/M of the batch: small micro-batches run less
+* torch pipelining (d), M micro-batches: one step takes ``(M + S - 1) * max_k t_mb,k`` (the
+  GPipe and 1F1B bubble) plus the slowest stage's optimiser step (once per batch), a
+  micro-batch's forward and backward costing what its blocks were measured to cost at its
+  rows when the benchmark measured them (else 1/M of the batch's: small micro-batches run less
   efficiently, so the model is then optimistic for large M);
   activations held: all M micro-batches for GPipe, ``min(M, S - k)`` of them for 1F1B stage k;
 * backprop on one device (a): the sum of the blocks' backprop times, all activations held.
@@ -58,10 +59,15 @@ class BlockCost:
     """Parameters + gradients + optimiser state, with its local-loss heads."""
     state_glob_bytes: int
     """The same without local heads."""
+    glob_opt_s: float = 0.0
+    """The optimiser step's part of ``glob_s``: once per batch, whatever the micro-batches."""
 
     def __post_init__(self) -> None:
-        if min(self.local_s, self.glob_s) < 0:
+        if min(self.local_s, self.glob_s, self.glob_opt_s) < 0:
             raise ValueError(f"block {self.name}: negative time {self.local_s}, {self.glob_s}")
+        if self.glob_opt_s > self.glob_s:
+            raise ValueError(f"block {self.name}: its optimiser step ({self.glob_opt_s} s) is "
+                             f"longer than its whole backprop step ({self.glob_s} s)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -160,13 +166,16 @@ def predict_torchpipe(
     m = microbatches
     part = list(partition or balanced_partition([b.glob_s for b in blocks], stages))
     ranges = stage_ranges(part)
+    rows = micro if micro is not None else blocks
     per_mb = [
-        contention * (sum(micro[i].glob_s for i in r) if micro is not None
-                      else sum(blocks[i].glob_s for i in r) / m)
+        contention * sum(rows[i].glob_s - rows[i].glob_opt_s for i in r)
+        / (1 if micro is not None else m)
         + _stage_comm(blocks, ranges, k, link, scale=1 / m, both_ways=True)
         for k, r in enumerate(ranges)
     ]
-    step = (m + stages - 1) * max(per_mb)
+    # Each stage steps its optimiser once, after the batch's last micro-batch.
+    opt = [contention * sum(blocks[i].glob_opt_s for i in r) for r in ranges]
+    step = (m + stages - 1) * max(per_mb) + max(opt)
     mem = []
     for k, r in enumerate(ranges):
         held = m if schedule == "gpipe" else min(m, stages - k)
