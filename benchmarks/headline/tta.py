@@ -28,7 +28,7 @@ epochs needed do not depend on S; only the epoch time does. S larger than the mo
 count is impossible (one block per stage at most).
 
 Writes ``tta.json``, ``tta.md`` to ``--out-dir`` (default benchmarks/results) and ``tta.png``
-(to docs/img/ for the default out-dir). The full run (about 20 minutes on a 2-core CPU; the
+(to docs/img/ for the default out-dir). The full run (about 40 minutes on a 2-core CPU; the
 estimate is printed first):
 
     python -m benchmarks tta
@@ -90,7 +90,7 @@ class Budget:
 
 BUDGETS = {
     "mlp": Budget(epochs=6, batches=0),  # 6 x 8000 samples
-    "vgg8b": Budget(epochs=4, batches=16),  # 4 x 2048 samples
+    "vgg8b": Budget(epochs=6, batches=31),  # 6 x 3968 samples, about 3 passes over the split
 }
 QUICK = Budget(epochs=2, batches=8)
 
