@@ -350,6 +350,11 @@ class PipelineConfig:
     run.precision = fp32, bfloat16 halves traffic but breaks bitwise exactness."""
     threads_per_stage: int = 0
     """torch threads in each stage process; 0 = CPU cores // stages (at least 1)."""
+    bind_cpus: bool = True
+    """On CPU, bind each stage process to cores of its own (threads_per_stage of the cores this
+    process may use, in local-rank order), so that the kernel does not move a stage between
+    cores; not bound where the node's stages have more threads than it has cores, or under
+    Ray, which places its actors itself."""
     timeout_s: float = 120.0
     """Longest any blocking wait (receive, send, collective) may take before the run fails."""
     memory_cap_gib: float = 0.0

@@ -2,19 +2,22 @@
 actor's GPU.
 
 Every decision here is a pure function (:func:`auto_stages`, :func:`place_stage`,
-:func:`cpu_threads`, :func:`ray_gpu_index`), so it is tested on CPU over a table of cases.
+:func:`cpu_threads`, :func:`stage_cpus`, :func:`ray_gpu_index`), so it is tested on CPU over a
+table of cases.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from pipelocal.config import Config, ConfigError
 
-__all__ = ["auto_stages", "cpu_threads", "place_stage", "ray_gpu_index", "visible_gpus"]
+__all__ = ["auto_stages", "bind_to_cpus", "cpu_threads", "place_stage", "ray_gpu_index",
+           "stage_cpus", "visible_gpus"]
 
 
 def visible_gpus(cfg: Config) -> int:
@@ -84,6 +87,32 @@ def cpu_threads(configured: int, stages_on_node: int, cores: int | None = None) 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
             os.cpu_count() or 1)
     return max(1, cores // max(stages_on_node, 1))
+
+
+def stage_cpus(local_rank: int, local_world: int, threads: int,
+               available: Iterable[int]) -> frozenset[int] | None:
+    """The cores stage process ``local_rank`` of the ``local_world`` on its node is bound to:
+    its own ``threads`` of the ``available`` ones (the affinity mask), in local-rank order.
+
+    None (not bound) where the stages' threads outnumber the cores, since bound processes could
+    then not share them out, or where its share is every core (nothing to bind).
+    """
+    cores = sorted(available)
+    if not 0 <= local_rank < local_world or threads < 1:
+        raise ValueError(f"local rank {local_rank} of {local_world}, {threads} thread(s)")
+    if local_world * threads > len(cores):
+        return None
+    mine = frozenset(cores[local_rank * threads:(local_rank + 1) * threads])
+    return None if len(mine) == len(cores) else mine
+
+
+def bind_to_cpus(cores: frozenset[int]) -> None:
+    """Bind every thread of this process to ``cores`` (threads started later inherit it)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
 
 
 def ray_gpu_index(gpu_ids: list[Any], visible: str | None, noset: bool) -> int | None:

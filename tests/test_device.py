@@ -16,7 +16,7 @@ from pipelocal.determinism import (
     cublas_workspace_ok,
     deterministic_now,
 )
-from pipelocal.device import auto_stages, cpu_threads, place_stage, ray_gpu_index
+from pipelocal.device import auto_stages, cpu_threads, place_stage, ray_gpu_index, stage_cpus
 from pipelocal.meters import (
     StepTimer,
     memory_stats,
@@ -102,6 +102,27 @@ def test_cpu_threads_follow_the_affinity_mask() -> None:
     finally:
         os.sched_setaffinity(0, before)
     assert cpu_threads(0, 1) == len(before)
+
+
+@pytest.mark.parametrize(("local_rank", "local_world", "threads", "available", "cores"), [
+    (0, 2, 1, [0, 1], {0}),
+    (1, 2, 1, [1, 0], {1}),  # in core order, whatever the mask's order
+    (1, 2, 2, [0, 1, 2, 3, 4, 5, 6, 7], {2, 3}),
+    (2, 3, 1, [4, 9, 6], {9}),  # a cgroup's cores: the k-th of them, not core k
+    (0, 4, 1, [0, 1], None),  # more stages than cores: the kernel shares them out
+    (1, 2, 2, [0, 1, 2], None),  # 4 threads on 3 cores
+    (0, 1, 2, [0, 1], None),  # its share is every core: nothing to bind
+    (0, 1, 1, [0, 1], {0}),
+])
+def test_stage_cpus(local_rank: int, local_world: int, threads: int, available: list[int],
+                    cores: set[int] | None) -> None:
+    assert stage_cpus(local_rank, local_world, threads, available) == (
+        None if cores is None else frozenset(cores))
+
+
+def test_stage_cpus_refuses_a_rank_outside_its_world() -> None:
+    with pytest.raises(ValueError, match="local rank 2 of 2"):
+        stage_cpus(2, 2, 1, [0, 1])
 
 
 def test_determinism_flags_on_and_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -206,3 +227,43 @@ def test_peak_rss_resets_per_epoch() -> None:
     peak_after = memory_stats(torch.device("cpu"))["peak_rss(MiB)"]
     assert peak_with is not None and peak_after is not None
     assert peak_with - peak_after > 40, (peak_with, peak_after)
+
+
+_BIND_SCRIPT = """
+import json, os, sys, threading
+from pipelocal.config import load_config
+from pipelocal.pipeline.worker import configure_rank
+cfg = load_config(None, ["run.device='cpu'", f"pipeline.bind_cpus={sys.argv[3]}"])
+started = threading.Event()
+threading.Thread(target=started.wait, daemon=True).start()  # a thread from before the binding
+configure_rank(cfg, world=2, local_rank=int(sys.argv[1]), local_world=2, nodes=1,
+               bind_cpus=sys.argv[2] == "1")
+print(json.dumps([sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")]))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("local_rank", "launcher_binds", "configured", "bound"), [
+    (0, True, "true", True), (1, True, "true", True),
+    (1, False, "true", False),  # Ray: its actors are placed by Ray
+    (1, True, "false", False),
+])
+def test_a_cpu_stage_process_binds_every_thread_to_its_own_core(
+        local_rank: int, launcher_binds: bool, configured: str, bound: bool) -> None:
+    """configure_rank in a fresh process, rank `local_rank` of 2 stages of one thread each."""
+    import json
+    import subprocess
+    import sys
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs 2 cores")
+    out = subprocess.run(
+        [sys.executable, "-c", _BIND_SCRIPT, str(local_rank), "1" if launcher_binds else "0",
+         configured],
+        capture_output=True, text=True, timeout=100, check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    masks = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(masks) >= 2  # the main thread and the one started before
+    expected = [cores[local_rank]] if bound else cores
+    assert all(mask == expected for mask in masks), masks

@@ -48,7 +48,7 @@ DEFINITIONS = {
     "efficiency_vs_ideal": "(c) / (batch / slowest stage's step time measured alone)",
     "ideal_concurrent": "batch / slowest stage's mean step time when every stage computes its "
     "own blocks on prepared inputs at the same time, one process per stage, threaded as the "
-    "pipeline's (not pinned, as the pipeline's are not), without communication or loader: "
+    "pipeline's and bound to the cores its stages are bound to, without communication or loader: "
     "what the machine allows S processes at once",
     "efficiency_vs_concurrent": "(c) / ideal_concurrent, same repeat; the concurrent ideal is "
     "measured just before and just after (c) and its step times averaged",

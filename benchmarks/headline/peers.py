@@ -31,6 +31,7 @@ starts (pipelocal's stage 0 builds its own inside its timing: a small cost next 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -44,11 +45,13 @@ from torch import Tensor
 from benchmarks.headline.memory import SavedTensorMeter, peak_rss_mib, state_bytes
 from pipelocal.config import Config, load_config
 from pipelocal.data import load_dataset, make_loaders
+from pipelocal.device import bind_to_cpus, stage_cpus
 from pipelocal.engine import Engine, LocalBlock, build_blocks, piece_rows
 from pipelocal.microbatch import split_batch
 from pipelocal.models import build_model
 
-__all__ = ["build_all", "concurrent_stage", "micro_memory", "profile", "single_device"]
+__all__ = ["bind_like_a_stage", "build_all", "concurrent_stage", "micro_memory", "profile",
+           "single_device"]
 
 Batch = tuple[Tensor, Tensor]
 
@@ -62,6 +65,14 @@ def build_all(cfg: Config) -> tuple[list[LocalBlock], list[Batch]]:
     batches = [train_loader.batch(0, i) for i in range(train_loader.num_batches(0))]
     # Full batches only: a short last batch would change the per-step cost.
     return blocks, [b for b in batches if len(b[1]) == cfg.data.batch_size]
+
+
+def bind_like_a_stage(cfg: Config, local_rank: int, local_world: int, threads: int) -> None:
+    """Bind this process to the cores pipelocal gives stage process ``local_rank`` of
+    ``local_world`` on one node (none when ``pipeline.bind_cpus`` is off or they do not fit)."""
+    cores = stage_cpus(local_rank, local_world, threads, os.sched_getaffinity(0))
+    if cfg.pipeline.bind_cpus and cores is not None:
+        bind_to_cpus(cores)
 
 
 def _cycle(batches: list[Batch], n: int) -> list[Batch]:
@@ -166,7 +177,9 @@ def concurrent_stage(cfg: Config, partition: list[int], stage: int, warmup: int,
     """Stage ``stage``'s blocks on prepared inputs, timed while the other stages' processes do
     the same: every process prepares, then waits for all (``barrier``: a ready file each), then
     trains for ``duration_s`` seconds, so that all of them compute for the whole window.
-    No communication, no loader: the compute the machine allows S processes at once."""
+    No communication, no loader: the compute the machine allows S processes at once. Each
+    process is bound to cores as the pipeline's stage would be (``pipeline.bind_cpus``)."""
+    bind_like_a_stage(cfg, stage, len(partition), torch.get_num_threads())
     blocks, batches = build_all(cfg)
     data = _cycle(batches, warmup + steps)
     start = sum(partition[:stage])

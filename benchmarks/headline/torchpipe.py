@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.headline.memory import SavedTensorMeter, peak_rss_mib, state_bytes
-from benchmarks.headline.peers import build_all
+from benchmarks.headline.peers import bind_like_a_stage, build_all
 from pipelocal.config import Config
 from pipelocal.engine import LocalBlock
 from pipelocal.launch.spawn import START_METHOD, worker_context
@@ -224,8 +224,10 @@ def run_torchpipe(
 
 def join_peers(rank: int, world: int, port: int, cfg: Config,
                threads: int) -> tuple[list[LocalBlock], list[tuple[Tensor, Tensor]]]:
-    """A peer's rank: its threads, the gloo group, and every block built for backprop
+    """A peer's rank: its threads and cores (bound as pipelocal binds a stage, with
+    ``pipeline.bind_cpus``), the gloo group, and every block built for backprop
     (``rule.name = glob``) with the training batches."""
+    bind_like_a_stage(cfg, rank, world, threads)
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=cfg.pipeline.timeout_s))

@@ -105,8 +105,10 @@ class StageActor:
             # position among the visible GPUs where RAY_EXPERIMENTAL_NOSET_... keeps them all.
             gpu = ray_gpu_index(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"),
                                 bool(os.environ.get(_NOSET_ENV)))
+            # Ray places the actors (and their CPUs) itself: no binding to cores here.
             result = run_rank(cfg, spec, rank=self.rank, world=self.world, local_rank=gpu or 0,
-                              local_world=1, nodes=self.world, store=store, stage_box=stage_box)
+                              local_world=1, nodes=self.world, store=store, stage_box=stage_box,
+                              bind_cpus=False)
             return {"result": result}
         except BaseException as exc:  # the driver kills every actor, then raises it
             return {"failure": failure_report(self.rank, stage_box, exc)}

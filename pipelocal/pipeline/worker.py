@@ -18,6 +18,7 @@ environment); failures propagate as exceptions for the launcher to report.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,7 +29,7 @@ import torch.distributed as dist
 
 from pipelocal.config import Config
 from pipelocal.determinism import configure_determinism
-from pipelocal.device import cpu_threads, place_stage, visible_gpus
+from pipelocal.device import bind_to_cpus, cpu_threads, place_stage, stage_cpus, visible_gpus
 from pipelocal.engine import Engine, build_blocks, piece_rows
 from pipelocal.hostmem import keep_host_memory
 from pipelocal.pipeline.channel import P2PChannel
@@ -58,14 +59,23 @@ def _needs_image(cfg: Config) -> bool:
 
 
 def configure_rank(
-    cfg: Config, *, world: int, local_rank: int, local_world: int, nodes: int
+    cfg: Config, *, world: int, local_rank: int, local_world: int, nodes: int,
+    bind_cpus: bool = True,
 ) -> torch.device:
-    """Device, threads and determinism of this rank; before its first CUDA call."""
+    """Device, threads, cores and determinism of this rank; before its first CUDA call and
+    before its process group starts threads. ``bind_cpus``: whether the launcher knows the
+    node's stages (spawn, torchrun: local rank of local world) so that pipeline.bind_cpus
+    applies."""
     device = place_stage(stages=world, gpus_per_node=visible_gpus(cfg), nodes=nodes,
                          local_rank=local_rank, device=cfg.run.device)
     configure_determinism(device, cfg.run.deterministic)
     keep_host_memory()  # a torchrun rank started without launch/torchrun.sh's settings
-    torch.set_num_threads(cpu_threads(cfg.pipeline.threads_per_stage, local_world))
+    threads = cpu_threads(cfg.pipeline.threads_per_stage, local_world)
+    if device.type == "cpu" and bind_cpus and cfg.pipeline.bind_cpus:
+        cores = stage_cpus(local_rank, local_world, threads, os.sched_getaffinity(0))
+        if cores is not None:
+            bind_to_cpus(cores)
+    torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
@@ -191,15 +201,17 @@ def run_rank(
     store: dist.Store | None = None,
     stage_box: list[Stage] | None = None,
     on_phase: Callable[[str, Position | None], None] | None = None,
+    bind_cpus: bool = True,
 ) -> dict[str, Any] | None:
     """Run rank ``rank`` to the end; returns the training summary on rank 0.
 
     ``spec`` is needed on rank 0 only (the others receive it). ``stage_box`` receives the
     Stage as soon as it exists, so that a launcher can report where a failure happened;
-    ``on_phase`` is told the phase and position of each message (see :attr:`Stage.on_phase`).
+    ``on_phase`` is told the phase and position of each message (see :attr:`Stage.on_phase`);
+    ``bind_cpus``: see :func:`configure_rank`.
     """
     device = configure_rank(cfg, world=world, local_rank=local_rank, local_world=local_world,
-                            nodes=nodes)
+                            nodes=nodes, bind_cpus=bind_cpus)
     timeout = timedelta(seconds=cfg.pipeline.timeout_s)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
