@@ -354,7 +354,8 @@ class PipelineConfig:
     """On CPU, bind each stage process to cores of its own (threads_per_stage of the cores this
     process may use, in local-rank order), so that the kernel does not move a stage between
     cores; not bound where the node's stages have more threads than it has cores, or under
-    Ray, which places its actors itself."""
+    Ray, which places its actors itself. A bound stage cannot move away from another busy
+    process on its cores: set false on a machine shared with other work."""
     timeout_s: float = 120.0
     """Longest any blocking wait (receive, send, collective) may take before the run fails."""
     memory_cap_gib: float = 0.0
