@@ -16,7 +16,7 @@ import torch
 
 from pipelocal.config import Config, ConfigError
 
-__all__ = ["auto_stages", "bind_to_cpus", "cpu_threads", "place_stage", "ray_gpu_index",
+__all__ = ["auto_stages", "bind_stage", "cpu_threads", "place_stage", "ray_gpu_index",
            "stage_cpus", "visible_gpus"]
 
 
@@ -106,13 +106,17 @@ def stage_cpus(local_rank: int, local_world: int, threads: int,
     return None if len(mine) == len(cores) else mine
 
 
-def bind_to_cpus(cores: frozenset[int]) -> None:
-    """Bind every thread of this process to ``cores`` (threads started later inherit it)."""
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), cores)
-        except ProcessLookupError:  # a thread that ended meanwhile
-            pass
+def bind_stage(local_rank: int, local_world: int, threads: int) -> frozenset[int] | None:
+    """Bind every thread of this process (threads started later inherit it) to the cores
+    :func:`stage_cpus` gives it within its affinity mask; returns them (None: not bound)."""
+    cores = stage_cpus(local_rank, local_world, threads, os.sched_getaffinity(0))
+    if cores is not None:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), cores)
+            except ProcessLookupError:  # a thread that ended meanwhile
+                pass
+    return cores
 
 
 def ray_gpu_index(gpu_ids: list[Any], visible: str | None, noset: bool) -> int | None:

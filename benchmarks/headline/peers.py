@@ -31,7 +31,6 @@ starts (pipelocal's stage 0 builds its own inside its timing: a small cost next 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -45,7 +44,7 @@ from torch import Tensor
 from benchmarks.headline.memory import SavedTensorMeter, peak_rss_mib, state_bytes
 from pipelocal.config import Config, load_config
 from pipelocal.data import load_dataset, make_loaders
-from pipelocal.device import bind_to_cpus, stage_cpus
+from pipelocal.device import bind_stage
 from pipelocal.engine import Engine, LocalBlock, build_blocks, piece_rows
 from pipelocal.microbatch import split_batch
 from pipelocal.models import build_model
@@ -70,9 +69,8 @@ def build_all(cfg: Config) -> tuple[list[LocalBlock], list[Batch]]:
 def bind_like_a_stage(cfg: Config, local_rank: int, local_world: int, threads: int) -> None:
     """Bind this process to the cores pipelocal gives stage process ``local_rank`` of
     ``local_world`` on one node (none when ``pipeline.bind_cpus`` is off or they do not fit)."""
-    cores = stage_cpus(local_rank, local_world, threads, os.sched_getaffinity(0))
-    if cfg.pipeline.bind_cpus and cores is not None:
-        bind_to_cpus(cores)
+    if cfg.pipeline.bind_cpus:
+        bind_stage(local_rank, local_world, threads)
 
 
 def _cycle(batches: list[Batch], n: int) -> list[Batch]:

@@ -18,7 +18,6 @@ environment); failures propagate as exceptions for the launcher to report.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,7 +28,7 @@ import torch.distributed as dist
 
 from pipelocal.config import Config
 from pipelocal.determinism import configure_determinism
-from pipelocal.device import bind_to_cpus, cpu_threads, place_stage, stage_cpus, visible_gpus
+from pipelocal.device import bind_stage, cpu_threads, place_stage, visible_gpus
 from pipelocal.engine import Engine, build_blocks, piece_rows
 from pipelocal.hostmem import keep_host_memory
 from pipelocal.pipeline.channel import P2PChannel
@@ -72,9 +71,7 @@ def configure_rank(
     keep_host_memory()  # a torchrun rank started without launch/torchrun.sh's settings
     threads = cpu_threads(cfg.pipeline.threads_per_stage, local_world)
     if device.type == "cpu" and bind_cpus and cfg.pipeline.bind_cpus:
-        cores = stage_cpus(local_rank, local_world, threads, os.sched_getaffinity(0))
-        if cores is not None:
-            bind_to_cpus(cores)
+        bind_stage(local_rank, local_world, threads)
     torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
