@@ -356,6 +356,12 @@ class PipelineConfig:
     cores; not bound where the node's stages have more threads than it has cores, or under
     Ray, which places its actors itself. A bound stage cannot move away from another busy
     process on its cores: set false on a machine shared with other work."""
+    ideal_steps: int = 0
+    """Benchmarking: after each training epoch, every stage trains this many more steps on a
+    copy of its last batch, all stages at once and without communication, then gets back its
+    exact training state; the mean step time after the first is ``stage{k}/ideal_step(s)`` in
+    metrics.jsonl: the concurrent ideal the epoch's throughput compares with, measured in the
+    stage processes themselves. Outside the epoch's time; 0 = off; one replica only."""
     timeout_s: float = 120.0
     """Longest any blocking wait (receive, send, collective) may take before the run fails."""
     memory_cap_gib: float = 0.0
@@ -391,6 +397,11 @@ class PipelineConfig:
         )
         _check(self.threads_per_stage >= 0, "pipeline.threads_per_stage", self.threads_per_stage,
                "an integer >= 0")
+        _check(self.ideal_steps == 0 or self.ideal_steps >= 2, "pipeline.ideal_steps",
+               self.ideal_steps, "0 (off) or an integer >= 2 (the first step is a warm-up)")
+        _check(self.ideal_steps == 0 or self.replicas == 1, "pipeline.ideal_steps",
+               self.ideal_steps, "0 with pipeline.replicas > 1 (each replica's stage would "
+               "average its extra steps' gradients with the others')")
         # Below a second, process-group set-up itself times out (in C++, with a long traceback).
         _check(self.timeout_s >= 1, "pipeline.timeout_s", self.timeout_s, "seconds >= 1")
         _check(self.memory_cap_gib >= 0, "pipeline.memory_cap_gib", self.memory_cap_gib, ">= 0")

@@ -56,6 +56,8 @@ class Pipe(Protocol):
     def eval_batch(self, x: Tensor, y: Tensor) -> None: ...
     def end_epoch(self, epoch: int) -> list[dict[str, Any]]: ...
     def end_eval(self) -> dict[int, dict[str, int]]: ...
+    def measure_ideal(self, steps: int) -> list[dict[str, Any]]:
+        """Every stage's ``{"stage", "ideal_step(s)"}`` (``pipeline.ideal_steps``)."""
     def checkpoint(self, ckpt: Path, step: int) -> dict[str, str]:
         """Every stage writes its blocks; returns {file name: sha256} of the files written."""
     def close(self) -> None: ...
@@ -120,6 +122,9 @@ class Trainer:
             self._check_finite(stage_stats, Position(epoch, batch, epoch_start_step))
             record = self._epoch_record(epoch, step, samples, elapsed, stage_stats)
             record["data_wait(s)"] = round(batches.wait_s, 3)  # this thread waiting for data
+            if cfg.pipeline.ideal_steps:  # after the epoch's clock, before evaluation
+                for ideal in self.pipe.measure_ideal(cfg.pipeline.ideal_steps):
+                    record[f"stage{ideal['stage']}/ideal_step(s)"] = ideal["ideal_step(s)"]
             record.update(self.evaluate())
             self.metrics.log(record)
             done = epoch + 1 - first_epoch

@@ -362,6 +362,15 @@ def test_concurrent_ideal_averages_the_runs_before_and_after():
     assert concurrent_steps(runs) == pytest.approx([0.15, 0.40])
 
 
+def test_the_ideal_in_the_stages_averages_the_epochs_around_the_measured_one():
+    from benchmarks.headline.bench import ideal_steps
+
+    records = [{"stage0/ideal_step(s)": 0.1, "stage1/ideal_step(s)": 0.3},
+               {"stage0/ideal_step(s)": 0.2, "stage1/ideal_step(s)": 0.5}]
+    assert ideal_steps(records, 2) == pytest.approx([0.15, 0.4])
+    assert ideal_steps([records[0], {"stage0/ideal_step(s)": 0.2}], 2) is None  # not measured
+
+
 def test_micro_batches_cost_what_their_rows_were_measured_to_cost():
     from benchmarks.headline.analysis import micro_table
 

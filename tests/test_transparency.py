@@ -8,6 +8,7 @@ the stages as spawned processes, torchrun ranks or Ray actors.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -97,6 +98,25 @@ def test_pipeline_equals_single_process(
     assert_identical(checkpoint_tensors(result["run_dir"]), ref["state"])
     assert result["test/acc"] == ref["result"]["test/acc"]
     assert result["test/acc_local"] == ref["result"]["test/acc_local"]
+
+
+def test_measuring_the_ideal_changes_no_result(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """pipeline.ideal_steps: after every epoch both stages train 3 more steps on their last
+    batch (2 micro-batches, copied out of the receive buffers), then are restored: the run
+    ends exactly as the single process without it, and records each stage's step time."""
+    overrides = ("rule.name=pred", "pipeline.micro_batches=2")
+    ref = _reference(tmp_path_factory, overrides)
+    result = train(tiny_config(tmp_path, *overrides, "pipeline.stages=2",
+                               "pipeline.ideal_steps=3"))
+    assert_identical(checkpoint_tensors(result["run_dir"]), ref["state"])
+    assert result["test/acc_local"] == ref["result"]["test/acc_local"]
+    records = [json.loads(line) for line in
+               (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert r["stage0/ideal_step(s)"] > 0 and r["stage1/ideal_step(s)"] > 0
 
 
 def test_resume_equals_straight_run(tmp_path: Path) -> None:

@@ -91,18 +91,21 @@ class Preset:
     first is warm-up. Pipeline fill and drain happen once per epoch and count against it."""
     concurrent_s: float = 4.0
     """Seconds each stage computes in the concurrent ideal (all stages at once)."""
+    ideal_steps: int = 0
+    """(c)'s ``pipeline.ideal_steps``: steps of the concurrent ideal measured in the stage
+    processes after each epoch (the first a warm-up); 0 = not measured."""
 
 
 PRESETS: dict[str, Preset] = {
     "mlp": Preset(
         label="MLP 4x1024",
         overrides=("model.name=mlp", "model.hidden=1024", "model.depth=4"),
-        warmup=3, steps=20, pipe_batches=62, concurrent_s=4.0,
+        warmup=3, steps=20, pipe_batches=62, concurrent_s=4.0, ideal_steps=41,
     ),
     "vgg8b": Preset(
         label="VGG8B width 0.25",
         overrides=("model.name=vgg8b", "model.width=0.25"),
-        warmup=2, steps=6, pipe_batches=62, concurrent_s=8.0,
+        warmup=2, steps=6, pipe_batches=62, concurrent_s=8.0, ideal_steps=11,
     ),
 }
 QUICK = {  # --quick: tiny sizes to test the whole command
@@ -151,7 +154,7 @@ def preset_for(name: str, quick: bool) -> Preset:
     if not quick:
         return p
     return Preset(label=p.label + " (quick)", overrides=p.overrides + QUICK[name], warmup=1,
-                  steps=2, pipe_batches=4, concurrent_s=1.0)
+                  steps=2, pipe_batches=4, concurrent_s=1.0, ideal_steps=3)
 
 
 # --------------------------------------------------------------------------- running peers
@@ -279,6 +282,14 @@ class Runner:
 _GPU_MEMORY_KEYS = ("max_allocated(MiB)", "max_reserved(MiB)", "nvml_process(MiB)")
 
 
+def ideal_steps(records: list[dict[str, Any]], stages: int) -> list[float] | None:
+    """Each stage's ``ideal_step(s)`` averaged over ``records`` (None if one lacks it)."""
+    keys = [f"stage{k}/ideal_step(s)" for k in range(stages)]
+    if not records or any(key not in r for r in records for key in keys):
+        return None
+    return [sum(r[key] for r in records) / len(records) for key in keys]
+
+
 def pipelocal_stats(run: dict[str, Any], stages: int) -> dict[str, Any]:
     """The measured (second) epoch of a pipelocal run."""
     rec = run["records"][-1]
@@ -296,6 +307,9 @@ def pipelocal_stats(run: dict[str, Any], stages: int) -> dict[str, Any]:
         "peak_rss(MiB)": [rec.get(f"stage{k}/peak_rss(MiB)") for k in range(stages)],
         "gpu_memory(MiB)": [{key: rec[f"stage{k}/{key}"] for key in _GPU_MEMORY_KEYS
                              if f"stage{k}/{key}" in rec} for k in range(stages)],
+        # The concurrent ideal in the stage processes, just before (after epoch 1) and just
+        # after the measured epoch, averaged; None without pipeline.ideal_steps.
+        "ideal_step(s)": ideal_steps(run["records"][-2:], stages),
         "record": rec,
         "command": run["command"],
     }
@@ -385,7 +399,8 @@ def measure_model(args: argparse.Namespace, name: str, root: Path) -> dict[str, 
         for rule in rules:
             before = run.concurrent(rule, splits[rule])
             rep["c"][rule] = pipelocal_stats(run.pipelocal(
-                rule, f"{name}-{rule}-r{i}", 2, preset.pipe_batches, splits[rule]), s)
+                rule, f"{name}-{rule}-r{i}", 2, preset.pipe_batches, splits[rule],
+                (f"pipeline.ideal_steps={preset.ideal_steps}",)), s)
             rep["concurrent"][rule] = {"before": before,
                                        "after": run.concurrent(rule, splits[rule])}
         settings = sweep if i == 0 else _best_settings(reps[0]["d"], ("gpipe", "1f1b"))

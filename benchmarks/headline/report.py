@@ -41,8 +41,9 @@ def _peer_rows(m: dict[str, Any], s: int) -> list[list[str]]:
             f"{model_memory(p):.1f}",
             _list(p["peak_rss(MiB)"], 0),
             _list([100 * b for b in p["busy_fraction"]], 0) if p["busy_fraction"] else "-",
-            f"{eff['vs_ideal_concurrent']['median']:.2f} / {eff['vs_ideal_alone']['median']:.2f}"
-            f" / {eff['vs_S_x_b']['median']:.2f}" if eff else "-",
+            " / ".join(f"{eff[key]['median']:.2f}" if key in eff else "-" for key in (
+                "vs_ideal_in_stages", "vs_ideal_concurrent", "vs_ideal_alone", "vs_S_x_b"))
+            if eff else "-",
         ])
     return rows
 
@@ -50,7 +51,8 @@ def _peer_rows(m: dict[str, Any], s: int) -> list[list[str]]:
 HEADERS = ["peer", "samples/s median [min-max]", "x (a)", "activation MiB per device",
            "state MiB per device", "model memory MiB (max device)", "peak RSS MiB per device",
            "busy % per stage",
-           "efficiency: vs concurrent ideal / vs ideal alone / vs S x (b)"]
+           "efficiency: vs concurrent ideal in the stages / in separate processes / vs ideal "
+           "alone / vs S x (b)"]
 
 
 def _splits(raw: dict[str, Any]) -> str:
@@ -58,7 +60,7 @@ def _splits(raw: dict[str, Any]) -> str:
                      + [f"backprop {raw['partition_d']}"])
 
 
-BREAKDOWN = ["rule", "stage", "wall s", "compute at concurrent ideal", "compute above it",
+BREAKDOWN = ["rule", "stage", "wall s", "compute at the ideal", "compute above it",
              "receive wait", "send wait", "other", "epoch outside wall s (fill, drain)",
              "page faults per batch"]
 
@@ -139,15 +141,24 @@ def markdown(result: dict[str, Any]) -> str:
               f"{100 * v['error_measured']:+.0f}%" + (" (fit)" if v.get("note") else ""),
               f"{100 * v['activation_error']:+.0f}%" if "activation_error" in v else "-"]
              for v in m["scaling"]["validation"]]) + "\n")
-        lines.append("Where each stage's measured epoch went (mean over repeats; "
-                     "seconds and share of the stage's wall time):\n")
+        bases = {eff["breakdown_ideal"] for eff in m["efficiency"].values()}
+        ideal = ("the concurrent ideal measured in the stage processes" if bases == {"in_stages"}
+                 else "the concurrent ideal in separate processes" if bases == {"concurrent"}
+                 else "the concurrent ideal in the stage processes where measured")
+        lines.append("Where each stage's measured epoch went (mean over repeats; seconds and "
+                     f"share of the stage's wall time; the ideal: {ideal}):\n")
         lines.append(markdown_table(BREAKDOWN, _breakdown_rows(m)) + "\n")
         lines.append("Step time per stage (ms, median over repeats), alone / all stages at once "
-                     "(the concurrent ideal) / in the pipeline (busy per batch): " + "; ".join(
+                     "in separate processes / all stages at once in the stage processes / in "
+                     "the pipeline (busy per batch): " + "; ".join(
                          f"{rule} " + ", ".join(
-                             f"stage {k} {1e3 * a:.1f} / {1e3 * c:.1f} / {1e3 * p:.1f}"
-                             for k, (a, c, p) in enumerate(zip(
+                             f"stage {k} {1e3 * a:.1f} / {1e3 * c:.1f} / "
+                             + (f"{1e3 * i:.1f}" if i is not None else "-")
+                             + f" / {1e3 * p:.1f}"
+                             for k, (a, c, i, p) in enumerate(zip(
                                  eff["stage_alone(s)"], eff["stage_concurrent(s)"],
+                                 eff.get("stage_in_stages(s)") or [None] * len(
+                                     eff["stage_alone(s)"]),
                                  eff["stage_pipeline(s)"])))
                          for rule, eff in m["efficiency"].items()) + ".\n")
     return "\n".join(lines)

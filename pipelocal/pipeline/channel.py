@@ -65,6 +65,8 @@ class Kind(enum.IntEnum):
     STOP = 5
     TRAILER = 6
     """Sent after STOP to match a receive posted ahead; carries nothing."""
+    IDEAL = 7
+    """Measure the concurrent ideal (``pipeline.ideal_steps``) after an epoch."""
 
 
 class PeerError(RuntimeError):

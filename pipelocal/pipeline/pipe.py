@@ -18,6 +18,7 @@ from pipelocal.engine import Engine, eval_pieces
 from pipelocal.meters import StepTimer, epoch_stats, reset_memory_stats
 from pipelocal.microbatch import split_batch
 from pipelocal.pipeline.channel import Kind, Message, P2PChannel
+from pipelocal.pipeline.ideal import ideal_step, measure_ideal
 from pipelocal.pipeline.replicas import replica_slices
 from pipelocal.pipeline.stage import Stage
 
@@ -37,6 +38,9 @@ class LocalPipe:
         self.engine, self.eval_piece = engine, eval_piece
         self.device = engine.device
         self._timer = StepTimer(self.device)
+        # The last batch trained, for pipeline.ideal_steps (the loader does not reuse it), but
+        # not one with fewer rows (an epoch's short last batch).
+        self._last: tuple[Tensor, Tensor, int] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -51,6 +55,8 @@ class LocalPipe:
         self.engine.train_batch(x, y, epoch)
         self._timer.stop()
         self._samples += int(y.shape[0])
+        if self._last is None or y.shape[0] >= self._last[1].shape[0]:  # not a short batch
+            self._last = (x, y, epoch)
 
     def eval_batch(self, x: Tensor, y: Tensor) -> None:
         for px, py in eval_pieces(x, y, self.eval_piece):
@@ -61,6 +67,13 @@ class LocalPipe:
                  **epoch_stats(self._timer, self._t_start, self._samples, self.device)}
         self._reset()
         return [stats]
+
+    def measure_ideal(self, steps: int) -> list[dict[str, Any]]:
+        if self._last is None:
+            raise RuntimeError("pipeline.ideal_steps: no batch trained to measure on")
+        x, y, epoch = self._last
+        times = measure_ideal(self.engine, lambda: self.engine.train_batch(x, y, epoch), steps)
+        return [{"stage": 0, "ideal_step(s)": ideal_step(times)}]
 
     def end_eval(self) -> dict[int, dict[str, int]]:
         stats = self.engine.pop_eval_stats()
@@ -134,6 +147,12 @@ class DistPipe:
     def end_epoch(self, epoch: int) -> list[dict[str, Any]]:
         gathered = self._control(Message(Kind.END_EPOCH, -1, epoch))
         return merge_replica_stats(gathered, self.num_stages) if self.feeds else gathered
+
+    def measure_ideal(self, steps: int) -> list[dict[str, Any]]:
+        """Every stage's concurrent ideal (``pipeline.ideal_steps = steps``, which each stage
+        was built with), in stage order."""
+        assert not self.feeds, "pipeline.ideal_steps: one replica only"
+        return self._control(Message(Kind.IDEAL))
 
     def end_eval(self) -> dict[int, dict[str, int]]:
         self._eval_pieces = 0

@@ -30,6 +30,7 @@ from pipelocal.engine import Engine
 from pipelocal.meters import StepTimer, epoch_stats, reset_memory_stats
 from pipelocal.pipeline.channel import Kind, Message, P2PChannel
 from pipelocal.pipeline.faults import FAULT_ENV, parse_fault
+from pipelocal.pipeline.ideal import LastBatch, ideal_step, measure_ideal
 from pipelocal.runspec import Position
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class Stage:
         epochs: int = 0,
         rank: int | None = None,
         sync: ReplicaSync | None = None,
+        ideal_steps: int = 0,
     ) -> None:
         self.stage, self.engine = stage, engine
         self.rank = stage if rank is None else rank
@@ -75,6 +77,9 @@ class Stage:
         self._fault = (parse_fault(os.environ.get(FAULT_ENV, ""), self.rank) if first_attempt
                        else None)
         self._timer = StepTimer(engine.device)
+        self.ideal_steps = ideal_steps
+        """``pipeline.ideal_steps``: > 0 keeps a copy of the last batch to measure on."""
+        self._last = LastBatch()
         self._reset_epoch()
 
     def _reset_epoch(self) -> None:
@@ -122,6 +127,12 @@ class Stage:
             gathered = self._gather(self.engine.pop_eval_stats())
             self._reset_epoch()  # epoch statistics cover training only, not evaluation
             return gathered
+        if msg.kind == Kind.IDEAL:
+            self._enter("ideal measurement")
+            dist.barrier(group=self.control)  # every stage starts at once
+            times = measure_ideal(self.engine, lambda: self._last.replay(self.engine),
+                                  self.ideal_steps)
+            return self._gather({"stage": self.stage, "ideal_step(s)": ideal_step(times)})
         if msg.kind == Kind.CHECKPOINT:
             self._enter("checkpoint")
             if self.sync is not None:  # the replicas must agree before replica 0 writes
@@ -169,6 +180,8 @@ class Stage:
         else:
             out = self.engine.eval_batch(x, y)
         self._timer.stop()
+        if self.ideal_steps and msg.kind == Kind.TRAIN:  # before the buffer is reused
+            self._last.keep(x, y, image, msg.part, msg.epoch)
         self._forward(Message(msg.kind, msg.step, msg.epoch, out, y, image, msg.part))
 
     def _forward(self, msg: Message) -> None:

@@ -134,7 +134,7 @@ def build_stage(
               if stage < stages - 1 else None)
     return Stage(stage, engine, inbox=inbox, outbox=outbox, control=control,
                  run_dir=spec.run_dir, start=spec.start, epochs=cfg.run.epochs, rank=rank,
-                 sync=sync)
+                 sync=sync, ideal_steps=cfg.pipeline.ideal_steps)
 
 
 def _wire(spec: RunSpec, *, stage: int, device: torch.device, headers: dist.ProcessGroup,
