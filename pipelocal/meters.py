@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ __all__ = [
     "memory_stats",
     "nvml_process_mib",
     "nvml_uuid",
+    "other_threads_cpu_s",
     "reset_memory_stats",
 ]
 
@@ -128,6 +131,25 @@ def _nvml_now_mib(device: torch.device) -> float | None:
             pynvml.nvmlShutdown()
     except Exception:  # NVML missing or not permitted in a container: report nothing, not 0
         return None
+
+
+def other_threads_cpu_s() -> float | None:
+    """CPU seconds (user + system) so far of this process's threads other than the one
+    calling: on a stage, the transport's threads (gloo's) and the loader's prefetch thread,
+    which run on the stage's cores; None without Linux's /proc."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    me, total_ns = threading.get_native_id(), 0
+    for tid in tids:
+        if int(tid) == me:
+            continue
+        try:  # nanoseconds on a CPU (stat's utime and stime count 10 ms ticks)
+            total_ns += int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # ended meanwhile, or no schedstat
+            continue
+    return total_ns / 1e9
 
 
 def memory_stats(device: torch.device) -> dict[str, float | None]:

@@ -5,6 +5,7 @@ Timings are not tested; what turns them into figures is.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -298,18 +299,25 @@ def test_breakdown_splits_each_stage_wall_into_parts_that_add_up():
               "stage1/wall(s)": 10.0, "stage1/busy(s)": 9.0, "stage1/recv_wait(s)": 0.5,
               "stage1/send_wait(s)": 0.0, "stage1/samples": 40 * 8, "time/epoch(s)": 10.5,
               "stage0/minor_faults": 400, "stage1/minor_faults": 0}
+    # Stage 0's send calls took 1.3 s, 1.0 of it waiting; stage 1's receive calls 0.6 s, 0.5
+    # of it waiting; stage 1's other threads ran 0.25 s.
+    record |= {"stage0/send_total(s)": 1.3, "stage0/recv_total(s)": 0.0,
+               "stage1/recv_total(s)": 0.6, "stage1/send_total(s)": 0.0,
+               "stage1/other_threads_cpu(s)": 0.25}
     # 40 batches of 8; at the concurrent ideal stage 0 needs 0.15 s a batch, stage 1 0.2 s.
     parts = breakdown(record, [0.15, 0.2], batch=8)
     assert parts[0] == pytest.approx({"compute_ideal": 6.0, "compute_excess": 1.0,
-                                      "recv_wait": 0.0, "send_wait": 1.0, "other": 2.0,
-                                      "wall": 10.0, "outside": 0.5,
-                                      "minor_faults/batch": 10.0})
+                                      "recv_wait": 0.0, "recv_handling": 0.0,
+                                      "send_wait": 1.0, "send_handling": 0.3, "other": 1.7,
+                                      "wall": 10.0, "outside": 0.5, "threads_cpu": math.nan,
+                                      "minor_faults/batch": 10.0}, nan_ok=True)
     assert parts[1] == pytest.approx({"compute_ideal": 8.0, "compute_excess": 1.0,
-                                      "recv_wait": 0.5, "send_wait": 0.0, "other": 0.5,
-                                      "wall": 10.0, "outside": 0.5,
+                                      "recv_wait": 0.5, "recv_handling": 0.1,
+                                      "send_wait": 0.0, "send_handling": 0.0, "other": 0.4,
+                                      "wall": 10.0, "outside": 0.5, "threads_cpu": 0.25,
                                       "minor_faults/batch": 0.0})
     for p in parts:
-        inside = sum(v for k, v in p.items() if k not in ("wall", "outside",
+        inside = sum(v for k, v in p.items() if k not in ("wall", "outside", "threads_cpu",
                                                            "minor_faults/batch"))
         assert inside == pytest.approx(p["wall"])
 

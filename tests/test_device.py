@@ -267,3 +267,29 @@ def test_a_cpu_stage_process_binds_every_thread_to_its_own_core(
     assert len(masks) >= 2  # the main thread and the one started before
     expected = [cores[local_rank]] if bound else cores
     assert all(mask == expected for mask in masks), masks
+
+
+def test_other_threads_cpu_counts_the_other_threads_not_this_one() -> None:
+    """A stage's transport and prefetch threads run on its cores: their CPU time is counted,
+    to the nanosecond (/proc/self/task/*/schedstat), without the calling thread's own."""
+    import threading
+    import time
+
+    from pipelocal.meters import other_threads_cpu_s
+
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    before = other_threads_cpu_s()
+    assert before is not None
+    spin(0.2)  # this thread: not counted
+    mine = other_threads_cpu_s()
+    assert mine is not None and mine - before < 0.1
+    worker = threading.Thread(target=spin, args=(0.2,))
+    worker.start()
+    time.sleep(0.05)
+    during = other_threads_cpu_s()  # the thread is alive: read while it runs
+    worker.join(timeout=30)
+    assert during is not None and during - mine > 0.01

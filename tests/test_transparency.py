@@ -117,6 +117,10 @@ def test_measuring_the_ideal_changes_no_result(
     assert [r["epoch"] for r in records] == [1, 2]
     for r in records:
         assert r["stage0/ideal_step(s)"] > 0 and r["stage1/ideal_step(s)"] > 0
+        # where the epoch went: the channel calls hold their waits; gloo's threads ran
+        assert r["stage0/send_total(s)"] >= r["stage0/send_wait(s)"]
+        assert r["stage1/recv_total(s)"] >= r["stage1/recv_wait(s)"]
+        assert r["stage1/other_threads_cpu(s)"] > 0
 
 
 def test_resume_equals_straight_run(tmp_path: Path) -> None:

@@ -61,9 +61,12 @@ DEFINITIONS = {
     "contention": "a stage's step time with every stage computing at once / alone",
     "breakdown": "(c), per stage, the measured epoch's wall time split into compute at the "
     "ideal's speed (ideal_in_stages where measured, else ideal_concurrent: breakdown_ideal), "
-    "compute above it, receive wait, send wait and other (stage 0: "
-    "its loader, the coordinator's work, copies into wire buffers; any stage: copies out of "
-    "receive buffers, bookkeeping), from metrics.jsonl and the concurrent ideal",
+    "compute above it, receive wait, receive handling (the rest of the channel's receive "
+    "calls: posting the next receive, the header; on CPU the transport's copy when its thread "
+    "runs then), send wait, send handling (likewise) and other (stage 0: its loader, the "
+    "coordinator's work; any stage: bookkeeping), from metrics.jsonl and the ideal; "
+    "threads_cpu, not part of the sum: CPU seconds of the stage's other threads (gloo's "
+    "transport, stage 0's prefetch), which on a bound stage run on its cores",
     "efficiency_vs_Sb": "(c) / (S x (b)), same repeat",
     "ratio": "within one repeat, then median over repeats",
     "scaling_error": "predicted / measured - 1",
@@ -239,11 +242,18 @@ def breakdown(record: dict[str, Any], concurrent_s: Sequence[float],
     for k, step in enumerate(concurrent_s):
         wall, busy = record[f"stage{k}/wall(s)"], record[f"stage{k}/busy(s)"]
         recv, send = record[f"stage{k}/recv_wait(s)"], record[f"stage{k}/send_wait(s)"]
+        # Time in the channel's calls beyond their waits (0 where the record predates them).
+        recv_total = record.get(f"stage{k}/recv_total(s)", recv)
+        send_total = record.get(f"stage{k}/send_total(s)", send)
         batches = record[f"stage{k}/samples"] / batch
         ideal = batches * step
+        threads = record.get(f"stage{k}/other_threads_cpu(s)")
         out.append({"compute_ideal": ideal, "compute_excess": busy - ideal, "recv_wait": recv,
-                    "send_wait": send, "other": wall - busy - recv - send, "wall": wall,
+                    "recv_handling": recv_total - recv, "send_wait": send,
+                    "send_handling": send_total - send,
+                    "other": wall - busy - recv_total - send_total, "wall": wall,
                     "outside": record["time/epoch(s)"] - wall,
+                    "threads_cpu": math.nan if threads is None else threads,
                     "minor_faults/batch": record.get(f"stage{k}/minor_faults", math.nan)
                     / batches})
     return out

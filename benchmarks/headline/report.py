@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +60,8 @@ def _splits(raw: dict[str, Any]) -> str:
 
 
 BREAKDOWN = ["rule", "stage", "wall s", "compute at the ideal", "compute above it",
-             "receive wait", "send wait", "other", "epoch outside wall s (fill, drain)",
+             "receive wait", "receive handling", "send wait", "send handling", "other",
+             "epoch outside wall s (fill, drain)", "other threads' CPU s (not in the sum)",
              "page faults per batch"]
 
 
@@ -74,9 +74,10 @@ def _breakdown_rows(m: dict[str, Any]) -> list[list[str]]:
             med = {key: sum(p[key] for p in parts) / len(parts) for key in parts[0]}
             rows.append([rule, str(k), f"{med['wall']:.2f}"] + [
                 f"{med[key]:.2f} ({100 * med[key] / med['wall']:.0f}%)"
-                for key in ("compute_ideal", "compute_excess", "recv_wait", "send_wait",
-                            "other")] + [f"{med['outside']:.2f}",
-                                         f"{med.get('minor_faults/batch', math.nan):.0f}"])
+                for key in ("compute_ideal", "compute_excess", "recv_wait", "recv_handling",
+                            "send_wait", "send_handling", "other")] + [
+                f"{med['outside']:.2f}", f"{med['threads_cpu']:.2f}",
+                f"{med['minor_faults/batch']:.0f}"])
     return rows
 
 

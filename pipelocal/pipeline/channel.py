@@ -166,6 +166,11 @@ class P2PChannel:
         self.wire_shape_out = wire_shape_out
         self.recv_wait_s = 0.0
         self.send_wait_s = 0.0
+        self.recv_s = 0.0
+        """Seconds inside :meth:`recv`, its wait included (the rest: posting the next receive,
+        reading the header; on CPU the transport's copy when its thread runs right then)."""
+        self.send_s = 0.0
+        """Seconds inside :meth:`send`, its wait for a free slot included."""
         self._sends: deque[tuple[list[tuple[Any, timedelta | None]], tuple[Tensor, ...], int]] = \
             deque()
         self._slots: list[_Slot] = []
@@ -215,6 +220,7 @@ class P2PChannel:
 
     def recv(self) -> Message:
         """The next message from stage ``stage - 1``; its tensors stay valid until the next call."""
+        t_call = time.perf_counter()
         if self._pending_repost is not None:  # the previous message is consumed: reuse its slot
             self._post(self._slots[self._pending_repost])
         index = self._next
@@ -228,6 +234,7 @@ class P2PChannel:
         kind, step, epoch, rows, *part = (int(v) for v in slot.header[:7].tolist())  # host
         self._pending_repost, self._next = index, (index + 1) % self.depth
         image = None if slot.image is None else slot.image[:rows]
+        self.recv_s += time.perf_counter() - t_call
         return Message(Kind(kind), step, epoch, slot.x[:rows], slot.y[:rows], image,
                        MicroBatch(*part))
 
@@ -259,6 +266,7 @@ class P2PChannel:
     def send(self, msg: Message) -> None:
         """Queue ``msg`` for stage ``stage + 1``; blocks while ``depth`` sends are in flight."""
         assert self.wire_shape_out is not None
+        t_call = time.perf_counter()
         rows, b = msg.rows, self.batch_size
         header = torch.zeros(_HEADER, dtype=torch.int64)  # host memory, gloo
         p = msg.part
@@ -284,6 +292,7 @@ class P2PChannel:
                   for buf, tag in zip(tensors[1:], (_TAG_X, _TAG_Y, _TAG_IMAGE))]
         self.sent_bytes += sum(t.numel() * t.element_size() for t in tensors)
         self._sends.append((works, tensors, msg.step))  # keep tensors alive until sent
+        self.send_s += time.perf_counter() - t_call
 
     def _image_to_send(self, msg: Message) -> tuple[Tensor, ...]:
         """() without an image path; else the image batch, padded like x (a copy, as y)."""

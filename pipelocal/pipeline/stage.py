@@ -27,7 +27,7 @@ from torch import Tensor
 
 from pipelocal.checkpoint import DiskFull, checkpoint_dir, locate_full
 from pipelocal.engine import Engine
-from pipelocal.meters import StepTimer, epoch_stats, reset_memory_stats
+from pipelocal.meters import StepTimer, epoch_stats, other_threads_cpu_s, reset_memory_stats
 from pipelocal.pipeline.channel import Kind, Message, P2PChannel
 from pipelocal.pipeline.faults import FAULT_ENV, parse_fault
 from pipelocal.pipeline.ideal import LastBatch, ideal_step, measure_ideal
@@ -88,7 +88,8 @@ class Stage:
         reset_memory_stats(self.engine.device)
         for ch in (self.inbox, self.outbox):
             if ch is not None:
-                ch.recv_wait_s = ch.send_wait_s = 0.0
+                ch.recv_wait_s = ch.send_wait_s = ch.recv_s = ch.send_s = 0.0
+        self._threads_cpu = other_threads_cpu_s()
 
     def serve(self) -> None:
         """Handle messages from the previous stage until STOP."""
@@ -162,7 +163,7 @@ class Stage:
         if self.t_start is None:
             self.t_start = time.perf_counter()
             if self.inbox is not None:  # the wait for the epoch's first batch (the pipeline's
-                self.inbox.recv_wait_s = 0.0  # fill) is before the clock: not in wall(s)
+                self.inbox.recv_wait_s = self.inbox.recv_s = 0.0  # fill) is before the clock
         # Stage 0 gets the batch in host memory (pinned on CUDA): one asynchronous copy to the
         # device here, so that neither the engine nor the outbox copies from the host behind the
         # step. Later stages' tensors are on the device already (no copy).
@@ -200,6 +201,9 @@ class Stage:
             **epoch_stats(self._timer, self.t_start, self.samples, self.engine.device),
             "recv_wait(s)": round(self.inbox.recv_wait_s, 4) if self.inbox else 0.0,
             "send_wait(s)": round(self.outbox.send_wait_s, 4) if self.outbox else 0.0,
+            "recv_total(s)": round(self.inbox.recv_s, 4) if self.inbox else 0.0,
+            "send_total(s)": round(self.outbox.send_s, 4) if self.outbox else 0.0,
+            "other_threads_cpu(s)": _since(self._threads_cpu, other_threads_cpu_s()),
         }
         self._reset_epoch()
         return stats
@@ -219,3 +223,7 @@ class Stage:
                 next(self.engine.blocks[0].parameters()).view(-1)[0] += 1e-3
             return x
         raise RuntimeError(f"injected fault in stage {self.stage} at step {step}")
+
+
+def _since(start: float | None, now: float | None) -> float | None:
+    return None if start is None or now is None else round(now - start, 4)
