@@ -379,6 +379,26 @@ def test_the_ideal_in_the_stages_averages_the_epochs_around_the_measured_one():
     assert ideal_steps([records[0], {"stage0/ideal_step(s)": 0.2}], 2) is None  # not measured
 
 
+def test_pipelocals_figures_are_its_median_measured_epochs():
+    """Epoch 1 is a warm-up; the figures are the measured epoch of median throughput, and each
+    measured epoch keeps its throughput and the ideal measured just before and after it."""
+    from benchmarks.headline.bench import pipelocal_stats
+
+    def record(throughput: float, ideal: float) -> dict:
+        stage = {"busy(s)": 1.0, "wall(s)": 2.0, "recv_wait(s)": 0.0, "send_wait(s)": 0.0,
+                 "ideal_step(s)": ideal}
+        return {"throughput(samples/s)": throughput, "time/epoch(s)": 2.0,
+                "stage0/samples": 64} | {f"stage{k}/{key}": v for k in (0, 1)
+                                         for key, v in stage.items()}
+
+    records = [record(1.0, 0.1), record(30.0, 0.3), record(10.0, 0.2), record(20.0, 0.5)]
+    stats = pipelocal_stats({"records": records, "command": []}, 2)
+    assert stats["throughput(samples/s)"] == 20.0 and stats["record"] is records[3]
+    assert [e["throughput(samples/s)"] for e in stats["epochs"]] == [30.0, 10.0, 20.0]
+    assert [e["ideal_step(s)"][1] for e in stats["epochs"]] == pytest.approx([0.2, 0.25, 0.35])
+    assert stats["ideal_step(s)"] == pytest.approx([0.35, 0.35])
+
+
 def test_micro_batches_cost_what_their_rows_were_measured_to_cost():
     from benchmarks.headline.analysis import micro_table
 

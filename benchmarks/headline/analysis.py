@@ -54,13 +54,15 @@ DEFINITIONS = {
     "measured just before and just after (c) and its step times averaged",
     "ideal_in_stages": "batch / slowest stage's mean step time in the concurrent ideal measured "
     "in (c)'s own stage processes (pipeline.ideal_steps): every stage trains its blocks on a "
-    "copy of its last batch at the same time, without communication, right before and right "
-    "after the measured epoch, then gets its state back; same processes, cores, threads and "
+    "copy of its last batch at the same time, without communication, after every epoch, "
+    "then gets its state back; same processes, cores, threads and "
     "memory as the epoch it is compared with",
-    "efficiency_vs_in_stages": "(c) / ideal_in_stages, same run",
+    "efficiency_vs_in_stages": "each measured epoch of (c) / the ideal in the stages measured "
+    "just before and just after it; median over every measured epoch of every repeat",
     "contention": "a stage's step time with every stage computing at once / alone",
     "breakdown": "(c), per stage, the measured epoch's wall time split into compute at the "
-    "ideal's speed (ideal_in_stages where measured, else ideal_concurrent: breakdown_ideal), "
+    "ideal's speed (ideal_in_stages where measured, each measured epoch against the ideal "
+    "around it, else ideal_concurrent: breakdown_ideal), "
     "compute above it, receive wait, receive handling (the rest of the channel's receive "
     "calls: posting the next receive, the header; on CPU the transport's copy when its thread "
     "runs then), send wait, send handling (likewise) and other (stage 0: its loader, the "
@@ -193,20 +195,26 @@ def analyse_model(raw: dict[str, Any]) -> dict[str, Any]:
         }
         # The concurrent ideal in the stage processes themselves (pipeline.ideal_steps), where
         # the run measured it; the breakdown then compares compute with it.
-        in_stages = [c.get("ideal_step(s)") for c in cs]
-        base = conc
-        if all(in_stages):
-            ideal_i = [batch / max(st) for st in in_stages]
+        # Every measured epoch of every repeat, each against the ideal measured around it.
+        epochs = [e for c in cs for e in c.get("epochs") or [
+            {"throughput(samples/s)": c["throughput(samples/s)"],
+             "ideal_step(s)": c.get("ideal_step(s)"), "record": c["record"]}]]
+        if all(e["ideal_step(s)"] for e in epochs):
+            ideal_i = [batch / max(e["ideal_step(s)"]) for e in epochs]
             efficiency[rule] |= {
                 "ideal_in_stages(samples/s)": stat(ideal_i),
-                "vs_ideal_in_stages": stat([c["throughput(samples/s)"] / i
-                                            for c, i in zip(cs, ideal_i)]),
-                "stage_in_stages(s)": [_median(col) for col in zip(*in_stages)],
+                "vs_ideal_in_stages": stat([e["throughput(samples/s)"] / i
+                                            for e, i in zip(epochs, ideal_i)]),
+                "stage_in_stages(s)": [_median(col) for col in
+                                       zip(*(e["ideal_step(s)"] for e in epochs))],
             }
-            base = in_stages
-        efficiency[rule]["breakdown_ideal"] = "in_stages" if base is in_stages else "concurrent"
-        efficiency[rule]["breakdown"] = [breakdown(c["record"], st, batch)
-                                         for c, st in zip(cs, base)]
+            efficiency[rule]["breakdown_ideal"] = "in_stages"
+            efficiency[rule]["breakdown"] = [breakdown(e["record"], e["ideal_step(s)"], batch)
+                                             for e in epochs]
+        else:
+            efficiency[rule]["breakdown_ideal"] = "concurrent"
+            efficiency[rule]["breakdown"] = [breakdown(c["record"], st, batch)
+                                             for c, st in zip(cs, conc)]
     for name in peers:
         if name != "a glob":
             ratios[f"{name} / a glob"] = _ratio(reps, name, "a glob")

@@ -87,8 +87,11 @@ class Preset:
     steps: int
     """Timed steps per measurement."""
     pipe_batches: int
-    """Batches in each pipelocal epoch (data.train_limit = this x batch size); 2 epochs, the
-    first is warm-up. Pipeline fill and drain happen once per epoch and count against it."""
+    """Batches in each pipelocal epoch (data.train_limit = this x batch size). Pipeline fill
+    and drain happen once per epoch and count against it."""
+    pipe_epochs: int = 2
+    """(c)'s epochs per run: the first is a warm-up; its figures are the measured epoch of
+    median throughput, its efficiency in the stages the median over the measured epochs."""
     concurrent_s: float = 4.0
     """Seconds each stage computes in the concurrent ideal (all stages at once)."""
     ideal_steps: int = 0
@@ -100,12 +103,12 @@ PRESETS: dict[str, Preset] = {
     "mlp": Preset(
         label="MLP 4x1024",
         overrides=("model.name=mlp", "model.hidden=1024", "model.depth=4"),
-        warmup=3, steps=20, pipe_batches=62, concurrent_s=4.0, ideal_steps=41,
+        warmup=3, steps=20, pipe_batches=62, pipe_epochs=6, concurrent_s=4.0, ideal_steps=41,
     ),
     "vgg8b": Preset(
         label="VGG8B width 0.25",
         overrides=("model.name=vgg8b", "model.width=0.25"),
-        warmup=2, steps=6, pipe_batches=62, concurrent_s=8.0, ideal_steps=11,
+        warmup=2, steps=6, pipe_batches=62, pipe_epochs=4, concurrent_s=8.0, ideal_steps=11,
     ),
 }
 QUICK = {  # --quick: tiny sizes to test the whole command
@@ -154,7 +157,7 @@ def preset_for(name: str, quick: bool) -> Preset:
     if not quick:
         return p
     return Preset(label=p.label + " (quick)", overrides=p.overrides + QUICK[name], warmup=1,
-                  steps=2, pipe_batches=4, concurrent_s=1.0, ideal_steps=3)
+                  steps=2, pipe_batches=4, pipe_epochs=3, concurrent_s=1.0, ideal_steps=3)
 
 
 # --------------------------------------------------------------------------- running peers
@@ -291,8 +294,18 @@ def ideal_steps(records: list[dict[str, Any]], stages: int) -> list[float] | Non
 
 
 def pipelocal_stats(run: dict[str, Any], stages: int) -> dict[str, Any]:
-    """The measured (second) epoch of a pipelocal run."""
-    rec = run["records"][-1]
+    """The measured epochs of a pipelocal run (every epoch after the first, a warm-up): the
+    figures of the epoch of median throughput, and each measured epoch's throughput and
+    concurrent ideal in the stages (``epochs``)."""
+    records = run["records"]
+    first = 1 if len(records) > 1 else 0
+    epochs = [{"throughput(samples/s)": records[i]["throughput(samples/s)"],
+               # The concurrent ideal in the stage processes just before (after the epoch
+               # before) and just after the epoch, averaged; None without pipeline.ideal_steps.
+               "ideal_step(s)": ideal_steps(records[max(i - 1, 0):i + 1], stages),
+               "record": records[i]} for i in range(first, len(records))]
+    median = sorted(epochs, key=lambda e: e["throughput(samples/s)"])[len(epochs) // 2]
+    rec = median["record"]
     return {
         "throughput(samples/s)": rec["throughput(samples/s)"],
         "time/epoch(s)": rec["time/epoch(s)"],
@@ -307,10 +320,9 @@ def pipelocal_stats(run: dict[str, Any], stages: int) -> dict[str, Any]:
         "peak_rss(MiB)": [rec.get(f"stage{k}/peak_rss(MiB)") for k in range(stages)],
         "gpu_memory(MiB)": [{key: rec[f"stage{k}/{key}"] for key in _GPU_MEMORY_KEYS
                              if f"stage{k}/{key}" in rec} for k in range(stages)],
-        # The concurrent ideal in the stage processes, just before (after epoch 1) and just
-        # after the measured epoch, averaged; None without pipeline.ideal_steps.
-        "ideal_step(s)": ideal_steps(run["records"][-2:], stages),
+        "ideal_step(s)": median["ideal_step(s)"],
         "record": rec,
+        "epochs": epochs,
         "command": run["command"],
     }
 
@@ -399,7 +411,7 @@ def measure_model(args: argparse.Namespace, name: str, root: Path) -> dict[str, 
         for rule in rules:
             before = run.concurrent(rule, splits[rule])
             rep["c"][rule] = pipelocal_stats(run.pipelocal(
-                rule, f"{name}-{rule}-r{i}", 2, preset.pipe_batches, splits[rule],
+                rule, f"{name}-{rule}-r{i}", preset.pipe_epochs, preset.pipe_batches, splits[rule],
                 (f"pipeline.ideal_steps={preset.ideal_steps}",)), s)
             rep["concurrent"][rule] = {"before": before,
                                        "after": run.concurrent(rule, splits[rule])}

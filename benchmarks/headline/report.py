@@ -146,7 +146,8 @@ def markdown(result: dict[str, Any]) -> str:
         ideal = ("the concurrent ideal measured in the stage processes" if bases == {"in_stages"}
                  else "the concurrent ideal in separate processes" if bases == {"concurrent"}
                  else "the concurrent ideal in the stage processes where measured")
-        lines.append("Where each stage's measured epoch went (mean over repeats; seconds and "
+        lines.append("Where each stage's measured epoch went (mean over the measured epochs of "
+                     "every repeat; seconds and "
                      f"share of the stage's wall time; the ideal: {ideal}):\n")
         lines.append(markdown_table(BREAKDOWN, _breakdown_rows(m)) + "\n")
         lines.append("Step time per stage (ms, median over repeats), alone / all stages at once "
