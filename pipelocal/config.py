@@ -361,7 +361,8 @@ class PipelineConfig:
     copy of its last batch, all stages at once and without communication, then gets back its
     exact training state; the mean step time after the first is ``stage{k}/ideal_step(s)`` in
     metrics.jsonl: the concurrent ideal the epoch's throughput compares with, measured in the
-    stage processes themselves. Outside the epoch's time; 0 = off; one replica only."""
+    stage processes themselves. Outside the epoch's time; the steps must fit in
+    pipeline.timeout_s, which bounds the gather after them; 0 = off; one replica only."""
     timeout_s: float = 120.0
     """Longest any blocking wait (receive, send, collective) may take before the run fails."""
     memory_cap_gib: float = 0.0
