@@ -193,9 +193,9 @@ def analyse_model(raw: dict[str, Any]) -> dict[str, Any]:
             "contention": [_median([c / a for c, a in zip(cc, aa)])
                            for cc, aa in zip(zip(*conc), zip(*alone))],
         }
-        # The concurrent ideal in the stage processes themselves (pipeline.ideal_steps), where
-        # the run measured it; the breakdown then compares compute with it.
-        # Every measured epoch of every repeat, each against the ideal measured around it.
+        # Where the run measured the concurrent ideal in its stage processes
+        # (pipeline.ideal_steps): every measured epoch of every repeat against the ideal
+        # measured around it, and the breakdown compares compute with it.
         epochs = [e for c in cs for e in c.get("epochs") or [
             {"throughput(samples/s)": c["throughput(samples/s)"],
              "ideal_step(s)": c.get("ideal_step(s)"), "record": c["record"]}]]
